@@ -1,0 +1,193 @@
+"""Typed configuration for every llmcore step.
+
+Each section of an experiment spec is one of these models. Defaults live here and only here: code reads
+fields, never ``.get(key, default)``. Cross-field checks that involve more than one section live in
+``workflows.spec`` so that every problem in a spec is reported at once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StrictModel(BaseModel):
+    """Base for all configs: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class FilesSource(StrictModel):
+    """Text from files on disk: one file, a glob, or a directory (searched recursively)."""
+
+    type: Literal["files"] = Field("files", description="Source kind: files on disk.")
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="A file, a glob (`data/*.txt`, `**` allowed) or a directory. Relative paths are resolved "
+        "against the directory the command runs in.",
+    )
+    format: Literal["auto", "text", "jsonl"] = Field(
+        "auto",
+        description="`text`: each file is one document. `jsonl`: each line is a JSON object and one document. "
+        "`auto`: `jsonl` for files ending in .jsonl, else `text`.",
+    )
+    text_field: str = Field("text", min_length=1, description="Key holding the document text in JSONL records.")
+    suffixes: list[str] = Field(
+        default_factory=lambda: [".txt", ".md", ".py", ".jsonl", ".json", ".rst"],
+        description="File suffixes taken when `path` is a directory.",
+    )
+
+
+class PythonStdlibSource(StrictModel):
+    """The running Python's own standard library source (`*.py`): a corpus every machine has, no download."""
+
+    type: Literal["python_stdlib"] = Field("python_stdlib", description="Source kind: the stdlib's .py files.")
+    max_files: int | None = Field(
+        None, gt=0, description="Take at most this many files (sorted by path); null for all of them."
+    )
+    max_bytes: int | None = Field(
+        None, gt=0, description="Stop adding files once this many UTF-8 bytes are collected; null for no limit."
+    )
+    include_tests: bool = Field(False, description="Include the `test/` and `*/tests/` packages.")
+
+
+Source = Annotated[Union[FilesSource, PythonStdlibSource], Field(discriminator="type")]
+
+
+class DataConfig(StrictModel):
+    """Where the corpus comes from and how it is split and sharded."""
+
+    sources: list[Source] = Field(
+        default_factory=lambda: [PythonStdlibSource()],
+        min_length=1,
+        description="Corpus sources; their documents are concatenated in order.",
+    )
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction of the corpus held out for validation.")
+    split: Literal["document", "tail"] = Field(
+        "document",
+        description="`document`: each document goes wholly to train or val (seeded, deterministic). "
+        "`tail`: the last `val_fraction` of every document is validation (nanoGPT's split; use it for "
+        "single-file corpora).",
+    )
+    token_dtype: Literal["auto", "uint16", "uint32"] = Field(
+        "auto", description="Token dtype in shards; `auto` picks uint16 when the vocabulary fits, else uint32."
+    )
+    shard_tokens: int = Field(
+        2**26, gt=0, description="Maximum tokens per shard file (bounded shard size)."
+    )
+    num_workers: int = Field(
+        0, ge=0, description="Processes that encode the corpus in parallel; 0 means one per CPU core."
+    )
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+
+class TokenizerConfig(StrictModel):
+    """SentencePiece tokenizer training options."""
+
+    model_type: Literal["bpe", "unigram", "char", "word"] = Field("bpe", description="SentencePiece model type.")
+    vocab_size: int = Field(
+        4096,
+        ge=8,
+        le=2**31,
+        description="Vocabulary size, special tokens included. For `char` it is an upper bound: the vocabulary "
+        "is the characters seen (plus specials) if that is smaller.",
+    )
+    character_coverage: float = Field(
+        1.0, gt=0.0, le=1.0, description="Fraction of characters covered by the vocabulary (0.9995 for CJK)."
+    )
+    byte_fallback: bool = Field(False, description="Encode unknown characters as UTF-8 byte tokens, never <unk>.")
+    user_defined_symbols: list[str] = Field(
+        default_factory=list, description="Extra symbols that are always single tokens."
+    )
+    input_sentence_size: int = Field(
+        2_000_000,
+        ge=0,
+        description="Sample at most this many lines (shuffled) to train on, so huge corpora stay bounded in time "
+        "and memory; 0 uses every line.",
+    )
+    max_training_bytes: int = Field(
+        200_000_000, gt=0, description="Stop reading the corpus for tokenizer training after this many bytes."
+    )
+    num_threads: int = Field(0, ge=0, description="Trainer threads; 0 means one per CPU core.")
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+class ModelConfig(StrictModel):
+    """GPT architecture. The vocabulary size comes from the tokenizer."""
+
+    n_layer: int = Field(4, ge=1, description="Number of transformer blocks.")
+    n_head: int = Field(4, ge=1, description="Attention heads per block; must divide `n_embd`.")
+    n_embd: int = Field(128, ge=1, description="Width of the residual stream.")
+    block_size: int = Field(256, ge=1, description="Context length in tokens.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention, residual and embeddings.")
+    bias: bool = Field(False, description="Biases in linear layers and norms (GPT-2: true; faster: false).")
+    pos_encoding: Literal["learned", "sinusoidal", "rope"] = Field(
+        "learned", description="Positional encoding: learned table, fixed sinusoids, or rotary (RoPE)."
+    )
+    rope_theta: float = Field(10000.0, gt=0.0, description="RoPE base frequency.")
+    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="Normalisation in pre-norm blocks.")
+    mlp: Literal["gelu", "swiglu"] = Field("gelu", description="MLP: GPT-2 GELU (4x) or SwiGLU (8/3x).")
+    attention: Literal["sdpa", "plain"] = Field(
+        "sdpa",
+        description="`sdpa`: torch's scaled_dot_product_attention (flash on GPU). `plain`: explicit softmax "
+        "attention, for teaching; numerically the same.",
+    )
+
+
+# --------------------------------------------------------------------------------------------- training
+
+
+class TrainConfig(StrictModel):
+    """Optimisation and run-time options for training."""
+
+    batch_size: int = Field(12, ge=1, description="Sequences per micro-batch per rank.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
+    max_steps: int = Field(2000, ge=1, description="Optimiser steps.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
+    min_lr: float = Field(1e-4, ge=0.0, description="Learning rate at the end of cosine decay.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to `lr`.")
+    lr_decay_steps: int | None = Field(
+        None, ge=1, description="Step at which cosine decay reaches `min_lr`; null means `max_steps`."
+    )
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (applied to matrices only).")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Clip the global gradient norm to this; 0 disables.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` uses CUDA when available.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Autocast dtype; `auto` is bf16 on GPUs that support it, else fp32."
+    )
+    compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    eval_interval: int = Field(250, ge=1, description="Estimate validation loss every this many steps (and at the end).")
+    eval_batches: int = Field(20, ge=1, description="Batches per validation estimate during training.")
+    log_interval: int = Field(1, ge=1, description="Write a metrics line every this many steps.")
+    checkpoint_interval: int = Field(500, ge=1, description="Save a checkpoint every this many steps (and at the end).")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="Save a checkpoint and stop cleanly before this many seconds; null: no limit."
+    )
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+class EvalConfig(StrictModel):
+    """Final evaluation of a trained model."""
+
+    batches: int = Field(
+        50, ge=0, description="Seeded random validation batches to average; 0 evaluates the whole split."
+    )
+    batch_size: int = Field(16, ge=1, description="Sequences per evaluation batch.")
+    prompts: list[str] = Field(default_factory=lambda: ["\n"], description="Prompts to sample continuations for.")
+    max_new_tokens: int = Field(200, ge=0, description="Tokens to sample per prompt.")
+    temperature: float = Field(0.8, gt=0.0, description="Sampling temperature.")
+    top_k: int | None = Field(200, ge=1, description="Sample from the k most likely tokens; null for all.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling threshold; null disables.")

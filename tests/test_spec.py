@@ -1,0 +1,173 @@
+"""Spec loading: shipped specs validate, every kind of bad input is reported at once with field paths."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import make_corpus, tiny_spec, write_spec
+from workflows.spec import SpecError, load_spec, load_spec_tree, run_name, sweep_points
+from workflows.submit import load_and_check
+
+REPO = Path(__file__).resolve().parents[1]
+SPECS = sorted((REPO / "specs").glob("*.yaml"))
+
+
+def test_specs_directory_is_not_empty():
+    names = {p.name for p in SPECS}
+    assert {"quickstart.yaml", "shakespeare_char.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_every_shipped_spec_validates(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs_root is relative to the working directory
+    loaded = load_spec(path)
+    assert loaded.runs, "a spec expands to at least one run"
+    # Corpus files are checked too: point file sources at a small corpus the test makes.
+    overrides = [f"data.sources.{i}.path={make_corpus(tmp_path / 'corpus', n_docs=3)}"
+                 for i, s in enumerate(loaded.spec.data.sources) if s.type == "files"]
+    load_and_check(path, overrides)
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
+def test_every_shipped_spec_starts_with_the_command_that_runs_it(path):
+    header = "".join(line for line in path.read_text().splitlines(keepends=True) if line.startswith("#"))
+    assert f"gptlab submit specs/{path.name}" in header
+
+
+def problems_of(tree, overrides=None, source="spec.yaml"):
+    with pytest.raises(SpecError) as info:
+        load_spec_tree(tree, source, overrides)
+    return info.value.problems, str(info.value)
+
+
+def test_unknown_key_wrong_type_and_bad_range_reported_together():
+    problems, text = problems_of({"model": {"n_layers": 4, "n_embd": "wide"}, "train": {"lr": -1}})
+    assert any(p.startswith("model.n_layers: unknown field") for p in problems)
+    assert any(p.startswith("model.n_embd:") for p in problems)
+    assert any(p.startswith("train.lr:") and "greater than 0" in p for p in problems)
+    assert text.startswith("Invalid experiment spec spec.yaml (3 problems)")
+    assert "\n" not in text  # one paragraph
+
+
+def test_cross_field_problems_reported_together():
+    problems, _ = problems_of({"model": {"n_embd": 100, "n_head": 3},
+                               "train": {"lr": 1e-4, "min_lr": 1e-3, "warmup_steps": 50, "max_steps": 10}})
+    joined = " | ".join(problems)
+    assert "model.n_head: must divide model.n_embd" in joined
+    assert "train.min_lr: must be <= train.lr" in joined
+    assert "train.warmup_steps: must be <= train.max_steps" in joined
+
+
+def test_vocab_must_fit_the_shard_dtype():
+    problems, _ = problems_of({"tokenizer": {"vocab_size": 70000}, "data": {"token_dtype": "uint16"}})
+    assert any(p.startswith("data.token_dtype: uint16 holds at most 65536") for p in problems)
+
+
+def test_source_fields_are_named_with_their_index():
+    problems, _ = problems_of({"data": {"sources": [{"type": "python_stdlib"}, {"type": "files"}]}})
+    assert problems == ["data.sources.1.path: required field is missing"]
+
+
+def test_bad_overrides_are_named():
+    problems, _ = problems_of({}, ["train.lr", "train.lr=fast", "model.depth=3"])
+    assert "--set train.lr: expected KEY=VALUE, e.g. train.lr=3e-4" in problems
+    assert any(p.startswith("train.lr:") and "'fast'" in p for p in problems)
+    assert any(p.startswith("model.depth: unknown field") for p in problems)
+
+
+def test_overrides_apply_with_yaml_types_and_list_indices():
+    loaded = load_spec_tree({"data": {"sources": [{"type": "files", "path": "a.txt"}]}}, "s.yaml",
+                            ["train.lr=3e-4", "model.bias=true", "data.sources.0.path=b.txt", "eval.prompts=[x, y]"])
+    s = loaded.spec
+    assert (s.train.lr, s.model.bias, s.data.sources[0].path, s.eval.prompts) == (3e-4, True, "b.txt", ["x", "y"])
+
+
+def test_sweep_expands_to_named_runs():
+    loaded = load_spec_tree({"sweep": {"model.n_layer": [2, 4], "train.lr": [1e-3, 3e-4]}}, "s.yaml")
+    names = [name for name, _, _ in loaded.runs]
+    assert names == ["n_layer=2,lr=0.001", "n_layer=2,lr=0.0003", "n_layer=4,lr=0.001", "n_layer=4,lr=0.0003"]
+    assert [(s.model.n_layer, s.train.lr) for _, _, s in loaded.runs] == [(2, 1e-3), (2, 3e-4), (4, 1e-3), (4, 3e-4)]
+
+
+def test_sweep_point_names_use_full_keys_when_leaves_clash():
+    assert run_name({"train.lr": 1, "other.lr": 2}, "x") == "train.lr=1,other.lr=2"
+    assert sweep_points({}) == [{}]
+
+
+def test_sweep_errors_name_the_key_and_point():
+    problems, _ = problems_of({"sweep": {"model.n_heads": [1], "site.name": ["local"]}})
+    assert "sweep.model.n_heads: 'n_heads' is not a field of ModelConfig" in problems
+    assert any(p.startswith("sweep.site.name:") for p in problems)
+    problems, _ = problems_of({"model": {"n_embd": 96}, "sweep": {"model.n_head": [4, 5, 7]}})
+    assert [p.split(":")[0] for p in problems] == ["sweep point n_head=5", "sweep point n_head=7"]
+    problems, _ = problems_of({"sweep": {"model.n_layer": []}})
+    assert problems == ["sweep: Value error, 'model.n_layer' has no values"]
+
+
+def test_yaml_syntax_error_and_non_mapping(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  n_layer: [1, 2\n")
+    with pytest.raises(SpecError) as info:
+        load_spec(bad)
+    assert str(bad) in str(info.value) and "(YAML) at line" in str(info.value)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(SpecError, match="must be a mapping"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="no such file"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_yaml_cannot_construct_python_objects(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("name: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(SpecError, match="YAML"):
+        load_spec(evil)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_missing_and_empty_corpus_are_spec_errors(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec(tmp_path / "nothing-here", tmp_path / "runs"))
+    with pytest.raises(SpecError) as info:
+        load_and_check(spec)
+    assert "data.sources.0.path" in str(info.value) and str(spec) in str(info.value)
+    with pytest.raises(SpecError, match="empty"):
+        load_and_check(spec, [f"data.sources.0.path={empty}"])
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120)
+
+
+def test_cli_validate_bad_spec_exits_2_without_traceback(tmp_path):
+    spec = write_spec(tmp_path / "bad.yaml", {"model": {"n_embd": 100, "n_head": 3, "colour": "red"}})
+    r = run_cli("validate", str(spec))
+    assert r.returncode == 2
+    assert str(spec) in r.stderr and "model.colour: unknown field" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_cli_validate_reports_bad_set_and_good_spec(tmp_path):
+    corpus = make_corpus(tmp_path / "c", n_docs=3)
+    spec = write_spec(tmp_path / "ok.yaml", tiny_spec(corpus, tmp_path / "runs"))
+    r = run_cli("validate", str(spec), "--set", "train.max_steps=0")
+    assert r.returncode == 2 and "train.max_steps" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("validate", str(spec))
+    assert r.returncode == 0, r.stderr
+    assert "valid, 1 run" in r.stdout
+
+
+def test_cli_schema_is_json_schema_of_every_section():
+    r = run_cli("schema")
+    assert r.returncode == 0
+    schema = json.loads(r.stdout)
+    assert set(schema["properties"]) >= {"name", "seed", "runs_root", "data", "tokenizer", "model", "train", "eval",
+                                         "sweep", "site", "tracking"}
+    assert all("description" in v for v in schema["properties"].values())

@@ -1,0 +1,151 @@
+"""The `gptlab` command line: validate, plan, submit, ui, schema.
+
+Bad input (spec, override, corpus) prints one paragraph naming the file and field and exits with code 2;
+a submit whose sweep points do not all finish exits with code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from workflows.spec import SpecError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="gptlab: experiment specs -> Parsl task graphs -> MLflow runs.")
+out = Console()
+
+SpecArg = typer.Argument(..., help="Experiment spec (YAML).", show_default=False)
+SetOpt = typer.Option(None, "--set", "-s", help="Override a field: --set train.lr=3e-4 (repeatable).")
+SiteOpt = typer.Option(None, "--site", help="Site to run on (overrides the spec's site.name).")
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn bad input into a one-paragraph message and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SpecError as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def validate(spec: Path = SpecArg, set_: Optional[list[str]] = SetOpt, site: Optional[str] = SiteOpt) -> None:
+    """Check a spec (schema, cross-field rules, sweep, corpus files) without running anything."""
+    from workflows.submit import load_and_check
+
+    loaded = load_and_check(spec, set_, site)
+    n = len(loaded.runs)
+    typer.echo(f"{spec}: valid, {n} run{'s' if n != 1 else ''}: " + ", ".join(r[0] for r in loaded.runs))
+
+
+@app.command("plan")
+@user_errors
+def plan_cmd(spec: Path = SpecArg, set_: Optional[list[str]] = SetOpt, site: Optional[str] = SiteOpt) -> None:
+    """Show the runs, their stages (done or to run, shared or not) and model sizes; submits nothing."""
+    from workflows.plan import param_count, plan
+    from workflows.submit import load_and_check
+
+    p = plan(load_and_check(spec, set_, site))
+    users: dict[str, int] = {}
+    for r in p.runs:
+        for s in r.stages.values():
+            users[s.key] = users.get(s.key, 0) + 1
+    table = Table(title=f"{p.spec.name}: {len(p.runs)} runs, {len(p.stages)} stages under {p.runs_root}")
+    for col in ("run", "params", "tokenizer", "shards", "train", "eval"):
+        table.add_column(col)
+    for r in p.runs:
+        vocab = _vocab_size(r)
+        cells = [f"{s.key[:8]} {'done' if s.done else 'to run'}" + (f" (shared x{users[s.key]})" if users[s.key] > 1 else "")
+                 for s in r.stages.values()]
+        table.add_row(r.name, f"{param_count(r.spec, vocab) / 1e6:.2f}M", *cells)
+    out.print(table)
+    todo = [s for s in p.stages.values() if not s.done]
+    typer.echo(f"{len(p.stages) - len(todo)} of {len(p.stages)} stages done; {len(todo)} to run on site "
+              f"'{p.spec.site.name}'.")
+
+
+def _vocab_size(run: Any) -> int:
+    """The trained tokenizer's vocabulary when its stage is done, else the configured size."""
+    tok = run.stages["tokenizer"]
+    if tok.done:
+        return int(tok.marker()["result"]["vocab_size"])
+    return run.spec.tokenizer.vocab_size
+
+
+@app.command()
+@user_errors
+def submit(
+    spec: Path = SpecArg,
+    set_: Optional[list[str]] = SetOpt,
+    site: Optional[str] = SiteOpt,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final summary (batch jobs)."),
+) -> None:
+    """Run every stage of every sweep point that is not done yet, and record the runs in MLflow."""
+    from workflows.submit import submit as run_submit
+
+    result = run_submit(spec, set_, site=site, quiet=quiet)
+    table = Table(title=f"{result.experiment}: {sum(r.status == 'FINISHED' for r in result.runs)}/{len(result.runs)} "
+                        f"runs finished in {result.seconds:.0f}s")
+    for col in ("run", "status", "val/loss", "val/ppl", "val/bpb", "stages cached", "MLflow run"):
+        table.add_column(col)
+    for r in result.runs:
+        m = r.metrics
+        fmt = lambda k: f"{m[k]:.4f}" if k in m else "-"  # noqa: E731
+        cached = ",".join(k for k, v in r.stages.items() if v == "cached") or "-"
+        table.add_row(r.name, r.status, fmt("val/loss"), fmt("val/ppl"), fmt("val/bpb"), cached, r.run_id[:12])
+    out.print(table)
+    for r in result.runs:
+        if r.error:
+            typer.echo(f"[{r.name}] {r.error}", err=True)
+    typer.echo(f"Tracking: {result.tracking_uri} (experiment {result.experiment}); browse with `gptlab ui`.")
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def ui(
+    runs_root: Path = typer.Option(Path("runs"), help="runs_root of the experiments (holds mlflow.db)."),
+    uri: Optional[str] = typer.Option(None, help="Backend store URI; default sqlite:///<runs_root>/mlflow.db."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind; loopback unless you opt in to another."),
+    port: int = typer.Option(5000, help="Port."),
+) -> None:
+    """Start the MLflow UI on this store (loopback only by default)."""
+    store = uri or f"sqlite:///{runs_root.resolve() / 'mlflow.db'}"
+    if uri is None and not (runs_root / "mlflow.db").is_file():
+        typer.echo(f"ui: no MLflow store at {runs_root / 'mlflow.db'}: run `gptlab submit` first or pass --runs-root.", err=True)
+        raise typer.Exit(2)
+    mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    typer.echo(f"MLflow UI on http://{host}:{port} (store {store}); Ctrl-C stops it.")
+    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", store, "--host", host, "--port", str(port)])
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON schema of experiment specs."""
+    from workflows.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+
+
+def main() -> None:
+    app(prog_name="gptlab")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""The experiment spec: a YAML file validated by Pydantic, with `--set` overrides and a sweep.
+
+Loading never runs code: YAML is read with ``yaml.safe_load`` and a spec holds only data. Every problem
+found in a spec is collected and reported at once as a :class:`SpecError` naming the file and field path.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from llmcore.config import DataConfig, EvalConfig, ModelConfig, StrictModel, TokenizerConfig, TrainConfig
+
+# Sections a sweep may not vary: they describe where and how the whole experiment runs, not a run.
+UNSWEEPABLE = ("name", "runs_root", "sweep", "site", "tracking")
+
+
+class SpecError(Exception):
+    """A spec (or override) is invalid. ``problems`` are ``field.path: message`` strings."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        n = len(self.problems)
+        head = f"Invalid experiment spec {self.source} ({n} problem{'s' if n != 1 else ''}): "
+        return head + "; ".join(self.problems) + "."
+
+
+class SiteSpec(StrictModel):
+    """Where the Parsl task graph runs."""
+
+    name: Literal["local"] = Field(
+        "local", description="Site config from `site_configs/`: `local` runs stages on a thread pool here."
+    )
+    max_workers: int = Field(
+        0, ge=0, description="Stages that may run at once on a local site; 0 means one per CPU core."
+    )
+
+
+class TrackingSpec(StrictModel):
+    """Where MLflow records the runs."""
+
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (`http://host:5000`, `sqlite:///path.db`); null means a SQLite store "
+        "at `<runs_root>/mlflow.db`.",
+    )
+    experiment: str | None = Field(None, description="MLflow experiment name; null means the spec's `name`.")
+
+
+class ExperimentSpec(StrictModel):
+    """One experiment: a corpus, a tokenizer, a model, how to train and evaluate it, and a sweep."""
+
+    name: str = Field(
+        "experiment",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+        max_length=100,
+        description="Experiment name (letters, digits, `_`, `.`, `-`); the MLflow experiment by default.",
+    )
+    seed: int = Field(1337, ge=0, description="Seed for data splits, initialisation, batches and sampling.")
+    runs_root: str = Field(
+        "runs",
+        min_length=1,
+        description="Directory for stage outputs and the default MLflow store; relative to the working directory.",
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="Corpus sources, split and sharding.")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="SentencePiece tokenizer.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="GPT architecture.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and training run.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Final evaluation and samples.")
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Grid over dotted fields, e.g. `model.n_layer: [2, 4]`; one run per combination.",
+    )
+    site: SiteSpec = Field(default_factory=SiteSpec, description="Where the stages run.")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow tracking target.")
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep_lists_non_empty(cls, sweep: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for key, values in sweep.items():
+            if not values:
+                raise ValueError(f"'{key}' has no values")
+        return sweep
+
+
+# ------------------------------------------------------------------------------------- loading helpers
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    # Pydantic puts the union tag in the location of discriminated unions (sources.0.files.path): drop it.
+    parts = [str(p) for p in loc if p not in ("files", "python_stdlib") or not isinstance(p, str)]
+    return ".".join(parts)
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]:
+    """One ``field.path: message`` line per error, with the offending value where it is short."""
+    lines = []
+    for e in err.errors():
+        loc = _format_loc(e["loc"])
+        path = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `gptlab schema` lists every field)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        value = e.get("input")
+        if e["type"] not in ("extra_forbidden", "missing") and isinstance(value, (int, float, str, bool)):
+            shown = repr(value)
+            if len(shown) <= 60:
+                msg = f"{msg} (got {shown})"
+        lines.append(f"{path}: {msg}")
+    return lines
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.path=value`` -> (key path, YAML-parsed value). Raises ValueError with a reason."""
+    if "=" not in text:
+        raise ValueError("expected KEY=VALUE, e.g. train.lr=3e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
+        raise ValueError(f"'{key}' is not a dotted field path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ValueError(f"value is not valid YAML ({exc.__class__.__name__})") from None
+    return key, value
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree[a][b][0][c] = value`` for ``key = 'a.b.0.c'``, creating missing mappings."""
+    parts = key.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ValueError(f"'{'.'.join(parts[:i])}' has no item {part}")
+            idx: Any = int(part)
+        elif isinstance(node, dict):
+            idx = part
+            if not last and not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+        else:
+            raise ValueError(f"'{'.'.join(parts[:i])}' is not a section")
+        if last:
+            node[idx] = value
+        else:
+            node = node[idx]
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """Read YAML safely; any read or syntax problem is a SpecError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(str(path), ["(file): no such file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(str(path), [f"(file): cannot be read ({exc.__class__.__name__}: {exc})"]) from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise SpecError(str(path), [f"(YAML){where}: {problem}"]) from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise SpecError(str(path), ["(top level): must be a mapping of sections (name, data, model, ...)"])
+    return tree
+
+
+# ------------------------------------------------------------------------------------ cross-field checks
+
+
+def cross_field_problems(spec: ExperimentSpec, prefix: str = "") -> list[str]:
+    """Checks that involve several fields. Returns every problem, not just the first."""
+    p: list[str] = []
+    m, t, tok, d = spec.model, spec.train, spec.tokenizer, spec.data
+    if m.n_embd % m.n_head:
+        p.append(f"{prefix}model.n_head: must divide model.n_embd (n_embd={m.n_embd}, n_head={m.n_head})")
+    elif m.pos_encoding == "rope" and (m.n_embd // m.n_head) % 2:
+        p.append(f"{prefix}model.pos_encoding: rope needs an even head size (n_embd/n_head = {m.n_embd // m.n_head})")
+    if m.pos_encoding == "sinusoidal" and m.n_embd % 2:
+        p.append(f"{prefix}model.n_embd: sinusoidal encoding needs an even width (got {m.n_embd})")
+    if t.min_lr > t.lr:
+        p.append(f"{prefix}train.min_lr: must be <= train.lr ({t.min_lr} > {t.lr})")
+    if t.warmup_steps > t.max_steps:
+        p.append(f"{prefix}train.warmup_steps: must be <= train.max_steps ({t.warmup_steps} > {t.max_steps})")
+    if t.lr_decay_steps is not None and t.lr_decay_steps < t.warmup_steps:
+        p.append(f"{prefix}train.lr_decay_steps: must be >= train.warmup_steps")
+    if t.precision == "fp16" and t.device == "cpu":
+        p.append(f"{prefix}train.precision: fp16 needs a CUDA device (use bf16 or fp32 on cpu)")
+    if d.token_dtype == "uint16" and tok.vocab_size > 2**16:
+        p.append(f"{prefix}data.token_dtype: uint16 holds at most 65536 tokens (tokenizer.vocab_size={tok.vocab_size})")
+    if tok.model_type not in ("char", "word") and tok.vocab_size < 260 and tok.byte_fallback:
+        p.append(f"{prefix}tokenizer.vocab_size: byte_fallback needs at least 260 tokens (256 bytes + specials)")
+    if not spec.eval.prompts and spec.eval.max_new_tokens > 0:
+        p.append(f"{prefix}eval.prompts: give at least one prompt, or set eval.max_new_tokens to 0")
+    return p
+
+
+# ------------------------------------------------------------------------------------- sweep expansion
+
+
+def sweep_points(sweep: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Cartesian product of the sweep in key order: [{key: value, ...}, ...] (one empty point if no sweep)."""
+    keys = list(sweep)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(sweep[k] for k in keys))]
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (dict, list)):
+        return re.sub(r"\s+", "", str(value))
+    return str(value)
+
+
+def run_name(point: dict[str, Any], default: str) -> str:
+    """`n_layer=4,lr=0.0003`: the last path component of each key, or the full key where they clash."""
+    if not point:
+        return default
+    leaves = [k.rsplit(".", 1)[-1] for k in point]
+    names = [leaf if leaves.count(leaf) == 1 else key for leaf, key in zip(leaves, point)]
+    return ",".join(f"{n}={_short(v)}" for n, v in zip(names, point.values()))
+
+
+def _known_path(key: str) -> str | None:
+    """Why a sweep key does not name a spec field, or None when it does."""
+    top = key.split(".")[0]
+    if top in UNSWEEPABLE:
+        return f"'{top}' describes the whole experiment and cannot be swept"
+    model: Any = ExperimentSpec
+    for part in key.split("."):
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return None  # inside a list or free-form value: validation of the run spec decides
+        if part not in fields:
+            return f"'{part}' is not a field of {model.__name__}"
+        annotation = fields[part].annotation
+        model = annotation if isinstance(annotation, type) else None
+        if model is None:
+            return None
+    return None
+
+
+def expand(tree: dict[str, Any], spec: ExperimentSpec, source: str) -> list[tuple[str, dict[str, Any], ExperimentSpec]]:
+    """One (run name, swept values, run spec) per sweep point; every invalid point is reported at once."""
+    problems = [f"sweep.{k}: {why}" for k in spec.sweep if (why := _known_path(k))]
+    if problems:
+        raise SpecError(source, problems)
+    runs = []
+    for point in sweep_points(spec.sweep):
+        run_tree = copy.deepcopy(tree)
+        run_tree.pop("sweep", None)
+        for key, value in point.items():
+            set_dotted(run_tree, key, value)
+        name = run_name(point, spec.name)
+        prefix = f"sweep point {name}: " if point else ""
+        try:
+            run_spec = ExperimentSpec.model_validate(run_tree)
+        except ValidationError as err:
+            problems += format_validation_error(err, prefix)
+            continue
+        problems += cross_field_problems(run_spec, prefix)
+        runs.append((name, point, run_spec))
+    if problems:
+        raise SpecError(source, sorted(set(problems), key=problems.index))
+    names = [r[0] for r in runs]
+    if len(set(names)) != len(names):
+        raise SpecError(source, ["sweep: two sweep points have the same values (a value is listed twice)"])
+    return runs
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+
+class LoadedSpec:
+    """A validated spec with its source, the overrides applied, and its expanded runs."""
+
+    def __init__(self, source: str, tree: dict[str, Any], spec: ExperimentSpec, overrides: list[str]):
+        self.source = source
+        self.tree = tree
+        self.spec = spec
+        self.overrides = overrides
+        self.runs = expand(tree, spec, source)
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> LoadedSpec:
+    """Read, override, validate and expand a spec file. Raises SpecError listing every problem."""
+    overrides = list(overrides or [])
+    tree = read_spec_file(path)
+    return load_spec_tree(tree, str(path), overrides)
+
+
+def load_spec_tree(tree: dict[str, Any], source: str, overrides: list[str] | None = None) -> LoadedSpec:
+    overrides = list(overrides or [])
+    tree = copy.deepcopy(tree)
+    problems = []
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+            set_dotted(tree, key, value)
+        except ValueError as exc:
+            problems.append(f"--set {text}: {exc}")
+    try:
+        spec = ExperimentSpec.model_validate(tree)
+    except ValidationError as err:
+        raise SpecError(source, problems + format_validation_error(err)) from None
+    if problems:
+        raise SpecError(source, problems)
+    # Cross-field checks run per sweep point in expand(): a sweep may override the base values.
+    return LoadedSpec(source, tree, spec, overrides)
+
+
+def json_schema() -> dict[str, Any]:
+    return ExperimentSpec.model_json_schema()

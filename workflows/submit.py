@@ -1,0 +1,324 @@
+"""Submit: plan a spec, run its stage graph through Parsl, and record every run in MLflow.
+
+The driver is the only MLflow writer. It launches one Parsl app per stage that is not yet committed
+(stages shared by several sweep points are launched once), forwards training metrics while stages run,
+and closes each sweep point's MLflow run as FINISHED or FAILED with the error; a failing point never
+stops the others.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from llmcore.io import read_json
+from workflows.plan import Plan, RunPlan, Stage, plan
+from workflows.spec import LoadedSpec, SpecError, load_spec
+from workflows.stages import prepare_stage
+from workflows.tracking import MetricsForwarder, Tracker, default_tracking_uri, flatten
+
+STDERR_TAIL = 2000  # characters of a failed training's log shown as its error
+
+
+@dataclass
+class RunResult:
+    """One sweep point after a submit."""
+
+    name: str
+    run_id: str
+    status: str
+    point: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, str] = field(default_factory=dict)  # kind -> "cached" | "ran" | "failed" | "not run"
+    error: str | None = None
+
+
+@dataclass
+class SubmitResult:
+    experiment: str
+    experiment_id: str
+    parent_run_id: str
+    tracking_uri: str
+    runs: list[RunResult]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status == "FINISHED" for r in self.runs)
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def preflight(loaded: LoadedSpec) -> None:
+    """Problems that need the file system (missing corpus files, unwritable runs_root), all at once."""
+    from llmcore.corpus import check_corpus
+
+    problems: list[str] = []
+    seen: set[str] = set()
+    for name, _, spec in loaded.runs:
+        key = spec.data.model_dump_json()
+        if key in seen:
+            continue
+        seen.add(key)
+        problems += [str(e) for e in check_corpus(spec.data)]
+    root = Path(loaded.spec.runs_root).expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        problems.append(f"runs_root: cannot write to {root} ({exc.strerror or exc})")
+    if problems:
+        raise SpecError(loaded.source, problems)
+
+
+def load_and_check(spec: str | Path | LoadedSpec, overrides: list[str] | None = None, site: str | None = None) -> LoadedSpec:
+    if isinstance(spec, LoadedSpec):
+        loaded = spec
+    else:
+        extra = [f"site.name={site}"] if site else []
+        loaded = load_spec(spec, [*(overrides or []), *extra])
+    preflight(loaded)
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+class Driver:
+    """Runs one plan on one Parsl site and keeps MLflow in step with it."""
+
+    def __init__(self, p: Plan, tracker: Tracker, report: Callable[[str], None], poll_interval: float):
+        self.plan, self.tracker, self.report, self.poll_interval = p, tracker, report, poll_interval
+        self.futures: dict[str, Future | None] = {}  # stage key -> future (None: was already committed)
+        self.train_proc: dict[str, Future] = {}  # train stage key -> the bash app future of its process
+        self.forwarders: dict[tuple[str, str], MetricsForwarder] = {}
+
+    # ---- launching
+
+    def launch_all(self, apps: dict[str, Any], train_env: dict[str, str]) -> None:
+        for stage in self.plan.stages.values():
+            run = next(r for r in self.plan.runs if r.stages[stage.kind].key == stage.key)
+            self.futures[stage.key] = None if stage.done else self._launch(stage, run, apps, train_env)
+
+    def _launch(self, stage: Stage, run: RunPlan, apps: dict[str, Any], train_env: dict[str, str]) -> Future:
+        prepare_stage(stage.dir, stage.config)
+        deps = [f for k in stage.deps if (f := self.futures[k]) is not None]
+        spec = run.spec.model_dump(mode="json")
+        d = {kind: str(s.dir) for kind, s in run.stages.items()}
+        if stage.kind == "tokenizer":
+            return apps["tokenizer"](d["tokenizer"], spec)
+        if stage.kind == "shards":
+            return apps["shards"](d["shards"], spec, d["tokenizer"], inputs=deps)
+        if stage.kind == "train":
+            self._write_train_config(stage, run)
+            proc = apps["train"](d["train"], d["shards"], train_env, inputs=deps,
+                                 stdout=str(stage.dir / "train.log"), stderr=str(stage.dir / "train.log"))
+            self.train_proc[stage.key] = proc
+            return apps["commit_train"](d["train"], inputs=[proc])
+        return apps["eval"](d["eval"], spec, d["train"], d["shards"], d["tokenizer"], inputs=deps)
+
+    @staticmethod
+    def _write_train_config(stage: Stage, run: RunPlan) -> None:
+        from llmcore.io import atomic_write_json
+
+        s = run.spec
+        atomic_write_json(stage.dir / "train.json", {"model": s.model.model_dump(mode="json"),
+                                                    "train": s.train.model_dump(mode="json"), "seed": s.seed})
+
+    # ---- monitoring
+
+    def forward(self, run: RunPlan, run_id: str) -> None:
+        stage = run.stages["train"]
+        key = (run_id, stage.key)
+        if key not in self.forwarders:
+            self.forwarders[key] = MetricsForwarder(self.tracker, run_id, stage.dir / "metrics.jsonl")
+        self.forwarders[key].poll()
+
+    def run_done(self, run: RunPlan) -> bool:
+        f = self.futures[run.stages["eval"].key]
+        return f is None or f.done()
+
+    def failure(self, run: RunPlan) -> tuple[str, str] | None:
+        """(stage kind, error) of the first stage of this run that failed itself, if any."""
+        from parsl.dataflow.errors import DependencyError
+
+        for kind, stage in run.stages.items():
+            for f in (self.train_proc.get(stage.key), self.futures[stage.key]):
+                if f is None or not f.done() or f.exception() is None:
+                    continue
+                exc = f.exception()
+                if isinstance(exc, DependencyError):
+                    continue
+                return kind, self._describe(stage, exc)
+        return None
+
+    @staticmethod
+    def _describe(stage: Stage, exc: BaseException) -> str:
+        msg = f"{type(exc).__name__}: {exc}"
+        log = stage.dir / "train.log"
+        if stage.kind == "train" and log.is_file():
+            tail = log.read_text(errors="replace")[-STDERR_TAIL:].strip()
+            msg += f"\n--- end of {log} ---\n{tail}"
+        return msg
+
+
+# ---------------------------------------------------------------------------------------------- submit
+
+
+def _make_apps(site: Any) -> dict[str, Any]:
+    from parsl.app.app import bash_app, python_app
+
+    from workflows import stages
+
+    cpu, gpu = [site.cpu_executor], [site.train_executor]
+
+    def train(stage_dir, shards_dir, env, inputs=(), stdout=None, stderr=None):
+        from workflows.stages import train_command
+
+        return train_command(stage_dir, shards_dir, env)
+
+    return {
+        "tokenizer": python_app(stages.tokenizer_stage, executors=cpu),
+        "shards": python_app(stages.shards_stage, executors=cpu),
+        "train": bash_app(train, executors=gpu),
+        "commit_train": python_app(stages.commit_train, executors=cpu),
+        "eval": python_app(stages.eval_stage, executors=cpu),
+    }
+
+
+def _tracker_for(p: Plan) -> Tracker:
+    t = p.spec.tracking
+    uri = t.uri or default_tracking_uri(p.runs_root)
+    return Tracker(uri, t.experiment or p.spec.name, p.runs_root / "mlartifacts")
+
+
+def submit(
+    spec: str | Path | LoadedSpec,
+    overrides: list[str] | None = None,
+    site: str | None = None,
+    quiet: bool = False,
+    poll_interval: float = 2.0,
+    report: Callable[[str], None] | None = None,
+) -> SubmitResult:
+    """Run an experiment spec end to end; returns every sweep point's status and metrics.
+
+    Raises SpecError (before any stage runs) when the spec, an override or the corpus is invalid.
+    """
+    started = time.time()
+    loaded = load_and_check(spec, overrides, site)
+    p = plan(loaded)
+    say = report or (lambda msg: None if quiet else print(msg, flush=True))
+    tracker = _tracker_for(p)
+    parent_id, _ = tracker.start_run(p.spec.name, {"spec_hash": p.spec_hash, "role": "parent", "host": socket.gethostname(),
+                                                  "spec_file": str(loaded.source), "site": p.spec.site.name})
+    tracker.log_params(parent_id, {"sweep": yaml.safe_dump(p.spec.sweep, sort_keys=False).strip() or "{}",
+                                   "runs": str(len(p.runs))})
+    children = _start_children(p, tracker, parent_id)
+    todo = [r for r in p.runs if children[r.run_hash][1] != "FINISHED" or not r.stages["eval"].done]
+    results = {r.run_hash: _finished_result(tracker, r, children[r.run_hash][0]) for r in p.runs if r not in todo}
+    for r in p.runs:
+        say(f"[{r.name}] " + ", ".join(f"{k} {'cached' if s.done else 'to run'}" for k, s in r.stages.items()))
+    if todo:
+        results.update(_execute(p, todo, tracker, children, say, poll_interval))
+    runs = [results[r.run_hash] for r in p.runs]
+    ok = all(r.status == "FINISHED" for r in runs)
+    tracker.set_tags(parent_id, {"gptlab.runs_finished": str(sum(r.status == "FINISHED" for r in runs))})
+    tracker.finish(parent_id, ok, None if ok else "; ".join(f"{r.name}: {r.error}" for r in runs if r.error)[:4000])
+    return SubmitResult(p.spec.name, tracker.experiment_id, parent_id, tracker.uri, runs, time.time() - started)
+
+
+def _start_children(p: Plan, tracker: Tracker, parent_id: str) -> dict[str, tuple[str, str]]:
+    children = {}
+    for r in p.runs:
+        tags = {"run_hash": r.run_hash, "spec_hash": p.spec_hash, "role": "sweep_point", "site": p.spec.site.name,
+                "host": socket.gethostname(), "stages": ",".join(s.label for s in r.stages.values())}
+        run_id, status = tracker.start_run(r.name, tags, parent_id=parent_id)
+        if status != "FINISHED":
+            tracker.log_params(run_id, flatten(r.spec.model_dump(mode="json", exclude={"sweep"})))
+        children[r.run_hash] = (run_id, status)
+    return children
+
+
+def _execute(p: Plan, todo: list[RunPlan], tracker: Tracker, children: dict[str, tuple[str, str]],
+             say: Callable[[str], None], poll_interval: float) -> dict[str, RunResult]:
+    import parsl
+
+    from site_configs import build_site
+
+    trainings = sum(1 for k, s in p.stages.items() if s.kind == "train" and not s.done)
+    site = build_site(p.spec.site, p.runs_root / "parsl", trainings)
+    cached = {s.key for s in p.stages.values() if s.done}
+    dfk = parsl.load(site.config)
+    try:
+        driver = Driver(p, tracker, say, poll_interval)
+        driver.launch_all(_make_apps(site), site.train_env)
+        results: dict[str, RunResult] = {}
+        pending = list(todo)
+        while pending:
+            for r in pending:
+                driver.forward(r, children[r.run_hash][0])
+            for r in [r for r in pending if driver.run_done(r)]:
+                pending.remove(r)
+                results[r.run_hash] = _finalize(driver, r, children[r.run_hash][0], cached)
+                say(f"[{r.name}] {results[r.run_hash].status} " + _metrics_line(results[r.run_hash].metrics))
+            if pending:
+                time.sleep(poll_interval)
+        return results
+    finally:
+        dfk.cleanup()
+        parsl.clear()
+
+
+def _metrics_line(metrics: dict[str, float]) -> str:
+    keys = ("val/loss", "val/ppl", "val/bpb")
+    return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+def _finalize(driver: Driver, run: RunPlan, run_id: str, cached: set[str]) -> RunResult:
+    """Close one sweep point's MLflow run with everything it produced, or with the error that stopped it."""
+    tracker = driver.tracker
+    driver.forward(run, run_id)
+    states = {k: ("cached" if s.key in cached else "ran" if s.done else "not run") for k, s in run.stages.items()}
+    tracker.set_tags(run_id, {"gptlab.cached_stages": ",".join(k for k, v in states.items() if v == "cached") or "none"})
+    failed = driver.failure(run)
+    if failed or not run.stages["eval"].done:
+        kind, error = failed or ("eval", "stage did not commit")
+        states[kind] = "failed"
+        tracker.finish(run_id, False, f"stage {kind} failed: {error}")
+        return RunResult(run.name, run_id, "FAILED", run.point, {}, states, f"stage {kind} failed: {error}")
+    metrics = _log_outputs(tracker, run, run_id)
+    tracker.finish(run_id, True)
+    return RunResult(run.name, run_id, "FINISHED", run.point, metrics, states)
+
+
+def _log_outputs(tracker: Tracker, run: RunPlan, run_id: str) -> dict[str, float]:
+    markers = {k: s.marker() for k, s in run.stages.items()}
+    ev = markers["eval"]["result"]
+    metrics = {"val/loss": ev["val_loss"], "val/ppl": ev["val_ppl"], "val/bpb": ev["val_bpb"],
+               "tokenizer/bytes_per_token": markers["shards"]["result"]["bytes_per_token"]["val"],
+               "model/params": markers["train"]["result"]["params"]}
+    metrics.update({f"stage/{k}_seconds": m["seconds"] for k, m in markers.items()})
+    tracker.log_values(run_id, metrics, step=int(ev["step"]))
+    tracker.client.log_text(run_id, yaml.safe_dump(run.spec.model_dump(mode="json", exclude={"sweep"}), sort_keys=False),
+                            "spec.yaml")
+    tok, evd = run.stages["tokenizer"].dir, run.stages["eval"].dir
+    tracker.log_artifacts(run_id, [(tok / "tokenizer.model", "tokenizer"), (evd / "eval.json", "eval"),
+                                   (evd / "samples.txt", "eval")])
+    return metrics
+
+
+def _finished_result(tracker: Tracker, run: RunPlan, run_id: str) -> RunResult:
+    """A sweep point finished by an earlier submit: report what MLflow holds, log nothing again."""
+    data = tracker.client.get_run(run_id).data
+    states = {k: "cached" for k in run.stages}
+    return RunResult(run.name, run_id, "FINISHED", run.point, dict(data.metrics), states)
