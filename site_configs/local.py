@@ -16,6 +16,6 @@ def local_threads(max_threads: int, run_dir: str, retries: int = 0) -> Config:
         executors=[ThreadPoolExecutor(label="local", max_threads=max_threads)],
         run_dir=run_dir,
         retries=retries,
-        strategy=None,
+        strategy="none",
         usage_tracking=0,
     )

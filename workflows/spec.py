@@ -205,8 +205,10 @@ def cross_field_problems(spec: ExperimentSpec, prefix: str = "") -> list[str]:
         p.append(f"{prefix}train.precision: fp16 needs a CUDA device (use bf16 or fp32 on cpu)")
     if d.token_dtype == "uint16" and tok.vocab_size > 2**16:
         p.append(f"{prefix}data.token_dtype: uint16 holds at most 65536 tokens (tokenizer.vocab_size={tok.vocab_size})")
-    if tok.model_type not in ("char", "word") and tok.vocab_size < 260 and tok.byte_fallback:
-        p.append(f"{prefix}tokenizer.vocab_size: byte_fallback needs at least 260 tokens (256 bytes + specials)")
+    need = 262 + len(tok.user_defined_symbols)  # 4 specials, newline, 256 bytes, and at least one piece
+    if tok.byte_fallback and tok.vocab_size < need:
+        p.append(f"{prefix}tokenizer.vocab_size: byte_fallback needs at least {need} tokens (256 byte tokens, "
+                 f"specials, newline and user symbols; got {tok.vocab_size})")
     if not spec.eval.prompts and spec.eval.max_new_tokens > 0:
         p.append(f"{prefix}eval.prompts: give at least one prompt, or set eval.max_new_tokens to 0")
     return p
