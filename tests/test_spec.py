@@ -11,7 +11,7 @@ import pytest
 
 from helpers import make_corpus, tiny_spec, write_spec
 from workflows.spec import SpecError, load_spec, load_spec_tree, run_name, sweep_points
-from workflows.submit import load_and_check
+from workflows.driver import load_and_check
 
 REPO = Path(__file__).resolve().parents[1]
 SPECS = sorted((REPO / "specs").glob("*.yaml"))

@@ -12,8 +12,8 @@ from workflows.spec import ExperimentSpec, SpecError, load_spec
 
 
 def submit(*args, **kwargs):
-    """Run a spec end to end; see :func:`workflows.submit.submit`."""
-    from workflows.submit import submit as _submit
+    """Run a spec end to end; see :func:`workflows.driver.submit`."""
+    from workflows.driver import submit as _submit
 
     return _submit(*args, **kwargs)
 
@@ -21,7 +21,7 @@ def submit(*args, **kwargs):
 def plan(spec, overrides=None, site=None):
     """Load, check and plan a spec without running anything; see :func:`workflows.plan.plan`."""
     from workflows.plan import plan as _plan
-    from workflows.submit import load_and_check
+    from workflows.driver import load_and_check
 
     return _plan(load_and_check(spec, overrides, site))
 

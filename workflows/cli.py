@@ -47,7 +47,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @user_errors
 def validate(spec: Path = SpecArg, set_: Optional[list[str]] = SetOpt, site: Optional[str] = SiteOpt) -> None:
     """Check a spec (schema, cross-field rules, sweep, corpus files) without running anything."""
-    from workflows.submit import load_and_check
+    from workflows.driver import load_and_check
 
     loaded = load_and_check(spec, set_, site)
     n = len(loaded.runs)
@@ -59,7 +59,7 @@ def validate(spec: Path = SpecArg, set_: Optional[list[str]] = SetOpt, site: Opt
 def plan_cmd(spec: Path = SpecArg, set_: Optional[list[str]] = SetOpt, site: Optional[str] = SiteOpt) -> None:
     """Show the runs, their stages (done or to run, shared or not) and model sizes; submits nothing."""
     from workflows.plan import param_count, plan
-    from workflows.submit import load_and_check
+    from workflows.driver import load_and_check
 
     p = plan(load_and_check(spec, set_, site))
     users: dict[str, int] = {}
@@ -97,7 +97,7 @@ def submit(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final summary (batch jobs)."),
 ) -> None:
     """Run every stage of every sweep point that is not done yet, and record the runs in MLflow."""
-    from workflows.submit import submit as run_submit
+    from workflows.driver import submit as run_submit
 
     result = run_submit(spec, set_, site=site, quiet=quiet)
     table = Table(title=f"{result.experiment}: {sum(r.status == 'FINISHED' for r in result.runs)}/{len(result.runs)} "

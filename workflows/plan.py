@@ -123,10 +123,11 @@ def plan(loaded: LoadedSpec) -> Plan:
 
 
 def param_count(spec: ExperimentSpec, vocab_size: int) -> int:
-    """Parameters of the run's model, counted on torch's meta device (no memory, no init)."""
+    """Parameters of the run's model as training reports them (nanoGPT: position table excluded), built on
+    torch's meta device (no memory, no init)."""
     import torch
 
     from llmcore.model import GPT
 
     with torch.device("meta"):
-        return GPT(spec.model, vocab_size).num_params(non_embedding=False)
+        return GPT(spec.model, vocab_size).num_params()

@@ -65,7 +65,7 @@ def shards_stage(stage_dir: str, spec: dict[str, Any], tokenizer_dir: str, input
 
 def train_command(stage_dir: str, shards_dir: str, env: dict[str, str]) -> str:
     """The shell command that trains one run (one process; a launcher prefix adds ranks)."""
-    args = [sys.executable, "-m", "llmcore.train", "--config", f"{stage_dir}/config.json", "--shards", shards_dir,
+    args = [sys.executable, "-m", "llmcore.train", "--config", f"{stage_dir}/train.json", "--shards", shards_dir,
             "--out", stage_dir]
     env_args = [f"{k}={v}" for k, v in sorted(env.items())]
     return " ".join(shlex.quote(a) for a in (["env", *env_args] if env_args else []) + args)

@@ -83,7 +83,7 @@ class Tracker:
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> tuple[str, str]:
         """(run id, previous status): an existing run with the same identity tags is reused, not duplicated."""
-        identity = {k: v for k, v in tags.items() if k in ("spec_hash", "run_hash")}
+        identity = {k: v for k, v in tags.items() if k in ("role", "spec_hash", "run_hash")}
         if parent_id:
             identity["parent"] = parent_id
         found = self.find_runs(**identity)

@@ -1,0 +1,143 @@
+"""Process-group setup for one process per rank, whoever launched it.
+
+torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. mpiexec sets PMI_RANK / PMI_SIZE /
+PMI_LOCAL_RANK (MPICH, Cray PALS on Polaris) or OMPI_COMM_WORLD_* (Open MPI) but no rendezvous address, so
+the master is the first host of $PBS_NODEFILE (else 127.0.0.1) and the port MASTER_PORT (else 29500).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+
+from llmcore.hardware import resolve_device
+
+DEFAULT_PORT = 29500
+
+# (rank, world size, local rank) variable names, in order of preference
+LAUNCHER_VARS = [
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun
+    ("PMI_RANK", "PMI_SIZE", "PMI_LOCAL_RANK"),  # MPICH / Cray PALS (Polaris)
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
+]
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    is_main: bool
+
+
+def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
+    """Rank, local rank, world size and rendezvous address from the launcher's variables (pure; no side effects)."""
+    env = os.environ if env is None else env
+    rank, world, local = 0, 1, 0
+    for rank_var, size_var, local_var in LAUNCHER_VARS:
+        if rank_var in env and size_var in env:
+            rank, world = int(env[rank_var]), int(env[size_var])
+            local = int(env.get(local_var, env.get("PALS_LOCAL_RANKID", rank)))
+            break
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside world size {world}")
+    addr = env.get("MASTER_ADDR") or _first_host(env.get("PBS_NODEFILE")) or "127.0.0.1"
+    port = int(env.get("MASTER_PORT") or DEFAULT_PORT)
+    return LaunchEnv(rank, local, world, addr, port)
+
+
+def _first_host(nodefile: str | None) -> str | None:
+    if not nodefile:
+        return None
+    try:
+        with open(nodefile, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    return line.strip()
+    except OSError:
+        return None
+    return None
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the process group when launched with more than one rank; pin each rank to its local GPU.
+
+    `device` is TrainConfig.device (`auto`, `cpu`, `cuda`). Backend: nccl on CUDA, gloo on CPU. With one rank
+    no process group is created.
+    """
+    launch = read_launch_env()
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if launch.world_size > 1 or dev.index is None:
+            dev = torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    if launch.world_size > 1 and not dist.is_initialized():
+        # env:// rendezvous; under torchrun these are already set (and the agent's store is reused)
+        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+        dist.init_process_group(
+            backend="nccl" if dev.type == "cuda" else "gloo",
+            init_method="env://",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    return DistInfo(launch.rank, launch.local_rank, launch.world_size, dev, launch.rank == 0)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of `t` over ranks (in place); unchanged with one rank."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (small, picklable objects only: RNG and loader states)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on at least one (so all ranks stop together)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -1,0 +1,84 @@
+"""Devices, precisions and peak throughput: what the training and evaluation code needs to know about the hardware."""
+
+from __future__ import annotations
+
+import torch
+
+# Dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets, no sparsity). Matched against
+# torch.cuda.get_device_name() in order; the first pattern whose words all occur wins.
+PEAK_BF16_FLOPS: list[tuple[tuple[str, ...], float]] = [
+    (("H100", "PCIE"), 756e12),
+    (("H100", "NVL"), 835e12),
+    (("H100",), 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    (("H200",), 989e12),
+    (("GH200",), 989e12),
+    (("A100",), 312e12),
+    (("L40S",), 362e12),
+    (("L4",), 121e12),
+    (("V100",), 125e12),  # fp16 tensor cores (V100 has no bf16)
+]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` -> cuda when available, else cpu; `cuda` without a GPU is an error; `cuda:N` is kept."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`, or None for plain fp32 (no autocast).
+
+    `auto`: bf16 on a CUDA GPU that supports it, else fp32. fp16 needs CUDA; bf16 on a GPU without it is an error.
+    """
+    cuda = device.type == "cuda"
+    if precision == "auto":
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if not cuda:
+            raise ValueError("precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+        return torch.float16
+    if precision == "bf16":
+        if cuda and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"precision bf16 is not supported by {torch.cuda.get_device_name(device)}")
+        return torch.bfloat16
+    raise ValueError(f"unknown precision {precision!r}")
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of one device, for MFU; None for CPUs and GPUs not in the table."""
+    if device.type != "cuda":
+        return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_flops_for_name(name: str) -> float | None:
+    words = name.upper().replace("-", " ").split()
+    for pattern, flops in PEAK_BF16_FLOPS:
+        if all(any(w.startswith(p) for w in words) for p in pattern):
+            return flops
+    return None
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak memory allocated by torch on a CUDA device since the last reset, MiB; None on CPU."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def enable_tf32() -> None:
+    """Let fp32 matmuls and convolutions on CUDA use TF32 tensor cores. (This API keeps torch's legacy and new
+    TF32 flags consistent; setting `fp32_precision` directly makes later reads of `allow_tf32` raise.)"""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,109 @@
+"""End to end through a real Parsl executor into a real MLflow store, with a tiny model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from helpers import make_corpus, tiny_spec, write_spec
+from workflows import submit
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A two-point sweep submitted once, shared by the tests below (each asserts a different promise)."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    corpus = make_corpus(tmp / "corpus")
+    spec = write_spec(tmp / "tiny.yaml", tiny_spec(corpus, tmp / "runs", sweep={"model.pos_encoding": ["learned", "rope"]}))
+    t0 = time.time()
+    result = submit(spec, quiet=True, poll_interval=0.5)
+    return {"spec": spec, "result": result, "seconds": time.time() - t0, "runs_root": tmp / "runs"}
+
+
+def client_and_children(sweep):
+    result = sweep["result"]
+    client = MlflowClient(result.tracking_uri)
+    children = client.search_runs([result.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    return client, {c.info.run_name: c for c in children}
+
+
+def test_every_sweep_point_finishes_with_eval_metrics_in_mlflow(sweep):
+    result = sweep["result"]
+    assert result.ok, [r.error for r in result.runs]
+    client, children = client_and_children(sweep)
+    assert set(children) == {"pos_encoding=learned", "pos_encoding=rope"}
+    for run in children.values():
+        assert run.info.status == "FINISHED"
+        m = run.data.metrics
+        assert {"val/loss", "val/ppl", "val/bpb", "tokenizer/bytes_per_token", "train/loss"} <= set(m)
+        assert m["val/ppl"] == pytest.approx(2.718281828 ** m["val/loss"], rel=1e-4)
+        assert 0 < m["val/bpb"] < 8
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+
+
+def test_training_metrics_are_forwarded_per_step(sweep):
+    client, children = client_and_children(sweep)
+    run = children["pos_encoding=rope"]
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    steps = sorted(h.step for h in history)
+    assert steps == sorted(set(steps)), "no step is recorded twice"
+    assert len(steps) >= 29 and steps[-1] == 30
+    assert history[0].value > min(h.value for h in history), "loss falls during training"
+    assert {h.step for h in client.get_metric_history(run.info.run_id, "val/loss")} >= {10, 20, 30}
+
+
+def test_params_tags_and_artifacts(sweep):
+    client, children = client_and_children(sweep)
+    run = children["pos_encoding=learned"]
+    params = run.data.params
+    assert params["model.pos_encoding"] == "learned" and params["model.n_layer"] == "1"
+    assert params["data.sources.0.type"] == "files" and params["train.lr"] == "0.003"
+    assert run.data.tags["gptlab.role"] == "sweep_point" and run.data.tags["gptlab.run_hash"]
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"spec.yaml", "tokenizer", "eval"} <= files
+    evals = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/eval.json", "eval/samples.txt"} <= evals
+
+
+def test_sweep_points_share_tokenizer_and_shards_stages(sweep):
+    stages = sorted(p.name.split("-")[0] for p in (sweep["runs_root"] / "stages").iterdir())
+    assert stages == ["eval", "eval", "shards", "tokenizer", "train", "train"]
+    assert all((d / "DONE.json").is_file() for d in (sweep["runs_root"] / "stages").iterdir())
+
+
+def test_resubmit_reuses_everything_and_duplicates_nothing(sweep):
+    t0 = time.time()
+    again = submit(sweep["spec"], quiet=True, poll_interval=0.5)
+    seconds = time.time() - t0
+    assert again.ok and again.parent_run_id == sweep["result"].parent_run_id
+    assert {r.run_id for r in again.runs} == {r.run_id for r in sweep["result"].runs}
+    assert all(set(r.stages.values()) == {"cached"} for r in again.runs)
+    assert again.runs[0].metrics["val/loss"] == sweep["result"].runs[0].metrics["val/loss"]
+    client, children = client_and_children(sweep)
+    assert len(children) == 2
+    assert seconds < sweep["seconds"] / 2
+
+
+def test_a_failing_point_is_failed_and_the_others_finish(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    # A context longer than the validation split cannot be sampled: that point's training fails.
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec(corpus, tmp_path / "runs", sweep={"model.block_size": [16, 100000]}))
+    r = subprocess.run([sys.executable, "-m", "workflows.cli", "submit", str(spec), "--quiet"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    runs = {x.info.run_name: x for x in client.search_runs([exp.experiment_id])}
+    assert runs["block_size=16"].info.status == "FINISHED"
+    failed = runs["block_size=100000"]
+    assert failed.info.status == "FAILED"
+    assert "stage train failed" in failed.data.tags["gptlab.error"]
+    assert runs["tiny"].info.status == "FAILED"  # the parent tells the truth too

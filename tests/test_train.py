@@ -1,0 +1,332 @@
+"""Training: schedule, resume to the same curve, crash safety of checkpoints, DDP on CPU, the CLI, hardware."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import llmcore.train as train_mod
+from llmcore.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model
+from llmcore.config import ModelConfig, TrainConfig
+from llmcore.distributed import read_launch_env
+from llmcore.hardware import peak_flops, peak_flops_for_name, resolve_device, resolve_precision
+from llmcore.model import GPT
+from llmcore.train import lr_at, main, train
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
+STEPS = 40
+BASE = dict(batch_size=4, max_steps=STEPS, lr_decay_steps=STEPS, warmup_steps=5, lr=3e-3, min_lr=3e-4,
+            eval_interval=10, eval_batches=2, checkpoint_interval=10, device="cpu")
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{**BASE, **kw})
+
+
+def lines(out: Path, kind: str = "train") -> list[dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in lines(out)}
+
+
+def assert_same_curve(a: dict[int, float], b: dict[int, float], tol: float = 1e-4) -> None:
+    assert sorted(a) == sorted(b)
+    worst = max(abs(a[s] - b[s]) for s in a)
+    assert worst <= tol, f"curves differ by {worst}"
+
+
+@pytest.fixture(autouse=True)
+def llm_one_thread():
+    """Same thread count in every run (and in the subprocesses), so float reductions happen in the same order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llm_reference(llm_shards, tmp_path_factory) -> Path:
+    """One uninterrupted 40-step run that the resume tests compare against."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("reference")
+    summary = train(MODEL, cfg(), llm_shards, out, seed=3)
+    assert summary["steps"] == STEPS and not summary["stopped_early"]
+    return out
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK", "PMI_SIZE")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+# --------------------------------------------------------------------------------------------- schedule
+
+
+def test_lr_schedule_warmup_peak_and_end():
+    c = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(0, c) == pytest.approx(1e-3 / 11)
+    assert lr_at(9, c) == pytest.approx(1e-3 * 10 / 11)
+    assert lr_at(10, c) == pytest.approx(1e-3)  # peak right after warmup
+    assert lr_at(60, c) == pytest.approx(5.5e-4)  # half way down the cosine
+    assert lr_at(110, c) == pytest.approx(1e-4) and lr_at(500, c) == pytest.approx(1e-4)
+    c2 = TrainConfig(lr=1e-3, min_lr=0.0, warmup_steps=0, max_steps=1000, lr_decay_steps=100)
+    assert lr_at(0, c2) == pytest.approx(1e-3) and lr_at(100, c2) == 0.0 and lr_at(999, c2) == 0.0
+
+
+# ------------------------------------------------------------------------------------ runs and resuming
+
+
+def test_run_writes_metrics_summary_and_keeps_two_checkpoints(llm_reference):
+    train_rows = lines(llm_reference)
+    assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))
+    row = train_rows[-1]
+    assert set(row) == {"kind", "step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "peak_mem_mb",
+                        "elapsed_s", "tokens_seen"}
+    assert row["mfu"] is None and row["peak_mem_mb"] is None and row["tokens_seen"] == STEPS * 4 * 16
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.5
+    assert [r["step"] for r in lines(llm_reference, "eval")] == [10, 20, 30, 40]
+    summary = json.loads((llm_reference / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["final_train_loss"] == row["loss"]
+    assert summary["final_val_loss"] == lines(llm_reference, "eval")[-1]["val_loss"]
+    assert sorted(p.name for p in (llm_reference / "checkpoints").iterdir()) == ["step_00000030", "step_00000040"]
+    model, meta = load_model(llm_reference, "cpu")
+    assert meta["step"] == STEPS and model.wte.weight is model.lm_head.weight
+
+
+def test_resume_after_max_steps_continues_the_same_curve(llm_shards, llm_reference, tmp_path):
+    first = train(MODEL, cfg(max_steps=15), llm_shards, tmp_path, seed=3)
+    assert first["steps"] == 15
+    again = train(MODEL, cfg(), llm_shards, tmp_path, seed=3)
+    assert again["steps"] == STEPS
+    assert_same_curve(losses(tmp_path), losses(llm_reference))
+    assert again["final_val_loss"] == pytest.approx(
+        json.loads((llm_reference / "summary.json").read_text())["final_val_loss"], abs=1e-4)
+    # a finished run is not trained again
+    assert train(MODEL, cfg(), llm_shards, tmp_path, seed=3)["steps"] == STEPS
+    assert len(lines(tmp_path)) == STEPS
+
+
+def test_time_budget_stops_cleanly_and_resumes(llm_shards, llm_reference, tmp_path, monkeypatch):
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(train_mod, "_clock", lambda: 0.05 * next(ticks))  # every clock read is 50 ms later
+    summary = train(MODEL, cfg(time_budget_s=2.0), llm_shards, tmp_path, seed=3)
+    assert summary["stopped_early"] and 0 < summary["steps"] < STEPS
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped_early"]
+    assert latest_checkpoint(tmp_path).name == f"step_{summary['steps']:08d}"
+    monkeypatch.undo()
+    assert not train(MODEL, cfg(), llm_shards, tmp_path, seed=3)["stopped_early"]
+    assert_same_curve(losses(tmp_path), losses(llm_reference))
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+import llmcore.checkpoint as ck
+from llmcore.config import ModelConfig, TrainConfig
+from llmcore.train import train
+real_marker = ck.write_commit_marker
+def marker(directory, info):
+    if info["step"] == 20:  # die while writing the second checkpoint: files written, no commit marker
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_marker(directory, info)
+ck.write_commit_marker = marker
+args = sys.argv[1:]
+train(ModelConfig.model_validate_json(args[0]), TrainConfig.model_validate_json(args[1]), Path(args[2]),
+      Path(args[3]), 3)
+"""
+
+
+def test_killed_mid_checkpoint_resumes_from_last_committed(llm_shards, llm_reference, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, MODEL.model_dump_json(), cfg().model_dump_json(), str(llm_shards),
+         str(out)], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    torn = out / "checkpoints" / "step_00000020"
+    assert (torn / "model.safetensors").exists() and not (torn / "DONE.json").exists()
+    assert max(losses(out)) == 20  # metrics ran ahead of the last committed checkpoint
+    assert latest_checkpoint(out).name == "step_00000010"
+    train(MODEL, cfg(), llm_shards, out, seed=3)
+    assert [r["step"] for r in lines(out)] == list(range(1, STEPS + 1))  # no duplicated steps
+    assert_same_curve(losses(out), losses(llm_reference))
+
+
+def test_truncated_or_uncommitted_newest_checkpoint_is_skipped(llm_shards, llm_reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(llm_reference, out)
+    newest, older = out / "checkpoints" / "step_00000040", out / "checkpoints" / "step_00000030"
+    data = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    assert latest_checkpoint(out) == older
+    (newest / "model.safetensors").write_bytes(data)
+    assert latest_checkpoint(out) == newest
+    (newest / "DONE.json").unlink()  # never committed
+    assert latest_checkpoint(out) == older
+    summary = train(MODEL, cfg(), llm_shards, out, seed=3)  # resumes at 30, redoes 31..40
+    assert summary["steps"] == STEPS
+    assert [r["step"] for r in lines(out)] == list(range(1, STEPS + 1))
+    assert_same_curve(losses(out), losses(llm_reference))
+
+
+def test_corrupt_checkpoint_is_an_error_naming_the_file_and_resume_falls_back(llm_shards, llm_reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(llm_reference, out)
+    newest = out / "checkpoints" / "step_00000040"
+    f = newest / "state.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    f.write_bytes(bytes(data))
+    model = GPT(MODEL, 26)
+    with pytest.raises(CheckpointError, match="state.pt"):
+        load_checkpoint(newest, model)
+    with pytest.warns(UserWarning, match="state.pt"):
+        train(MODEL, cfg(), llm_shards, out, seed=3)
+    assert_same_curve(losses(out), losses(llm_reference))
+
+
+class Evil:
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))  # unpickling this would create the file
+
+
+def test_malicious_pickle_in_state_is_refused(llm_reference, tmp_path):
+    ckpt = tmp_path / "step_00000040"
+    shutil.copytree(llm_reference / "checkpoints" / "step_00000040", ckpt)
+    pwned = tmp_path / "pwned"
+    torch.save({"optimizer": Evil(str(pwned))}, ckpt / "state.pt")
+    # forge the commit marker too, so only weights_only=True stands between the file and its payload
+    marker = json.loads((ckpt / "DONE.json").read_text())
+    data = (ckpt / "state.pt").read_bytes()
+    marker["files"]["state.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "DONE.json").write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match="state.pt"):
+        load_checkpoint(ckpt, GPT(MODEL, 26))
+    assert not pwned.exists()
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_equal_one_rank_with_twice_the_micro_batches(llm_shards, tmp_path):
+    """2 ranks x batch B (gloo) vs 1 rank x 2 micro-batches of B: the same data streams and the same averaged
+    gradient, so the curves agree up to float summation order (DDP all-reduce vs accumulation)."""
+    steps = dict(max_steps=12, lr_decay_steps=12, eval_interval=6, checkpoint_interval=6)
+    (tmp_path / "ddp.json").write_text(json.dumps(
+        {"model": MODEL.model_dump(), "train": cfg(**steps).model_dump(), "seed": 5}))
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "llmcore.train", "--config", str(tmp_path / "ddp.json"), "--shards",
+             str(llm_shards), "--out", str(tmp_path / "ddp")],
+            env=subprocess_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=port),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+    train(MODEL, cfg(grad_accum=2, **steps), llm_shards, tmp_path / "one", seed=5)
+    ddp, one = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+    assert_same_curve(ddp, one, tol=1e-4)
+    assert lines(tmp_path / "ddp")[-1]["tokens_seen"] == lines(tmp_path / "one")[-1]["tokens_seen"] == 12 * 2 * 4 * 16
+    val_ddp = [r["val_loss"] for r in lines(tmp_path / "ddp", "eval")]
+    val_one = [r["val_loss"] for r in lines(tmp_path / "one", "eval")]
+    assert val_ddp == pytest.approx(val_one, abs=1e-4)
+    # the checkpoint holds both ranks' RNG and all data streams: a 1-rank x 2 run can resume it
+    summary = train(MODEL, cfg(grad_accum=2, **{**steps, "max_steps": 14, "lr_decay_steps": 12}), llm_shards,
+                    tmp_path / "ddp", seed=5)
+    assert summary["steps"] == 14
+
+
+def test_launch_env_torchrun_mpi_and_pbs(tmp_path):
+    assert read_launch_env({}) == read_launch_env({"UNRELATED": "1"})
+    single = read_launch_env({})
+    assert (single.rank, single.world_size, single.master_addr, single.master_port) == (0, 1, "127.0.0.1", 29500)
+    tr = read_launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "node7",
+                          "MASTER_PORT": "1234"})
+    assert (tr.rank, tr.local_rank, tr.world_size, tr.master_addr, tr.master_port) == (3, 1, 8, "node7", 1234)
+    nodefile = tmp_path / "nodefile"
+    nodefile.write_text("x3004c0s1b0n0.hsn.cm.polaris.alcf.anl.gov\nx3004c0s1b1n0\n")
+    mpi = read_launch_env({"PMI_RANK": "5", "PMI_SIZE": "8", "PMI_LOCAL_RANK": "1", "PBS_NODEFILE": str(nodefile)})
+    assert (mpi.rank, mpi.local_rank, mpi.world_size) == (5, 1, 8)
+    assert mpi.master_addr == "x3004c0s1b0n0.hsn.cm.polaris.alcf.anl.gov" and mpi.master_port == 29500
+    ompi = read_launch_env({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
+                            "OMPI_COMM_WORLD_LOCAL_RANK": "0", "MASTER_PORT": "4000"})
+    assert (ompi.rank, ompi.local_rank, ompi.world_size, ompi.master_port) == (2, 0, 4, 4000)
+    with pytest.raises(ValueError):
+        read_launch_env({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+# --------------------------------------------------------------------------------------------- the CLI
+
+
+def test_cli_bad_config_exits_2_with_every_problem(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"model": {"n_head": 3, "n_embd": 32}, "train": {"lr": -1, "bogus": 1}}))
+    proc = subprocess.run([sys.executable, "-m", "llmcore.train", "--config", str(bad), "--shards", "x", "--out",
+                           str(tmp_path / "out")], env=subprocess_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "train.lr" in proc.stderr and "train.bogus" in proc.stderr and str(bad) in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+    cross = tmp_path / "cross.json"
+    cross.write_text(json.dumps({"model": {"n_head": 3, "n_embd": 32}, "train": {"lr": 1e-4, "min_lr": 1e-3}}))
+    assert main(["--config", str(cross), "--shards", "x", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "model.n_head" in err and "train.min_lr" in err
+    assert main(["--config", str(tmp_path / "missing.json"), "--shards", "x", "--out", "y"]) == 2
+    (tmp_path / "notjson.json").write_text("{")
+    assert main(["--config", str(tmp_path / "notjson.json"), "--shards", "x", "--out", "y"]) == 2
+
+
+def test_cli_trains(llm_shards, tmp_path, capsys):
+    (tmp_path / "c.json").write_text(json.dumps(
+        {"model": MODEL.model_dump(), "train": cfg(max_steps=3, lr_decay_steps=None).model_dump(), "seed": 1}))
+    assert main(["--config", str(tmp_path / "c.json"), "--shards", str(llm_shards), "--out", str(tmp_path / "o")]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 3
+    assert main(["--config", str(tmp_path / "c.json"), "--shards", str(tmp_path), "--out", str(tmp_path / "o2")]) == 1
+
+
+# -------------------------------------------------------------------------------------------- hardware
+
+
+def test_hardware_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_device("cpu") == cpu
+    assert resolve_precision("auto", cpu) is None and resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16"):
+        resolve_precision("fp16", cpu)
+    assert peak_flops(cpu) is None
+    assert peak_flops_for_name("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops_for_name("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_for_name("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_for_name("NVIDIA H200") == 989e12
+    assert peak_flops_for_name("Some Future GPU") is None
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            resolve_device("cuda")
