@@ -107,3 +107,44 @@ def test_a_failing_point_is_failed_and_the_others_finish(tmp_path):
     assert failed.info.status == "FAILED"
     assert "stage train failed" in failed.data.tags["gptlab.error"]
     assert runs["tiny"].info.status == "FAILED"  # the parent tells the truth too
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_store_on_loopback(sweep):
+    import json
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "ui", "--runs-root", str(sweep["runs_root"]),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny"
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    body = json.load(resp)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.time() < deadline, "MLflow UI did not come up in 90 s"
+                time.sleep(1)
+        assert body["experiment"]["experiment_id"] == sweep["result"].experiment_id
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
+            assert resp.status == 200 and b"<html" in resp.read().lower()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_ui_without_a_store_is_a_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "workflows.cli", "ui", "--runs-root", str(tmp_path / "none")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no MLflow store" in r.stderr and "Traceback" not in r.stderr

@@ -22,7 +22,7 @@ from workflows.spec import SpecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="gptlab: experiment specs -> Parsl task graphs -> MLflow runs.")
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)  # no wrapping when piped to a file
 
 SpecArg = typer.Argument(..., help="Experiment spec (YAML).", show_default=False)
 SetOpt = typer.Option(None, "--set", "-s", help="Override a field: --set train.lr=3e-4 (repeatable).")
