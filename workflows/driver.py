@@ -102,6 +102,8 @@ class Driver:
         self.futures: dict[str, Future | None] = {}  # stage key -> future (None: was already committed)
         self.train_proc: dict[str, Future] = {}  # train stage key -> the bash app future of its process
         self.forwarders: dict[tuple[str, str], MetricsForwarder] = {}
+        self.reported: set[str] = set()  # stage keys whose completion was reported
+        self.last_progress = time.time()
 
     # ---- launching
 
@@ -143,6 +145,26 @@ class Driver:
         if key not in self.forwarders:
             self.forwarders[key] = MetricsForwarder(self.tracker, run_id, stage.dir / "metrics.jsonl")
         self.forwarders[key].poll()
+
+    def progress(self, every: float = 10.0) -> None:
+        """Report finished stages at once, and each training's step and loss every ``every`` seconds."""
+        for key, f in self.futures.items():
+            if f is not None and f.done() and key not in self.reported:
+                self.reported.add(key)
+                stage = self.plan.stages[key]
+                names = ", ".join(r.name for r in self.plan.runs if r.stages[stage.kind].key == key)
+                state = "done" if f.exception() is None else "FAILED"
+                self.report(f"  {stage.kind} {state} ({stage.label}; {names})")
+        if time.time() - self.last_progress < every:
+            return
+        self.last_progress = time.time()
+        for (run_id, key), fw in self.forwarders.items():
+            rec, f = fw.latest, self.futures.get(key)
+            if rec is None or (f is not None and f.done()):
+                continue
+            run = next(r for r in self.plan.runs if r.stages["train"].key == key)
+            self.report(f"  [{run.name}] step {rec['step']}/{run.spec.train.max_steps} loss {rec['loss']:.4f} "
+                        f"{rec['tokens_per_sec']:.0f} tok/s")
 
     def run_done(self, run: RunPlan) -> bool:
         f = self.futures[run.stages["eval"].key]
@@ -267,6 +289,7 @@ def _execute(p: Plan, todo: list[RunPlan], tracker: Tracker, children: dict[str,
         while pending:
             for r in pending:
                 driver.forward(r, children[r.run_hash][0])
+            driver.progress()
             for r in [r for r in pending if driver.run_done(r)]:
                 pending.remove(r)
                 results[r.run_hash] = _finalize(driver, r, children[r.run_hash][0], cached)

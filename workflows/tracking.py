@@ -142,6 +142,7 @@ class MetricsForwarder:
     def __init__(self, tracker: Tracker, run_id: str, path: Path):
         self.tracker, self.run_id, self.path = tracker, run_id, path
         self.offset = 0
+        self.latest: dict[str, Any] | None = None  # newest train record seen, for progress display
         tags = tracker.client.get_run(run_id).data.tags
         self.last = {kind: int(tags.get(f"{TAG}forwarded.{kind}", "-1")) for kind in ("train", "eval")}
 
@@ -177,6 +178,8 @@ class MetricsForwarder:
             except json.JSONDecodeError:
                 continue
             kind = rec.get("kind", "train")
+            if kind == "train":
+                self.latest = rec
             names = TRAIN_METRICS if kind == "train" else EVAL_METRICS
             step = int(rec["step"])
             if step <= max(self.last.get(kind, -1), last.get(kind, -1)):
