@@ -171,6 +171,10 @@ class TrainConfig(StrictModel):
     eval_batches: int = Field(20, ge=1, description="Batches per validation estimate during training.")
     log_interval: int = Field(1, ge=1, description="Write a metrics line every this many steps.")
     checkpoint_interval: int = Field(500, ge=1, description="Save a checkpoint every this many steps (and at the end).")
+    nodes: int = Field(1, ge=1, description="Nodes one training run spans (multi-node needs an MPI site).")
+    ranks_per_node: int = Field(
+        1, ge=1, description="Training processes per node: one per GPU on GPU nodes (Polaris: 4)."
+    )
     time_budget_s: float | None = Field(
         None, gt=0, description="Save a checkpoint and stop cleanly before this many seconds; null: no limit."
     )

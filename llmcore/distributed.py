@@ -1,13 +1,16 @@
 """Process-group setup for one process per rank, whoever launched it.
 
 torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. mpiexec sets PMI_RANK / PMI_SIZE /
-PMI_LOCAL_RANK (MPICH, Cray PALS on Polaris) or OMPI_COMM_WORLD_* (Open MPI) but no rendezvous address, so
-the master is the first host of $PBS_NODEFILE (else 127.0.0.1) and the port MASTER_PORT (else 29500).
+PMI_LOCAL_RANK (Cray MPICH + PALS on Polaris, which also sets PALS_LOCAL_RANKID), PMI_RANK / PMI_SIZE /
+MPI_LOCALRANKID (MPICH's Hydra mpiexec, e.g. Debian's mpich: no PMI_LOCAL_RANK) or OMPI_COMM_WORLD_* (Open MPI),
+but no rendezvous address, so the master is the first host of $PBS_NODEFILE (else 127.0.0.1) and the port
+MASTER_PORT (else 29500).
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -24,6 +27,11 @@ LAUNCHER_VARS = [
     ("PMI_RANK", "PMI_SIZE", "PMI_LOCAL_RANK"),  # MPICH / Cray PALS (Polaris)
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
 ]
+# local rank when the launcher's own local-rank variable is absent (then: the global rank, right on one node)
+LOCAL_RANK_FALLBACKS = (
+    "PALS_LOCAL_RANKID",  # Cray PALS (Polaris)
+    "MPI_LOCALRANKID",  # MPICH Hydra (Debian's mpich): sets PMI_RANK / PMI_SIZE but no PMI_LOCAL_RANK
+)
 
 
 @dataclass(frozen=True)
@@ -51,13 +59,25 @@ def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
     for rank_var, size_var, local_var in LAUNCHER_VARS:
         if rank_var in env and size_var in env:
             rank, world = int(env[rank_var]), int(env[size_var])
-            local = int(env.get(local_var, env.get("PALS_LOCAL_RANKID", rank)))
+            local = int(next((env[v] for v in (local_var, *LOCAL_RANK_FALLBACKS) if v in env), rank))
             break
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside world size {world}")
     addr = env.get("MASTER_ADDR") or _first_host(env.get("PBS_NODEFILE")) or "127.0.0.1"
     port = int(env.get("MASTER_PORT") or DEFAULT_PORT)
     return LaunchEnv(rank, local, world, addr, port)
+
+
+def mpiexec_prefix(ranks: int, ranks_per_node: int, extra: str = "") -> str:
+    """The launcher command line put in front of `python -m llmcore.train ...` for an MPI launch.
+
+    ``mpiexec -n RANKS --ppn RANKS_PER_NODE [EXTRA]``: the Polaris form (Cray PALS), which MPICH's Hydra mpiexec
+    accepts too. `extra` is shell text appended as is (e.g. ``"--depth 8 --cpu-bind depth"``).
+    """
+    if ranks < 1 or ranks_per_node < 1:
+        raise ValueError(f"ranks ({ranks}) and ranks_per_node ({ranks_per_node}) must be at least 1")
+    cmd = shlex.join(["mpiexec", "-n", str(ranks), "--ppn", str(ranks_per_node)])
+    return f"{cmd} {extra.strip()}" if extra.strip() else cmd
 
 
 def _first_host(nodefile: str | None) -> str | None:

@@ -332,6 +332,12 @@ def load_run_config(path: Path) -> tuple[RunConfig | None, list[str]]:
     return run, [f"{path}: {p}" for p in check_config(run.model, run.train)]
 
 
+# Exit codes: 0 finished; 2 bad config or data (retrying cannot help); 75 (EX_TEMPFAIL) stopped at the time
+# budget after a committed checkpoint, so running the same command again resumes it.
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED_EARLY = 75
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmcore.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, required=True, help="JSON with model, train and seed")
@@ -346,10 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(run.model, run.train, args.shards, args.out, run.seed)
     except (ShardError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
     if D.read_launch_env().rank == 0:
         print(json.dumps(summary))
-    return 0
+    return EXIT_STOPPED_EARLY if summary["stopped_early"] else 0
 
 
 if __name__ == "__main__":

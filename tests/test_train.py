@@ -308,7 +308,19 @@ def test_cli_trains(llm_shards, tmp_path, capsys):
         {"model": MODEL.model_dump(), "train": cfg(max_steps=3, lr_decay_steps=None).model_dump(), "seed": 1}))
     assert main(["--config", str(tmp_path / "c.json"), "--shards", str(llm_shards), "--out", str(tmp_path / "o")]) == 0
     assert json.loads(capsys.readouterr().out)["steps"] == 3
-    assert main(["--config", str(tmp_path / "c.json"), "--shards", str(tmp_path), "--out", str(tmp_path / "o2")]) == 1
+    # A shards directory without a manifest is bad input: exit 2, which the workflow never retries.
+    assert main(["--config", str(tmp_path / "c.json"), "--shards", str(tmp_path), "--out", str(tmp_path / "o2")]) == 2
+
+
+def test_cli_exits_75_when_the_time_budget_stops_it(llm_shards, tmp_path, monkeypatch, capsys):
+    import llmcore.train as T
+
+    clock = iter(range(0, 10**6, 100))  # every reading of the clock is 100 s later: the budget runs out at once
+    monkeypatch.setattr(T, "_clock", lambda: float(next(clock)))
+    (tmp_path / "c.json").write_text(json.dumps(
+        {"model": MODEL.model_dump(), "train": cfg(max_steps=50, time_budget_s=1000).model_dump(), "seed": 1}))
+    assert main(["--config", str(tmp_path / "c.json"), "--shards", str(llm_shards), "--out", str(tmp_path / "o")]) == 75
+    assert json.loads(capsys.readouterr().out)["stopped_early"] is True
 
 
 # -------------------------------------------------------------------------------------------- hardware

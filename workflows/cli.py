@@ -77,7 +77,31 @@ def plan_cmd(spec: Path = SpecArg, set_: Optional[list[str]] = SetOpt, site: Opt
     out.print(table)
     todo = [s for s in p.stages.values() if not s.done]
     typer.echo(f"{len(p.stages) - len(todo)} of {len(p.stages)} stages done; {len(todo)} to run on site "
-              f"'{p.spec.site.name}'.")
+               f"'{p.spec.site.name}'.")
+    _show_site(p)
+
+
+def _show_site(p: Any) -> None:
+    """How stages map to executors and, on batch sites, the job scripts and node-hours (nothing submitted)."""
+    import tempfile
+
+    from site_configs import build_site
+    from site_configs.render import render_jobs
+
+    trains = [r.spec.train for r in p.runs]
+    site = build_site(p.spec.site, p.runs_root / "parsl", trains, resolve_address=False)
+    multi = [r for r in p.runs if r.spec.train.nodes * r.spec.train.ranks_per_node > 1]
+    mpi = site.mpi_executor or ("mpiexec on this machine" if multi else None)
+    typer.echo(f"Executors: tokenizer, shards, eval -> {site.cpu_executor}; single-rank training -> "
+               f"{site.train_executor}" + (f"; multi-rank training ({', '.join(r.name for r in multi)}) -> {mpi}"
+                                           if multi else ""))
+    jobs = render_jobs(site.config, Path(tempfile.mkdtemp(prefix="gptlab-plan-")))
+    for job in jobs:
+        typer.echo(f"\n--- {job.executor}: up to {job.max_jobs} job(s) of {job.nodes} node(s) x {job.walltime} "
+                   f"= {job.node_hours:g} node-hours; submitted with: {' '.join(job.submit_command.split()[:-1])} <script>")
+        typer.echo(job.script.rstrip())
+    if jobs:
+        typer.echo(f"\nAt most {sum(j.node_hours for j in jobs):g} node-hours requested in all.")
 
 
 def _vocab_size(run: Any) -> int:

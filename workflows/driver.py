@@ -58,8 +58,9 @@ class SubmitResult:
 # --------------------------------------------------------------------------------------------- checks
 
 
-def preflight(loaded: LoadedSpec) -> None:
-    """Problems that need the file system (missing corpus files, unwritable runs_root), all at once."""
+def preflight(loaded: LoadedSpec, submitting: bool = False) -> None:
+    """Problems that need the file system or the site (missing corpus files, unwritable runs_root, a missing
+    account), all at once. ``submitting`` adds checks that hold only where the driver will run."""
     from llmcore.corpus import check_corpus
 
     problems: list[str] = []
@@ -70,6 +71,9 @@ def preflight(loaded: LoadedSpec) -> None:
             continue
         seen.add(key)
         problems += [str(e) for e in check_corpus(spec.data)]
+    from site_configs import site_problems
+
+    problems += site_problems(loaded.spec.site, [spec.train for _, _, spec in loaded.runs], submitting=submitting)
     root = Path(loaded.spec.runs_root).expanduser()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -81,13 +85,14 @@ def preflight(loaded: LoadedSpec) -> None:
         raise SpecError(loaded.source, problems)
 
 
-def load_and_check(spec: str | Path | LoadedSpec, overrides: list[str] | None = None, site: str | None = None) -> LoadedSpec:
+def load_and_check(spec: str | Path | LoadedSpec, overrides: list[str] | None = None, site: str | None = None,
+                   submitting: bool = False) -> LoadedSpec:
     if isinstance(spec, LoadedSpec):
         loaded = spec
     else:
         extra = [f"site.name={site}"] if site else []
         loaded = load_spec(spec, [*(overrides or []), *extra])
-    preflight(loaded)
+    preflight(loaded, submitting)
     return loaded
 
 
@@ -123,11 +128,28 @@ class Driver:
             return apps["shards"](d["shards"], spec, d["tokenizer"], inputs=deps)
         if stage.kind == "train":
             self._write_train_config(stage, run)
-            proc = apps["train"](d["train"], d["shards"], train_env, inputs=deps,
-                                 stdout=str(stage.dir / "train.log"), stderr=str(stage.dir / "train.log"))
+            app, launcher, extra, env = self._train_launch(run, stage, apps, train_env)
+            # Keyword arguments only past the first three: Parsl merges the function's defaults into the call.
+            proc = app(d["train"], d["shards"], env, launcher=launcher, inputs=deps, stdout=str(stage.dir / "train.log"),
+                       stderr=str(stage.dir / "train.log"), **extra)
             self.train_proc[stage.key] = proc
             return apps["commit_train"](d["train"], inputs=[proc])
         return apps["eval"](d["eval"], spec, d["train"], d["shards"], d["tokenizer"], inputs=deps)
+
+    def _train_launch(self, run: RunPlan, stage: Stage, apps: dict[str, Any], env: dict[str, str]):
+        """(app, launcher prefix, app kwargs, env) for one training: one process, or one rank per GPU."""
+        t = run.spec.train
+        ranks = t.nodes * t.ranks_per_node
+        if ranks == 1:
+            return apps["train"], "", {}, env
+        if "train_mpi" in apps:
+            spec = {"num_nodes": t.nodes, "ranks_per_node": t.ranks_per_node, "num_ranks": ranks}
+            return apps["train_mpi"], "$PARSL_MPI_PREFIX", {"parsl_resource_specification": spec}, env
+        from llmcore.distributed import mpiexec_prefix
+
+        port = 20000 + int(stage.key[:8], 16) % 20000  # a port per training, stable across retries
+        env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        return apps["train"], mpiexec_prefix(ranks, t.ranks_per_node), {}, env
 
     @staticmethod
     def _write_train_config(stage: Stage, run: RunPlan) -> None:
@@ -203,19 +225,16 @@ def _make_apps(site: Any) -> dict[str, Any]:
     from workflows import stages
 
     cpu, gpu = [site.cpu_executor], [site.train_executor]
-
-    def train(stage_dir, shards_dir, env, inputs=(), stdout=None, stderr=None):
-        from workflows.stages import train_command
-
-        return train_command(stage_dir, shards_dir, env)
-
-    return {
+    apps = {
         "tokenizer": python_app(stages.tokenizer_stage, executors=cpu),
         "shards": python_app(stages.shards_stage, executors=cpu),
-        "train": bash_app(train, executors=gpu),
+        "train": bash_app(stages.train_app, executors=gpu),
         "commit_train": python_app(stages.commit_train, executors=cpu),
         "eval": python_app(stages.eval_stage, executors=cpu),
     }
+    if site.mpi_executor:
+        apps["train_mpi"] = bash_app(stages.train_app, executors=[site.mpi_executor])
+    return apps
 
 
 def _tracker_for(p: Plan) -> Tracker:
@@ -237,7 +256,7 @@ def submit(
     Raises SpecError (before any stage runs) when the spec, an override or the corpus is invalid.
     """
     started = time.time()
-    loaded = load_and_check(spec, overrides, site)
+    loaded = load_and_check(spec, overrides, site, submitting=True)
     p = plan(loaded)
     say = report or (lambda msg: None if quiet else print(msg, flush=True))
     tracker = _tracker_for(p)
@@ -278,7 +297,7 @@ def _execute(p: Plan, todo: list[RunPlan], tracker: Tracker, children: dict[str,
     from site_configs import build_site
 
     trainings = sum(1 for k, s in p.stages.items() if s.kind == "train" and not s.done)
-    site = build_site(p.spec.site, p.runs_root / "parsl", trainings)
+    site = build_site(p.spec.site, p.runs_root / "parsl", [r.spec.train for r in todo], trainings)
     cached = {s.key for s in p.stages.values() if s.done}
     dfk = parsl.load(site.config)
     try:

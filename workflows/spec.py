@@ -35,14 +35,48 @@ class SpecError(Exception):
         return head + "; ".join(self.problems) + "."
 
 
-class SiteSpec(StrictModel):
-    """Where the Parsl task graph runs."""
+WALLTIME = r"^\d{1,3}:\d{2}:\d{2}$"
 
-    name: Literal["local"] = Field(
-        "local", description="Site config from `site_configs/`: `local` runs stages on a thread pool here."
+
+class SiteSpec(StrictModel):
+    """Where the Parsl task graph runs. Batch fields left null are read from the environment
+    (`GPTLAB_ACCOUNT`, `GPTLAB_QUEUE`, `GPTLAB_WORKER_INIT`) when the site is built."""
+
+    name: Literal["local", "local-processes", "polaris", "slurm"] = Field(
+        "local",
+        description="`local`: a thread pool here (default, tests). `local-processes`: Parsl worker processes "
+        "here. `polaris`: ALCF Polaris through PBS Pro. `slurm`: a Slurm cluster.",
     )
     max_workers: int = Field(
-        0, ge=0, description="Stages that may run at once on a local site; 0 means one per CPU core."
+        0, ge=0, description="Local sites: stages that may run at once; 0 means one per CPU core."
+    )
+    account: str | None = Field(None, description="Batch sites: allocation to charge (PBS -A, Slurm --account).")
+    queue: str | None = Field(
+        None, description="Batch sites: PBS queue or Slurm partition (Polaris default `debug`)."
+    )
+    walltime: str = Field("01:00:00", pattern=WALLTIME, description="Batch sites: walltime of each job (HH:MM:SS).")
+    nodes_per_job: int = Field(
+        1, ge=1, description="Batch sites: nodes in each job of the CPU/single-GPU executor."
+    )
+    max_jobs: int = Field(1, ge=1, description="Batch sites: jobs each executor may have queued or running at once.")
+    cores_per_node: int | None = Field(
+        None, ge=1, description="Batch sites: cores per node (Polaris: 64; Slurm: ask for this many)."
+    )
+    gpus_per_node: int | None = Field(
+        None, ge=0, description="Batch sites: GPUs per node (Polaris: 4; Slurm: 0 unless set)."
+    )
+    filesystems: str = Field("home:eagle", description="Polaris: `#PBS -l filesystems=` value.")
+    worker_init: str | None = Field(
+        None,
+        description="Shell lines run in each job before workers start, e.g. `module load conda; conda activate "
+        "base; source ~/venvs/gptlab/bin/activate`.",
+    )
+    scheduler_options: str = Field("", description="Batch sites: extra `#PBS` / `#SBATCH` lines for every job.")
+    interface: str | None = Field(
+        None, description="Network interface workers use to reach the driver (Polaris: `bond0`); null: auto."
+    )
+    retries: int = Field(
+        2, ge=0, description="Retries of a failed stage; lost workers and nodes are retried, bad input is not."
     )
 
 

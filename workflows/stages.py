@@ -63,12 +63,22 @@ def shards_stage(stage_dir: str, spec: dict[str, Any], tokenizer_dir: str, input
     return _run(stage_dir, "shards", body)
 
 
-def train_command(stage_dir: str, shards_dir: str, env: dict[str, str]) -> str:
-    """The shell command that trains one run (one process; a launcher prefix adds ranks)."""
+def train_command(stage_dir: str, shards_dir: str, env: dict[str, str], launcher: str = "") -> str:
+    """The shell command that trains one run. ``launcher`` starts the ranks: empty for one process,
+    ``$PARSL_MPI_PREFIX`` under Parsl's MPIExecutor, an ``mpiexec ...`` prefix on local sites. Every
+    argument is shell-quoted; only the launcher (built by gptlab, never from a spec) is left to the shell."""
     args = [sys.executable, "-m", "llmcore.train", "--config", f"{stage_dir}/train.json", "--shards", shards_dir,
             "--out", stage_dir]
     env_args = [f"{k}={v}" for k, v in sorted(env.items())]
-    return " ".join(shlex.quote(a) for a in (["env", *env_args] if env_args else []) + args)
+    command = " ".join(shlex.quote(a) for a in (["env", *env_args] if env_args else []) + args)
+    return f"{launcher} {command}" if launcher else command
+
+
+def train_app(stage_dir: str, shards_dir: str, env: dict[str, str], launcher: str = "", inputs: list = (),
+              stdout: str | None = None, stderr: str | None = None,
+              parsl_resource_specification: dict[str, Any] | None = None) -> str:
+    """Body of the training bash app (module level, so every executor can ship it by reference)."""
+    return train_command(stage_dir, shards_dir, env, launcher)
 
 
 def commit_train(stage_dir: str, inputs: list = ()) -> dict[str, Any]:

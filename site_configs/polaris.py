@@ -1,0 +1,73 @@
+"""ALCF Polaris: PBS Pro, 4x A100 and 64 cores per node, mpiexec (Cray MPICH / PALS).
+
+Follows Parsl's and ALCF's documented Polaris configuration:
+- ``polaris-htex``: a HighThroughputExecutor on PBSProProvider, one manager per node started with
+  ``mpiexec --cpu-bind --depth=64 --ppn 1``, one worker per GPU (``available_accelerators=4``) with the
+  cores nearest that GPU (Polaris' NUMA layout), for tokenizer, shards, evaluation and single-GPU training;
+- ``polaris-mpi``: an MPIExecutor (SimpleLauncher) whose jobs hold whole nodes; training that spans GPUs and
+  nodes runs as ``$PARSL_MPI_PREFIX python -m llmcore.train ...``, one rank per GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from parsl.addresses import address_by_interface
+from parsl.config import Config
+from parsl.executors import HighThroughputExecutor, MPIExecutor
+from parsl.launchers import MpiExecLauncher, SimpleLauncher
+from parsl.providers import PBSProProvider
+
+# Cores closest to GPUs 3, 2, 1, 0 on a Polaris node (hardware threads included), as ALCF documents.
+GPU_AFFINITY = "list:24-31,56-63:16-23,48-55:8-15,40-47:0-7,32-39"
+
+
+def _provider(site: Any, nodes: int, launcher: Any) -> PBSProProvider:
+    return PBSProProvider(
+        account=site.account,
+        queue=site.queue,
+        walltime=site.walltime,
+        nodes_per_block=nodes,
+        cpus_per_node=site.cores_per_node,
+        select_options=f"ngpus={site.gpus_per_node}",
+        scheduler_options="\n".join(x for x in (f"#PBS -l filesystems={site.filesystems}", site.scheduler_options) if x),
+        worker_init="\n".join(x for x in (site.worker_init or "", "export TMPDIR=/tmp") if x),
+        launcher=launcher,
+        init_blocks=0,
+        min_blocks=0,
+        max_blocks=site.max_jobs,
+    )
+
+
+def polaris(site: Any, run_dir: str, mpi_nodes: int = 0, retries: int = 2, resolve_address: bool = True,
+            retry_handler: Callable[..., float] | None = None) -> Config:
+    """Config for Polaris from a resolved site section; adds the MPI executor when ``mpi_nodes`` > 0.
+
+    ``export TMPDIR=/tmp`` in every job avoids Parsl's known failure on Polaris where the default TMPDIR
+    makes AF_UNIX socket paths longer than the kernel allows.
+    """
+    # The interface exists only on the cluster: rendering job scripts elsewhere (gptlab plan) skips it.
+    address = address_by_interface(site.interface) if site.interface and resolve_address else None
+    executors: list[Any] = [
+        HighThroughputExecutor(
+            label="polaris-htex",
+            address=address,
+            available_accelerators=site.gpus_per_node,
+            max_workers_per_node=site.gpus_per_node,
+            cpu_affinity=GPU_AFFINITY,
+            prefetch_capacity=0,
+            encrypted=True,
+            provider=_provider(site, site.nodes_per_job,
+                               MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--depth=64 --ppn 1")),
+        )
+    ]
+    if mpi_nodes:
+        executors.append(MPIExecutor(
+            label="polaris-mpi",
+            address=address,
+            mpi_launcher="mpiexec",
+            max_workers_per_block=1,
+            encrypted=True,
+            provider=_provider(site, mpi_nodes, SimpleLauncher()),
+        ))
+    return Config(executors=executors, run_dir=run_dir, retries=retries, retry_handler=retry_handler, usage_tracking=0)

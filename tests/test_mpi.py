@@ -1,0 +1,167 @@
+"""mpiexec, for real: a 2-rank training launched the way Polaris launches it (``mpiexec -n R --ppn P`` in
+front of ``python -m llmcore.train``, as a shell command line) with Debian's MPICH, on CPU with gloo, checked
+against the single-rank run with twice the micro-batches.
+
+Needs ``mpiexec`` on PATH: ``.ci/mpi-up.sh`` installs Debian's mpich. Without it the MPI tests FAIL (a skip
+would hide a launch path that no longer works).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmcore.config import ModelConfig, TrainConfig
+from llmcore.distributed import mpiexec_prefix, read_launch_env
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
+STEPS = 12
+TRAIN = dict(batch_size=4, max_steps=STEPS, lr_decay_steps=STEPS, warmup_steps=5, lr=3e-3, min_lr=3e-4,
+             eval_interval=6, eval_batches=2, checkpoint_interval=6, device="cpu")
+REL_TOL = 1e-5  # 2 ranks (gloo all-reduce) vs 2 micro-batches (accumulation): float summation order only
+
+# every launcher's rank variables: none may leak from the environment pytest runs in (RANK would win over PMI_RANK)
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK",
+               "PMI_SIZE", "PMI_LOCAL_RANK", "PMI_FD", "PMI_PORT", "PMI_ID", "MPI_LOCALRANKID", "MPI_LOCALNRANKS",
+               "PALS_RANKID", "PALS_LOCAL_RANKID", "PBS_NODEFILE")
+
+
+def require_mpiexec() -> str:
+    path = shutil.which("mpiexec")
+    if path is None:
+        pytest.fail("mpiexec is not on PATH: run .ci/mpi-up.sh (installs Debian's mpich) before the MPI tests",
+                    pytrace=False)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("OMPI_")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+def run_shell(command: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a shell command line as a Parsl bash app would; on timeout kill its whole process group (mpiexec and
+    its ranks), not just the shell."""
+    proc = subprocess.Popen(["bash", "-c", command], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {command}\nstdout:\n{out}\nstderr:\n{err}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def train_command(config: Path, shards: Path, out: Path) -> str:
+    return shlex.join([sys.executable, "-m", "llmcore.train", "--config", str(config), "--shards", str(shards),
+                       "--out", str(out)])
+
+
+def rows(out: Path, kind: str) -> list[dict]:
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["kind"] == kind]
+
+
+def assert_close(a: list[float], b: list[float], what: str) -> None:
+    assert len(a) == len(b), f"{what}: {len(a)} vs {len(b)} values"
+    worst = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+    assert worst <= REL_TOL, f"{what}: relative difference {worst:.3g} > {REL_TOL}\n2 ranks: {a}\n1 rank:  {b}"
+
+
+# ------------------------------------------------------------------------------------ pure: no mpiexec
+
+
+def test_mpiexec_prefix_is_the_polaris_command_line():
+    assert mpiexec_prefix(2, 2) == "mpiexec -n 2 --ppn 2"
+    assert mpiexec_prefix(8, 4) == "mpiexec -n 8 --ppn 4"
+    assert mpiexec_prefix(8, 4, " --depth 8 --cpu-bind depth ") == "mpiexec -n 8 --ppn 4 --depth 8 --cpu-bind depth"
+    for bad in ((0, 1), (2, 0)):
+        with pytest.raises(ValueError):
+            mpiexec_prefix(*bad)
+
+
+def test_launch_env_of_hydra_and_pals():
+    # MPICH Hydra (Debian's mpich) sets no PMI_LOCAL_RANK, but MPI_LOCALRANKID
+    hydra = read_launch_env({"PMI_RANK": "5", "PMI_SIZE": "8", "PMI_FD": "6", "MPI_LOCALRANKID": "1",
+                             "MPI_LOCALNRANKS": "4"})
+    assert (hydra.rank, hydra.local_rank, hydra.world_size) == (5, 1, 8)
+    pals = read_launch_env({"PMI_RANK": "5", "PMI_SIZE": "8", "PMI_LOCAL_RANK": "1", "PALS_LOCAL_RANKID": "1"})
+    assert (pals.rank, pals.local_rank, pals.world_size) == (5, 1, 8)
+    assert read_launch_env({"PMI_RANK": "5", "PMI_SIZE": "8", "PALS_LOCAL_RANKID": "3"}).local_rank == 3
+    assert read_launch_env({"PMI_RANK": "1", "PMI_SIZE": "2"}).local_rank == 1  # nothing else: the global rank
+
+
+# ------------------------------------------------------------------------------------- real mpiexec
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("ppn, extra, local_ranks", [
+    (2, "", [0, 1]),  # one node, two ranks on it
+    # two "nodes" (Hydra forks both locally) with one rank each: rank 1 is local rank 0 (MPI_LOCALRANKID)
+    (1, "-launcher fork -hosts localhost,127.0.0.1", [0, 0]),
+], ids=["one-node", "two-nodes"])
+def test_mpiexec_ranks_see_their_launch_env(ppn, extra, local_ranks):
+    """What `mpiexec -n 2 --ppn P` gives each rank is read as ranks 0 and 1 of 2 with the right local ranks."""
+    require_mpiexec()
+    probe = ("import json; from llmcore.distributed import read_launch_env as r; e = r(); "
+             "print(json.dumps([e.rank, e.local_rank, e.world_size, e.master_addr, e.master_port]))")
+    proc = run_shell(f"{mpiexec_prefix(2, ppn, extra)} {shlex.join([sys.executable, '-c', probe])}",
+                     clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT="4321"), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    seen = sorted(json.loads(line) for line in proc.stdout.splitlines() if line.startswith("["))
+    assert seen == [[r, local_ranks[r], 2, "127.0.0.1", 4321] for r in range(2)], proc.stdout + proc.stderr
+
+
+@pytest.mark.mpi
+def test_mpiexec_two_ranks_equal_one_rank_with_twice_the_micro_batches(llm_shards, tmp_path):
+    """`mpiexec -n 2 --ppn 2 python -m llmcore.train` (gloo) vs one process with grad_accum 2: same data streams,
+    same averaged gradient, so the same loss curve up to float summation order; rank 0 alone writes."""
+    require_mpiexec()
+    for name, ga in (("mpi", 1), ("one", 2)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"model": MODEL.model_dump(), "train": TrainConfig(**TRAIN, grad_accum=ga).model_dump(), "seed": 5}))
+
+    # the launch path used on Polaris: the prefix, then the training command, as one shell command line; the
+    # rendezvous address reaches the ranks through mpiexec's inherited environment
+    mpi = run_shell(f"{mpiexec_prefix(2, 2)} {train_command(tmp_path / 'mpi.json', llm_shards, tmp_path / 'mpi')}",
+                    clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
+    assert mpi.returncode == 0, f"mpiexec run failed ({mpi.returncode}):\n{mpi.stderr}"
+    one = run_shell(train_command(tmp_path / "one.json", llm_shards, tmp_path / "one"), clean_env())
+    assert one.returncode == 0, one.stderr
+
+    # the same curve (train loss at every step, val loss at every eval)
+    mpi_train, one_train = rows(tmp_path / "mpi", "train"), rows(tmp_path / "one", "train")
+    assert [r["step"] for r in mpi_train] == [r["step"] for r in one_train] == list(range(1, STEPS + 1))
+    assert_close([r["loss"] for r in mpi_train], [r["loss"] for r in one_train], "train loss")
+    mpi_eval, one_eval = rows(tmp_path / "mpi", "eval"), rows(tmp_path / "one", "eval")
+    assert [r["step"] for r in mpi_eval] == [r["step"] for r in one_eval] == [6, 12]
+    assert_close([r["val_loss"] for r in mpi_eval], [r["val_loss"] for r in one_eval], "val loss")
+    assert mpi_train[-1]["tokens_seen"] == one_train[-1]["tokens_seen"] == STEPS * 2 * 4 * 16
+
+    # rank 0 alone wrote: one summary on stdout, each metrics line once, the same files as the 1-rank run
+    summaries = [json.loads(line) for line in mpi.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1, mpi.stdout
+    assert summaries[0] == json.loads((tmp_path / "mpi" / "summary.json").read_text())
+    assert summaries[0]["steps"] == STEPS and summaries[0]["tokens_seen"] == STEPS * 2 * 4 * 16
+    metric_lines = (tmp_path / "mpi" / "metrics.jsonl").read_text().splitlines()
+    assert len(metric_lines) == len(set(metric_lines)) == STEPS + 2
+    listing = lambda out: sorted(str(p.relative_to(out)) for p in out.rglob("*"))  # noqa: E731
+    assert listing(tmp_path / "mpi") == listing(tmp_path / "one")

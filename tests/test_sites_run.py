@@ -1,0 +1,72 @@
+"""Sites for real: Parsl worker processes with a training killed mid-run, and two ranks through mpiexec."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from helpers import make_corpus, tiny_spec, write_spec
+from workflows import submit
+
+pytestmark = pytest.mark.slow
+
+
+def metrics(stage_dir: Path) -> list[dict]:
+    lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines if json.loads(x)["kind"] == "train"]
+
+
+def wait_for(predicate, seconds: float, what: str):
+    deadline = time.time() + seconds
+    while not (found := predicate()):
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return found
+
+
+def test_killed_training_on_local_processes_is_retried_and_resumes(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    tree = tiny_spec(corpus, tmp_path / "runs", site={"name": "local-processes", "max_workers": 2},
+                     train={"max_steps": 400, "checkpoint_interval": 40, "eval_interval": 100})
+    spec = write_spec(tmp_path / "s.yaml", tree)
+    out: dict = {}
+    driver = threading.Thread(target=lambda: out.update(result=submit(spec, quiet=True, poll_interval=0.5)))
+    driver.start()
+    stages = tmp_path / "runs" / "stages"
+    stage = wait_for(lambda: next(stages.glob("train-*"), None) if stages.exists() else None, 120, "the train stage")
+    wait_for(lambda: (stage / "checkpoints" / "step_00000080" / "DONE.json").exists(), 180, "a checkpoint")
+    before = {r["step"]: r for r in metrics(stage)}
+    victims = [p for p in psutil.process_iter(["cmdline"])
+               if "llmcore.train" in (p.info["cmdline"] or []) and str(stage) in " ".join(p.info["cmdline"])]
+    assert victims, "the training process is running"
+    for p in victims:
+        p.send_signal(signal.SIGKILL)
+    driver.join(timeout=300)
+    result = out["result"]
+    assert result.ok, result.runs[0].error
+    after = metrics(stage)
+    assert [r["step"] for r in after] == list(range(1, 401))  # every step once
+    # Steps up to the checkpoint were not redone: their lines are the ones written before the kill.
+    assert all(after[s - 1] == before[s] for s in range(1, 81))
+    assert result.runs[0].metrics["val/loss"] < after[0]["loss"]
+
+
+def test_two_ranks_through_mpiexec_equal_one_rank_with_twice_the_micro_batches(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    curves = []
+    for name, train in (("two-ranks", {"ranks_per_node": 2}), ("one-rank", {"grad_accum": 2})):
+        tree = tiny_spec(corpus, tmp_path / "runs", name=name, train={**train, "max_steps": 12, "eval_interval": 6})
+        result = submit(write_spec(tmp_path / f"{name}.yaml", tree), quiet=True, poll_interval=0.5)
+        assert result.ok, result.runs[0].error
+        stage = next(d for d in (tmp_path / "runs" / "stages").glob("train-*")
+                     if json.loads((d / "train.json").read_text())["train"]["ranks_per_node"] == (2 if name == "two-ranks" else 1))
+        curves.append([r["loss"] for r in metrics(stage)])
+    assert len(curves[0]) == 12
+    assert curves[0] == pytest.approx(curves[1], rel=1e-5)

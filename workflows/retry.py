@@ -1,0 +1,31 @@
+"""Which failures Parsl retries, and at what cost against ``site.retries``.
+
+Lost workers and managers (walltime, node failure, a killed process) are cheap to retry: training resumes
+from its last committed checkpoint. Bad input (exit code 2 from ``python -m llmcore.train``, spec, corpus,
+shard and checkpoint errors) fails the same way every time, so it is never retried.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+EXIT_BAD_INPUT = 2
+NEVER = 1_000_000.0  # a cost above any retry budget
+
+
+def retry_cost(exc: BaseException, task_record: Any) -> float:
+    from parsl.app.errors import BashExitFailure
+    from parsl.executors.high_throughput.errors import ManagerLost, WorkerLost
+
+    from llmcore.checkpoint import CheckpointError
+    from llmcore.corpus import CorpusError
+    from llmcore.shards import ShardError
+    from llmcore.tokenizer import TokenizerError
+
+    if isinstance(exc, BashExitFailure):
+        return NEVER if exc.exitcode == EXIT_BAD_INPUT else 1.0
+    if isinstance(exc, (CorpusError, TokenizerError, ShardError, CheckpointError, ValueError)):
+        return NEVER
+    if isinstance(exc, (WorkerLost, ManagerLost)):
+        return 0.5
+    return 1.0
