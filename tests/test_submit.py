@@ -148,3 +148,18 @@ def test_ui_without_a_store_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "workflows.cli", "ui", "--runs-root", str(tmp_path / "none")],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no MLflow store" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_fail_fast_cancels_the_other_points(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    # The long-context point fails at once; the other would train for minutes without --fail-fast.
+    tree = tiny_spec(corpus, tmp_path / "runs", train={"max_steps": 100000, "checkpoint_interval": 100000},
+                     sweep={"model.block_size": [100000, 16]})
+    t0 = time.time()
+    result = submit(write_spec(tmp_path / "s.yaml", tree), quiet=True, poll_interval=0.5, fail_fast=True)
+    assert time.time() - t0 < 120
+    status = {r.name: (r.status, r.error) for r in result.runs}
+    assert status["block_size=100000"][0] == "FAILED" and "stage train failed" in status["block_size=100000"][1]
+    assert status["block_size=16"] == ("FAILED", "cancelled: another sweep point failed and --fail-fast was given")
+    client = MlflowClient(result.tracking_uri)
+    assert {client.get_run(r.run_id).info.status for r in result.runs} == {"FAILED"}

@@ -119,11 +119,12 @@ def submit(
     set_: Optional[list[str]] = SetOpt,
     site: Optional[str] = SiteOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final summary (batch jobs)."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop every sweep point when one fails."),
 ) -> None:
     """Run every stage of every sweep point that is not done yet, and record the runs in MLflow."""
     from workflows.driver import submit as run_submit
 
-    result = run_submit(spec, set_, site=site, quiet=quiet)
+    result = run_submit(spec, set_, site=site, quiet=quiet, fail_fast=fail_fast)
     table = Table(title=f"{result.experiment}: {sum(r.status == 'FINISHED' for r in result.runs)}/{len(result.runs)} "
                         f"runs finished in {result.seconds:.0f}s")
     for col in ("run", "status", "val/loss", "val/ppl", "val/bpb", "stages cached", "MLflow run"):

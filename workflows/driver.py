@@ -250,8 +250,12 @@ def submit(
     quiet: bool = False,
     poll_interval: float = 2.0,
     report: Callable[[str], None] | None = None,
+    fail_fast: bool = False,
 ) -> SubmitResult:
     """Run an experiment spec end to end; returns every sweep point's status and metrics.
+
+    A failing sweep point never stops the others, unless ``fail_fast``: then the first failure closes every
+    unfinished point as FAILED (cancelled) and stops the stages still running.
 
     Raises SpecError (before any stage runs) when the spec, an override or the corpus is invalid.
     """
@@ -270,7 +274,7 @@ def submit(
     for r in p.runs:
         say(f"[{r.name}] " + ", ".join(f"{k} {'cached' if s.done else 'to run'}" for k, s in r.stages.items()))
     if todo:
-        results.update(_execute(p, todo, tracker, children, say, poll_interval))
+        results.update(_execute(p, todo, tracker, children, say, poll_interval, fail_fast))
     runs = [results[r.run_hash] for r in p.runs]
     ok = all(r.status == "FINISHED" for r in runs)
     tracker.set_tags(parent_id, {"gptlab.runs_finished": str(sum(r.status == "FINISHED" for r in runs))})
@@ -291,7 +295,7 @@ def _start_children(p: Plan, tracker: Tracker, parent_id: str) -> dict[str, tupl
 
 
 def _execute(p: Plan, todo: list[RunPlan], tracker: Tracker, children: dict[str, tuple[str, str]],
-             say: Callable[[str], None], poll_interval: float) -> dict[str, RunResult]:
+             say: Callable[[str], None], poll_interval: float, fail_fast: bool) -> dict[str, RunResult]:
     import parsl
 
     from site_configs import build_site
@@ -313,12 +317,45 @@ def _execute(p: Plan, todo: list[RunPlan], tracker: Tracker, children: dict[str,
                 pending.remove(r)
                 results[r.run_hash] = _finalize(driver, r, children[r.run_hash][0], cached)
                 say(f"[{r.name}] {results[r.run_hash].status} " + _metrics_line(results[r.run_hash].metrics))
+            if fail_fast and pending and any(x.status == "FAILED" for x in results.values()):
+                results.update(_cancel(driver, pending, children))
+                pending = []
             if pending:
                 time.sleep(poll_interval)
         return results
     finally:
         dfk.cleanup()
         parsl.clear()
+
+
+def _cancel(driver: Driver, runs: list[RunPlan], children: dict[str, tuple[str, str]]) -> dict[str, RunResult]:
+    """--fail-fast: close the unfinished points as FAILED, then stop every task still running or queued.
+    Committed stages stay committed; a later submit resumes the rest from their checkpoints."""
+    error = "cancelled: another sweep point failed and --fail-fast was given"
+    results = {}
+    for r in runs:
+        run_id = children[r.run_hash][0]
+        driver.tracker.finish(run_id, False, error)
+        driver.report(f"[{r.name}] FAILED ({error})")
+        results[r.run_hash] = RunResult(r.name, run_id, "FAILED", r.point, {}, {}, error)
+    _stop_tasks(driver)
+    return results
+
+
+def _stop_tasks(driver: Driver, seconds: float = 60.0) -> None:
+    """Terminate this driver's child processes (trainings, worker pools) until every launched task has
+    ended: a task queued behind a running one starts later, so one sweep is not enough."""
+    import psutil
+
+    futures = [f for f in (*driver.futures.values(), *driver.train_proc.values()) if f is not None]
+    deadline = time.time() + seconds
+    while not all(f.done() for f in futures) and time.time() < deadline:
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.25)
 
 
 def _metrics_line(metrics: dict[str, float]) -> str:
