@@ -14,29 +14,8 @@ log() { echo "slurm-down: $*" >&2; }
 
 [[ $(id -u) -eq 0 ]] || { log "must run as root"; exit 1; }
 
-# alive PIDFILE NAME: the process recorded in PIDFILE is running and is NAME.
-alive() {
-    local pid
-    pid=$(cat "$1" 2>/dev/null) || return 1
-    [[ -n $pid && $(cat "/proc/$pid/comm" 2>/dev/null) == "$2" ]] || return 1
-    # A zombie (killed, not yet reaped by PID 1) counts as stopped.
-    [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]
-}
-
-# stop_daemon PIDFILE NAME: SIGTERM the recorded process, wait up to 15 s, then SIGKILL.
-stop_daemon() {
-    local pid i
-    alive "$1" "$2" || { rm -f "$1"; return 0; }
-    pid=$(cat "$1")
-    log "stopping $2 (pid $pid)"
-    kill "$pid" 2>/dev/null || true
-    for ((i = 0; i < 30; i++)); do alive "$1" "$2" || break; sleep 0.5; done
-    if alive "$1" "$2"; then
-        log "$2 ignored SIGTERM for 15 s: SIGKILL"
-        kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$1"
-}
+# shellcheck source=.ci/slurm-lib.sh
+source "$(dirname "$0")/slurm-lib.sh"
 
 # Cancel every job while the controller can still do it, and give the jobs up to 15 s to end.
 if alive $CTLD_PID slurmctld && command -v scancel >/dev/null; then

@@ -47,25 +47,8 @@ trap 'fail "command failed at line $LINENO: $BASH_COMMAND"' ERR
 
 [[ $(id -u) -eq 0 ]] || fail "must run as root"
 
-# alive PIDFILE NAME: the process recorded in PIDFILE is running and is NAME.
-alive() {
-    local pid
-    pid=$(cat "$1" 2>/dev/null) || return 1
-    [[ -n $pid && $(cat "/proc/$pid/comm" 2>/dev/null) == "$2" ]] || return 1
-    # A zombie (killed, not yet reaped by PID 1) counts as stopped.
-    [[ $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) != Z ]]
-}
-
-# stop_daemon PIDFILE NAME: SIGTERM the recorded process, wait up to 15 s, then SIGKILL.
-stop_daemon() {
-    local pid i
-    alive "$1" "$2" || { rm -f "$1"; return 0; }
-    pid=$(cat "$1")
-    kill "$pid" 2>/dev/null || true
-    for ((i = 0; i < 30; i++)); do alive "$1" "$2" || break; sleep 0.5; done
-    alive "$1" "$2" && kill -9 "$pid" 2>/dev/null || true
-    rm -f "$1"
-}
+# shellcheck source=.ci/slurm-lib.sh
+source "$(dirname "$0")/slurm-lib.sh"
 
 # ---------------------------------------------------------------- 1. packages (only when missing)
 if ! command -v sbatch slurmctld slurmd munged >/dev/null 2>&1 \

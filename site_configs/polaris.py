@@ -10,13 +10,13 @@ Follows Parsl's and ALCF's documented Polaris configuration:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-from parsl.addresses import address_by_interface
 from parsl.config import Config
-from parsl.executors import HighThroughputExecutor, MPIExecutor
-from parsl.launchers import MpiExecLauncher, SimpleLauncher
+from parsl.launchers import MpiExecLauncher
 from parsl.providers import PBSProProvider
+
+from site_configs.batch import batch_config
 
 # Cores closest to GPUs 3, 2, 1, 0 on a Polaris node (hardware threads included), as ALCF documents.
 GPU_AFFINITY = "list:24-31,56-63:16-23,48-55:8-15,40-47:0-7,32-39"
@@ -39,35 +39,16 @@ def _provider(site: Any, nodes: int, launcher: Any) -> PBSProProvider:
     )
 
 
-def polaris(site: Any, run_dir: str, mpi_nodes: int = 0, retries: int = 2, resolve_address: bool = True,
-            retry_handler: Callable[..., float] | None = None) -> Config:
-    """Config for Polaris from a resolved site section; adds the MPI executor when ``mpi_nodes`` > 0.
+def polaris(site: Any, run_dir: str, **options: Any) -> Config:
+    """Config for Polaris from a resolved site section (``options``: see ``batch_config``).
 
     ``export TMPDIR=/tmp`` in every job avoids Parsl's known failure on Polaris where the default TMPDIR
     makes AF_UNIX socket paths longer than the kernel allows.
     """
-    # The interface exists only on the cluster: rendering job scripts elsewhere (gptlab plan) skips it.
-    address = address_by_interface(site.interface) if site.interface and resolve_address else None
-    executors: list[Any] = [
-        HighThroughputExecutor(
-            label="polaris-htex",
-            address=address,
-            available_accelerators=site.gpus_per_node,
-            max_workers_per_node=site.gpus_per_node,
-            cpu_affinity=GPU_AFFINITY,
-            prefetch_capacity=0,
-            encrypted=True,
-            provider=_provider(site, site.nodes_per_job,
-                               MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--depth=64 --ppn 1")),
-        )
-    ]
-    if mpi_nodes:
-        executors.append(MPIExecutor(
-            label="polaris-mpi",
-            address=address,
-            mpi_launcher="mpiexec",
-            max_workers_per_block=1,
-            encrypted=True,
-            provider=_provider(site, mpi_nodes, SimpleLauncher()),
-        ))
-    return Config(executors=executors, run_dir=run_dir, retries=retries, retry_handler=retry_handler, usage_tracking=0)
+    return batch_config(
+        "polaris", site, _provider,
+        htex_launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--depth=64 --ppn 1"),
+        htex_options={"available_accelerators": site.gpus_per_node, "max_workers_per_node": site.gpus_per_node,
+                      "cpu_affinity": GPU_AFFINITY},
+        mpi_launcher="mpiexec", run_dir=run_dir, **options,
+    )

@@ -9,13 +9,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
-from parsl.addresses import address_by_interface
 from parsl.config import Config
-from parsl.executors import HighThroughputExecutor, MPIExecutor
-from parsl.launchers import SimpleLauncher, SrunLauncher
+from parsl.launchers import SrunLauncher
 from parsl.providers import SlurmProvider
+
+from site_configs.batch import batch_config
 
 
 def _provider(site: Any, nodes: int, launcher: Any) -> SlurmProvider:
@@ -36,30 +36,12 @@ def _provider(site: Any, nodes: int, launcher: Any) -> SlurmProvider:
     )
 
 
-def slurm(site: Any, run_dir: str, mpi_nodes: int = 0, retries: int = 2, resolve_address: bool = True,
-          retry_handler: Callable[..., float] | None = None) -> Config:
-    """Config for a Slurm cluster from a resolved site section; adds the MPI executor when ``mpi_nodes`` > 0."""
-    # The interface exists only on the cluster: rendering job scripts elsewhere (gptlab plan) skips it.
-    address = address_by_interface(site.interface) if site.interface and resolve_address else None
+def slurm(site: Any, run_dir: str, **options: Any) -> Config:
+    """Config for a Slurm cluster from a resolved site section (``options``: see ``batch_config``)."""
     gpus = site.gpus_per_node or 0
-    executors: list[Any] = [
-        HighThroughputExecutor(
-            label="slurm-htex",
-            address=address,
-            available_accelerators=gpus if gpus else (),
-            max_workers_per_node=gpus or site.cores_per_node or None,
-            prefetch_capacity=0,
-            encrypted=True,
-            provider=_provider(site, site.nodes_per_job, SrunLauncher()),
-        )
-    ]
-    if mpi_nodes:
-        executors.append(MPIExecutor(
-            label="slurm-mpi",
-            address=address,
-            mpi_launcher="srun",
-            max_workers_per_block=1,
-            encrypted=True,
-            provider=_provider(site, mpi_nodes, SimpleLauncher()),
-        ))
-    return Config(executors=executors, run_dir=run_dir, retries=retries, retry_handler=retry_handler, usage_tracking=0)
+    return batch_config(
+        "slurm", site, _provider, htex_launcher=SrunLauncher(),
+        htex_options={"available_accelerators": gpus if gpus else (),
+                      "max_workers_per_node": gpus or site.cores_per_node or None},
+        mpi_launcher="srun", run_dir=run_dir, **options,
+    )
