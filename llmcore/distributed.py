@@ -3,8 +3,8 @@
 torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. mpiexec sets PMI_RANK / PMI_SIZE /
 PMI_LOCAL_RANK (Cray MPICH + PALS on Polaris, which also sets PALS_LOCAL_RANKID), PMI_RANK / PMI_SIZE /
 MPI_LOCALRANKID (MPICH's Hydra mpiexec, e.g. Debian's mpich: no PMI_LOCAL_RANK) or OMPI_COMM_WORLD_* (Open MPI),
-but no rendezvous address, so the master is the first host of $PBS_NODEFILE (else 127.0.0.1) and the port
-MASTER_PORT (else 29500).
+but no rendezvous address, so the master is the first host of $PARSL_MPI_NODELIST (the task's nodes under
+Parsl's MPIExecutor), else of $PBS_NODEFILE, else 127.0.0.1; the port is MASTER_PORT (else 29500).
 """
 
 from __future__ import annotations
@@ -63,7 +63,10 @@ def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
             break
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside world size {world}")
-    addr = env.get("MASTER_ADDR") or _first_host(env.get("PBS_NODEFILE")) or "127.0.0.1"
+    # Under Parsl's MPIExecutor a task gets a subset of the job's nodes (PARSL_MPI_NODELIST, rank 0 on the first);
+    # the job's first node ($PBS_NODEFILE) may belong to another task.
+    nodelist = env.get("PARSL_MPI_NODELIST", "").split(",")[0].strip()
+    addr = env.get("MASTER_ADDR") or nodelist or _first_host(env.get("PBS_NODEFILE")) or "127.0.0.1"
     port = int(env.get("MASTER_PORT") or DEFAULT_PORT)
     return LaunchEnv(rank, local, world, addr, port)
 

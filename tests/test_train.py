@@ -275,6 +275,10 @@ def test_launch_env_torchrun_mpi_and_pbs(tmp_path):
     mpi = read_launch_env({"PMI_RANK": "5", "PMI_SIZE": "8", "PMI_LOCAL_RANK": "1", "PBS_NODEFILE": str(nodefile)})
     assert (mpi.rank, mpi.local_rank, mpi.world_size) == (5, 1, 8)
     assert mpi.master_addr == "x3004c0s1b0n0.hsn.cm.polaris.alcf.anl.gov" and mpi.master_port == 29500
+    # Under Parsl's MPIExecutor the task's own nodes come first: rank 0 runs on the first of them.
+    parsl_task = read_launch_env({"PMI_RANK": "0", "PMI_SIZE": "8", "PBS_NODEFILE": str(nodefile),
+                                  "PARSL_MPI_NODELIST": "x3004c0s1b1n0,x3004c0s7b0n0"})
+    assert parsl_task.master_addr == "x3004c0s1b1n0"
     ompi = read_launch_env({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
                             "OMPI_COMM_WORLD_LOCAL_RANK": "0", "MASTER_PORT": "4000"})
     assert (ompi.rank, ompi.local_rank, ompi.world_size, ompi.master_port) == (2, 0, 4, 4000)
