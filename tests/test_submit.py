@@ -70,6 +70,29 @@ def test_params_tags_and_artifacts(sweep):
     assert {"spec.yaml", "tokenizer", "eval"} <= files
     evals = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/eval.json", "eval/samples.txt"} <= evals
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/model.safetensors", "model/meta.json"}
+    plot = client.download_artifacts(run.info.run_id, "plots/loss_curve.png", str(sweep["runs_root"].parent))
+    assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    tags = run.data.tags
+    assert tags["gptlab.parsl_run_id"] and tags["gptlab.host"] and tags["gptlab.driver_pid"].isdigit()
+
+
+def test_runs_left_running_by_a_dead_driver_become_killed_and_resubmit_resumes_them(sweep):
+    import subprocess as sp
+
+    client, children = client_and_children(sweep)
+    run = children["pos_encoding=learned"]
+    dead = sp.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer exists: the driver that "left" this run RUNNING
+    client.set_tag(run.info.run_id, "gptlab.driver_pid", str(dead.pid))
+    client.update_run(run.info.run_id, status="RUNNING")
+    said: list[str] = []
+    again = submit(sweep["spec"], poll_interval=0.5, report=said.append)
+    assert again.ok
+    assert f"run {run.info.run_id} was left RUNNING by a driver that is gone: marked KILLED" in said
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(history) == len({h.step for h in history})  # resumed: nothing forwarded twice
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
 def test_sweep_points_share_tokenizer_and_shards_stages(sweep):

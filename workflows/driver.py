@@ -20,6 +20,7 @@ from typing import Any, Callable
 import yaml
 
 from llmcore.io import read_json
+from workflows.report import loss_curve_png
 from workflows.plan import Plan, RunPlan, Stage, plan
 from workflows.spec import LoadedSpec, SpecError, load_spec
 from workflows.stages import prepare_stage
@@ -264,8 +265,10 @@ def submit(
     p = plan(loaded)
     say = report or (lambda msg: None if quiet else print(msg, flush=True))
     tracker = _tracker_for(p)
-    parent_id, _ = tracker.start_run(p.spec.name, {"spec_hash": p.spec_hash, "role": "parent", "host": socket.gethostname(),
-                                                  "spec_file": str(loaded.source), "site": p.spec.site.name})
+    for run_id in tracker.mark_dead_runs_killed():
+        say(f"run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
+    parent_id, _ = tracker.start_run(p.spec.name, {"spec_hash": p.spec_hash, "role": "parent", **_driver_tags(p),
+                                                  "spec_file": str(loaded.source)})
     tracker.log_params(parent_id, {"sweep": yaml.safe_dump(p.spec.sweep, sort_keys=False).strip() or "{}",
                                    "runs": str(len(p.runs))})
     children = _start_children(p, tracker, parent_id)
@@ -282,11 +285,36 @@ def submit(
     return SubmitResult(p.spec.name, tracker.experiment_id, parent_id, tracker.uri, runs, time.time() - started)
 
 
+def _driver_tags(p: Plan) -> dict[str, str]:
+    """Where and by whom a run is driven: host, site, this driver's pid (to detect a killed driver later)
+    and the git commit of the spec file's directory, when it is in a git work tree."""
+    tags = {"host": socket.gethostname(), "site": p.spec.site.name, "driver_pid": str(os.getpid())}
+    commit = _git_commit(Path(p.loaded.source))
+    if commit:
+        tags["git_commit"] = commit
+    return tags
+
+
+def _git_commit(path: Path) -> str | None:
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "-C", str(path.parent), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "-C", str(path.parent), "status", "--porcelain", "--", path.name],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
 def _start_children(p: Plan, tracker: Tracker, parent_id: str) -> dict[str, tuple[str, str]]:
     children = {}
     for r in p.runs:
-        tags = {"run_hash": r.run_hash, "spec_hash": p.spec_hash, "role": "sweep_point", "site": p.spec.site.name,
-                "host": socket.gethostname(), "stages": ",".join(s.label for s in r.stages.values())}
+        tags = {"run_hash": r.run_hash, "spec_hash": p.spec_hash, "role": "sweep_point", **_driver_tags(p),
+                "stages": ",".join(s.label for s in r.stages.values())}
         run_id, status = tracker.start_run(r.name, tags, parent_id=parent_id)
         if status != "FINISHED":
             tracker.log_params(run_id, flatten(r.spec.model_dump(mode="json", exclude={"sweep"})))
@@ -305,6 +333,8 @@ def _execute(p: Plan, todo: list[RunPlan], tracker: Tracker, children: dict[str,
     cached = {s.key for s in p.stages.values() if s.done}
     dfk = parsl.load(site.config)
     try:
+        for r in todo:
+            tracker.set_tags(children[r.run_hash][0], {"gptlab.parsl_run_id": dfk.run_id})
         driver = Driver(p, tracker, say, poll_interval)
         driver.launch_all(_make_apps(site), site.train_env)
         results: dict[str, RunResult] = {}
@@ -390,9 +420,16 @@ def _log_outputs(tracker: Tracker, run: RunPlan, run_id: str) -> dict[str, float
     tracker.log_values(run_id, metrics, step=int(ev["step"]))
     tracker.client.log_text(run_id, yaml.safe_dump(run.spec.model_dump(mode="json", exclude={"sweep"}), sort_keys=False),
                             "spec.yaml")
-    tok, evd = run.stages["tokenizer"].dir, run.stages["eval"].dir
-    tracker.log_artifacts(run_id, [(tok / "tokenizer.model", "tokenizer"), (evd / "eval.json", "eval"),
-                                   (evd / "samples.txt", "eval")])
+    from llmcore.checkpoint import latest_checkpoint
+
+    tok, evd, trd = run.stages["tokenizer"].dir, run.stages["eval"].dir, run.stages["train"].dir
+    files = [(tok / "tokenizer.model", "tokenizer"), (evd / "eval.json", "eval"), (evd / "samples.txt", "eval")]
+    reports = trd.parent.parent / "reports" / run.run_hash  # driver-owned: committed stage dirs stay as they are
+    files.append((loss_curve_png(trd / "metrics.jsonl", reports / "loss_curve.png", run.name), "plots"))
+    checkpoint = latest_checkpoint(trd)
+    if run.spec.tracking.log_model and checkpoint is not None:
+        files += [(checkpoint / "model.safetensors", "model"), (checkpoint / "meta.json", "model")]
+    tracker.log_artifacts(run_id, files)
     return metrics
 
 

@@ -89,6 +89,9 @@ class TrackingSpec(StrictModel):
         "at `<runs_root>/mlflow.db`.",
     )
     experiment: str | None = Field(None, description="MLflow experiment name; null means the spec's `name`.")
+    log_model: bool = Field(
+        True, description="Log the final weights (safetensors) as an artifact; turn off for large models."
+    )
 
 
 class ExperimentSpec(StrictModel):

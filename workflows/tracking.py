@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -100,6 +101,23 @@ class Tracker:
             return run.info.run_id, status
         run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
         return run.info.run_id, "NEW"
+
+    def mark_dead_runs_killed(self) -> list[str]:
+        """Runs left RUNNING by a driver on this host that no longer exists become KILLED; returns their ids."""
+        import psutil
+
+        host = socket.gethostname()
+        killed = []
+        for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'"):
+            tags = run.data.tags
+            pid = tags.get(f"{TAG}driver_pid")
+            if tags.get(f"{TAG}host") != host or pid is None or not pid.isdigit():
+                continue  # another machine's driver: it may well be alive
+            if psutil.pid_exists(int(pid)) and int(pid) != os.getpid():
+                continue
+            self.client.set_terminated(run.info.run_id, "KILLED")
+            killed.append(run.info.run_id)
+        return killed
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
