@@ -1,0 +1,272 @@
+"""The MLflow UI checked in a real browser: headless Chromium (Debian's chromium + chromium-driver, via Selenium)
+opens `gptlab ui` over a store holding a small finished sweep, goes to the experiment, selects the sweep points,
+opens the comparison view and reads the run names, the swept param and `val/bpb` off the page as a user sees them.
+
+Needs `.ci/browser-up.sh` (installs /usr/bin/chromium and /usr/bin/chromedriver); selenium comes from the `test`
+extra. Without them this test fails, it never skips. Screenshots land in the test's tmp dir (paths are printed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from helpers import make_corpus, tiny_spec, write_spec
+from workflows import submit
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+WAIT_S = 45  # bound on any single wait for the UI (page loads on a busy 2-core machine take a few seconds)
+RUN_NAME_CELL = '[col-id="attributes.`Run Name`"]'  # the runs table's "Run Name" column (ag-grid col-id)
+
+# Chromium on a machine with no outside network: without the background-networking flags it keeps retrying
+# (component updates, sync, QUIC probes) and floods the log with refused connections.
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1600,1600"]
+
+# True when `el` is on screen and is what a click at its centre would hit: not clipped away by a scroll
+# container, not covered, not outside the viewport. This is "visible" as a user means it.
+USER_VISIBLE_JS = """
+const el = arguments[0];
+const r = el.getBoundingClientRect();
+if (r.width === 0 || r.height === 0) return false;
+const x = r.left + r.width / 2, y = r.top + r.height / 2;
+if (x < 0 || y < 0 || x >= window.innerWidth || y >= window.innerHeight) return false;
+const hit = document.elementFromPoint(x, y);
+return hit !== null && el.contains(hit);
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the UI's process group (mlflow ui, its uvicorn workers, its job consumers), SIGKILL what lingers."""
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.time() + grace
+        while time.time() < deadline:
+            proc.poll()
+            try:
+                os.killpg(proc.pid, 0)  # anything left in the group?
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+    proc.wait(timeout=10)
+
+
+def require_browser() -> None:
+    """Fail (never skip) when the browser or Selenium is missing, before any minute is spent on the sweep."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} missing: run .ci/browser-up.sh (Debian's chromium and chromium-driver)")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        pytest.fail("selenium is missing: pip install -e '.[test]' (and run .ci/browser-up.sh for the browser)")
+
+
+def chromium_driver(profile: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    # An explicit driver path: Selenium Manager (which would try to download a driver) is never consulted.
+    return webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    """A finished two-point sweep, `gptlab ui` serving its store on loopback, and a headless Chromium."""
+    require_browser()
+    tmp = tmp_path_factory.mktemp("browser")
+    corpus = make_corpus(tmp / "corpus")
+    spec = write_spec(tmp / "tiny.yaml", tiny_spec(corpus, tmp / "runs", sweep={"model.n_layer": [1, 2]}))
+    result = submit(spec, quiet=True, poll_interval=0.5)
+    assert result.ok, [r.error for r in result.runs]
+    client = MlflowClient(result.tracking_uri)
+    children = client.search_runs([result.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    runs = {r.info.run_name: r for r in children}
+    assert set(runs) == {"n_layer=1", "n_layer=2"}
+
+    port = free_port()
+    # One uvicorn worker (MLflow's default is 4): on a 2-core machine four workers importing MLflow at once
+    # take two to three times longer to answer, and one browser needs one.
+    env = dict(os.environ, MLFLOW_WORKERS="1")
+    log = (tmp / "ui.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "ui", "--runs-root", str(tmp / "runs"),
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    driver = None
+    try:
+        driver = chromium_driver(tmp / "chromium-profile")  # starts while the UI is still importing
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny"
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    body = json.load(resp)
+                break
+            except OSError:
+                assert proc.poll() is None, (tmp / "ui.log").read_text()
+                assert time.time() < deadline, "MLflow UI did not answer in 90 s:\n" + (tmp / "ui.log").read_text()
+                time.sleep(0.5)
+        assert body["experiment"]["experiment_id"] == result.experiment_id
+        yield {"driver": driver, "base": f"http://127.0.0.1:{port}/", "result": result, "runs": runs, "dir": tmp}
+    finally:
+        if driver is not None:
+            driver.quit()
+        stop_group(proc)
+        log.close()
+
+
+def shot(ui, name: str) -> Path:
+    path = ui["dir"] / name
+    assert ui["driver"].save_screenshot(str(path)), path
+    print(f"screenshot: {path}")
+    return path
+
+
+def test_compare_view_shows_the_sweep_in_chromium(ui):
+    from selenium.webdriver import ActionChains
+    from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = ui["driver"]
+    # The UI re-renders (React): an element found a moment ago may have been replaced; a wait then looks again.
+    wait = WebDriverWait(d, WAIT_S, ignored_exceptions=[StaleElementReferenceException])
+    runs = ui["runs"]
+    parent_id = ui["result"].parent_run_id
+
+    def user_visible(el) -> bool:
+        return bool(d.execute_script(USER_VISIBLE_JS, el))
+
+    def run_row(name: str):
+        """The runs-table row (its pinned-left part, which holds the checkbox) whose run-name link reads `name`."""
+        return wait.until(EC.presence_of_element_located(
+            (By.XPATH, f"//div[@role='row'][.//a[normalize-space()='{name}']][.//input[contains(@class,'ag-checkbox-input')]]")))
+
+    # Home page: the experiment list. MLflow 3 opens in its GenAI mode (traces); sweeps are model training.
+    d.get(ui["base"])
+    wait.until(EC.element_to_be_clickable((By.XPATH, "//div[@role='button'][normalize-space()='Model training']"))).click()
+    wait.until(EC.element_to_be_clickable((By.LINK_TEXT, "tiny"))).click()
+    wait.until(EC.url_contains(f"/experiments/{ui['result'].experiment_id}/runs"))
+
+    # The runs table shows the parent run; the sweep points are nested under it: expand it.
+    parent = run_row("tiny")
+    assert parent.get_attribute("row-id") == parent_id
+    wait.until(EC.element_to_be_clickable(parent.find_element(By.CSS_SELECTOR, f"{RUN_NAME_CELL} button"))).click()
+
+    # Select both sweep points by their checkboxes.
+    for name, run in runs.items():
+        row = run_row(name)
+        assert row.get_attribute("row-id") == run.info.run_id, name
+        box = row.find_element(By.CSS_SELECTOR, "input.ag-checkbox-input")
+        box.click()
+        wait.until(lambda _: box.is_selected(), f"{name} did not get selected")
+    assert not run_row("tiny").find_element(By.CSS_SELECTOR, "input.ag-checkbox-input").is_selected()
+
+    compare = wait.until(EC.element_to_be_clickable((By.CSS_SELECTOR, '[data-testid="runs-compare-button"]')))
+    assert compare.text.strip() == "Compare"
+    shot(ui, "mlflow-experiment-selected.png")
+    compare.click()
+
+    # The comparison view.
+    wait.until(EC.url_contains("compare-runs"))
+    wait.until(EC.text_to_be_present_in_element((By.TAG_NAME, "h2"), "Comparing 2 Runs"))
+
+    def cells(header: str) -> list:
+        """The value cells of the comparison-table row whose row header reads `header`, in column order."""
+        row = wait.until(EC.presence_of_element_located((By.XPATH, f"//tr[th[normalize-space()='{header}']]")))
+        found = row.find_elements(By.XPATH, "./*[contains(concat(' ', @class, ' '), ' data-value ')]")
+        assert len(found) == 2, (header, row.text)
+        return found
+
+    # Column order of the runs, from the Run ID header row; everything below is checked against it.
+    run_ids = [c.text.strip() for c in cells("Run ID:")]
+    assert sorted(run_ids) == sorted(r.info.run_id for r in runs.values()), run_ids
+    by_id = {r.info.run_id: r for r in runs.values()}
+    columns = [by_id[i] for i in run_ids]
+
+    # The swept param, in the Parameters table (scrolled to it like a user would).
+    param_cells = cells("model.n_layer")
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", param_cells[0])
+    shown_layers = [c.text.strip() for c in param_cells]
+    assert shown_layers == [r.data.params["model.n_layer"] for r in columns] and sorted(shown_layers) == ["1", "2"]
+    wait.until(lambda _: all(user_visible(c) for c in param_cells), "model.n_layer values not visible")
+
+    # val/bpb in the Metrics table: a virtualized grid whose names column follows the values column's scrolling.
+    # Scroll the values column with the mouse wheel until the val/bpb row is in view.
+    name = wait.until(EC.presence_of_element_located((By.XPATH, "//a[normalize-space()='val/bpb']")))
+    name_cell = name.find_element(By.XPATH, "./..")
+    names_grid = name.find_element(By.XPATH, "./ancestor::div[contains(@class,'ReactVirtualized__Grid')][@role='grid'][1]")
+    grids = names_grid.find_elements(By.XPATH, "./ancestor::div[count(.//div[@role='grid']) = 2][1]//div[@role='grid']")
+    assert len(grids) == 2 and grids[0] == names_grid, "metrics table layout changed"
+    values_grid = grids[1]
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'})", values_grid)
+    if not user_visible(name_cell):
+        scroll_top = lambda grid: d.execute_script("return arguments[0].scrollTop", grid)  # noqa: E731
+        target = d.execute_script(
+            "const [cell, names, values] = arguments;"
+            "const row = cell.getBoundingClientRect().top - names.getBoundingClientRect().top + names.scrollTop;"
+            "const want = row - (values.clientHeight - cell.offsetHeight) / 2;"
+            "return Math.round(Math.max(1, Math.min(want, values.scrollHeight - values.clientHeight)));",
+            name_cell, names_grid, values_grid)
+        wheel = ScrollOrigin.from_element(values_grid)
+        ActionChains(d).scroll_from_origin(wheel, 0, target - scroll_top(values_grid)).perform()
+        wait.until(lambda _: abs(scroll_top(values_grid) - target) <= 2, "the metrics table did not scroll")
+        # MLflow 3.17's names column follows the values column one scroll event late (it reads the values grid's
+        # scrollTop before that grid has stored the new one), so a last 1 px nudge brings it along. (At the very
+        # bottom the names stay 15 px behind: the values grid's horizontal scrollbar makes it 15 px shorter.)
+        ActionChains(d).scroll_from_origin(wheel, 0, -1).perform()
+        wait.until(lambda _: scroll_top(names_grid) > 0, "metric names did not follow the values")
+    wait.until(lambda _: user_visible(name_cell), "val/bpb row not scrolled into view")
+
+    def bpb_row_values():
+        """The value cells that sit on the val/bpb row on screen, left to right."""
+        top, bottom = name_cell.rect["y"], name_cell.rect["y"] + name_cell.rect["height"]
+        on_row = [c for c in values_grid.find_elements(By.XPATH, "./div/div")
+                  if top <= c.rect["y"] + c.rect["height"] / 2 <= bottom]
+        return sorted(on_row, key=lambda c: c.rect["x"]) if len(on_row) == 2 and all(map(user_visible, on_row)) else False
+
+    bpb_cells = wait.until(lambda _: bpb_row_values(), "val/bpb values not visible on its row")
+    shown = [c.text.strip() for c in bpb_cells]
+    for text, run in zip(shown, columns):
+        # MLflow shows metrics below 10 rounded to 3 decimals (4.527382... -> "4.527").
+        assert float(text) == pytest.approx(run.data.metrics["val/bpb"], abs=5e-4 + 1e-9), (shown, run.info.run_name)
+
+    # Run names last: scroll the page back to "Run details", so one screenshot holds all three checks.
+    name_cells = cells("Run Name:")
+    d.execute_script("arguments[0].scrollIntoView({block: 'start'})",
+                     d.find_element(By.XPATH, "//div[@role='button'][normalize-space()='Run details']"))
+    assert [c.text.strip() for c in name_cells] == [r.info.run_name for r in columns]
+    wait.until(lambda _: all(user_visible(c) for c in name_cells), "run names not visible")
+    # The window is tall enough for run names, the swept param and val/bpb to share one screen: the screenshot
+    # then shows everything this test asserted.
+    assert all(user_visible(c) for c in param_cells + bpb_cells + [name_cell]), "not all on one screen any more"
+    shot(ui, "mlflow-compare.png")
