@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -47,3 +47,20 @@ def tiny_spec(corpus: Path, runs_root: Path, **sections: Any) -> dict[str, Any]:
 def write_spec(path: Path, tree: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(tree, sort_keys=False), encoding="utf-8")
     return path
+
+
+def wait_for_json(url: str, proc: Any, seconds: float, log: Callable[[], str]) -> Any:
+    """Poll ``url`` until it answers JSON; fail with the server's log if ``proc`` dies or time runs out."""
+    import json
+    import time
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                return json.load(resp)
+        except OSError:
+            assert proc.poll() is None, log()
+            assert time.time() < deadline, f"{url} did not answer in {seconds:.0f} s:\n{log()}"
+            time.sleep(0.5)

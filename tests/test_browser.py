@@ -15,13 +15,12 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import make_corpus, tiny_spec, write_spec
+from helpers import make_corpus, tiny_spec, wait_for_json, write_spec
 from workflows import submit
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -123,16 +122,7 @@ def ui(tmp_path_factory):
     try:
         driver = chromium_driver(tmp / "chromium-profile")  # starts while the UI is still importing
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny"
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as resp:
-                    body = json.load(resp)
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp / "ui.log").read_text()
-                assert time.time() < deadline, "MLflow UI did not answer in 90 s:\n" + (tmp / "ui.log").read_text()
-                time.sleep(0.5)
+        body = wait_for_json(url, proc, 90, lambda: (tmp / "ui.log").read_text())
         assert body["experiment"]["experiment_id"] == result.experiment_id
         yield {"driver": driver, "base": f"http://127.0.0.1:{port}/", "result": result, "runs": runs, "dir": tmp}
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import make_corpus, tiny_spec, write_spec
+from helpers import make_corpus, tiny_spec, wait_for_json, write_spec
 from workflows import submit
 
 pytestmark = pytest.mark.slow
@@ -141,7 +141,6 @@ def free_port() -> int:
 
 
 def test_ui_serves_the_store_on_loopback(sweep):
-    import json
     import urllib.request
 
     port = free_port()
@@ -149,16 +148,7 @@ def test_ui_serves_the_store_on_loopback(sweep):
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny"
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as resp:
-                    body = json.load(resp)
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read()
-                assert time.time() < deadline, "MLflow UI did not come up in 90 s"
-                time.sleep(1)
+        body = wait_for_json(url, proc, 90, lambda: proc.stdout.read())
         assert body["experiment"]["experiment_id"] == sweep["result"].experiment_id
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
             assert resp.status == 200 and b"<html" in resp.read().lower()
