@@ -14,7 +14,6 @@ Timings on a shared machine are noisy: compare medians of repeated runs, taken s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

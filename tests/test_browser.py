@@ -8,7 +8,6 @@ extra. Without them this test fails, it never skips. Screenshots land in the tes
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket

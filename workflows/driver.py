@@ -19,7 +19,6 @@ from typing import Any, Callable
 
 import yaml
 
-from llmcore.io import read_json
 from workflows.report import loss_curve_png
 from workflows.plan import Plan, RunPlan, Stage, plan
 from workflows.spec import LoadedSpec, SpecError, load_spec
