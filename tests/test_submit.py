@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import io
+import re
 import subprocess
 import sys
 import time
 
 import pytest
 from mlflow.tracking import MlflowClient
+from rich.console import Console
+from typer.testing import CliRunner
 
 from helpers import make_corpus, tiny_spec, wait_for_json, write_spec
 from workflows import submit
+from workflows.cli import app
+from workflows.progress import LiveDisplay
 
 pytestmark = pytest.mark.slow
 
@@ -21,9 +27,25 @@ def sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     corpus = make_corpus(tmp / "corpus")
     spec = write_spec(tmp / "tiny.yaml", tiny_spec(corpus, tmp / "runs", sweep={"model.pos_encoding": ["learned", "rope"]}))
+    display = RecordingLive(Console(file=io.StringIO(), force_terminal=True, width=200))
     t0 = time.time()
-    result = submit(spec, quiet=True, poll_interval=0.5)
-    return {"spec": spec, "result": result, "seconds": time.time() - t0, "runs_root": tmp / "runs"}
+    result = submit(spec, poll_interval=0.5, display=display)
+    return {"spec": spec, "result": result, "seconds": time.time() - t0, "runs_root": tmp / "runs", "display": display}
+
+
+class RecordingLive(LiveDisplay):
+    """The live table a terminal shows, drawn into a string, plus a copy of the board at every redraw."""
+
+    def __init__(self, console):
+        super().__init__(console)
+        self.snapshots = []
+
+    def update(self, board):
+        self.snapshots.append({n: (dict(r.stages), r.step, r.loss, r.tokens_per_sec) for n, r in board.rows.items()})
+        super().update(board)
+
+    def text(self):
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self.console.file.getvalue())
 
 
 def client_and_children(sweep):
@@ -94,6 +116,98 @@ def test_runs_left_running_by_a_dead_driver_become_killed_and_resubmit_resumes_t
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
 
 
+def test_live_display_shows_each_runs_stage_step_tokens_per_second_and_loss(sweep):
+    display = sweep["display"]
+    training = [(name, row) for snap in display.snapshots for name, row in snap.items() if row[0].get("train") == "running"]
+    assert training, "some redraw shows a training running"
+    assert any(step is not None and 0 < step <= 30 and loss > 0 and tps > 0 for _, (_, step, loss, tps) in training)
+    final = display.snapshots[-1]
+    assert all(set(stages.values()) == {"done"} and step == 30 for stages, step, _, _ in final.values())
+    text = display.text()
+    for name in ("pos_encoding=learned", "pos_encoding=rope"):
+        assert name in text
+    assert "30/30" in text and "FINISHED" in text and "tok/s" in text
+
+
+def cli(*args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def test_status_shows_stages_run_ids_steps_and_metrics(sweep):
+    r = cli("status", sweep["spec"])
+    assert r.exit_code == 0, r.output
+    for run in sweep["result"].runs:
+        line = next(x for x in r.output.splitlines() if run.name in x)
+        assert run.run_id in line and "FINISHED" in line and "30/30" in line
+        assert line.count("done") + line.count("cached") == 4 and f"{run.metrics['val/bpb']:.4f}" in line
+    by_root = cli("status", "--runs-root", sweep["runs_root"])
+    assert by_root.exit_code == 0 and all(run.run_id in by_root.output for run in sweep["result"].runs)
+
+
+def test_status_marks_runs_of_a_dead_driver_killed(sweep):
+    client, children = client_and_children(sweep)
+    run_id = children["pos_encoding=rope"].info.run_id
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    client.set_tag(run_id, "gptlab.driver_pid", str(dead.pid))
+    client.update_run(run_id, status="RUNNING")
+    try:
+        r = cli("status", sweep["spec"])
+        assert r.exit_code == 0, r.output
+        assert f"run {run_id} was left RUNNING by a driver that is gone: marked KILLED" in r.output
+        assert client.get_run(run_id).info.status == "KILLED"
+        assert "KILLED" in next(x for x in r.output.splitlines() if "pos_encoding=rope" in x)
+    finally:
+        client.set_terminated(run_id, "FINISHED")
+
+
+def test_compare_tables_and_plots_val_bpb_against_the_swept_parameter(sweep, tmp_path):
+    r = cli("compare", sweep["spec"], "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    runs = {x.name: x for x in sweep["result"].runs}
+    best = min(runs.values(), key=lambda x: x.metrics["val/bpb"])
+    assert f"Best val/bpb: {best.name} ({best.metrics['val/bpb']:.4f}, run {best.run_id})" in r.output
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert header[:3] == ["run", "model.pos_encoding", "status"]
+    table = {line.split(",")[0]: dict(zip(header, line.split(","))) for line in rows[1:]}
+    assert set(table) == set(runs)
+    for name, row in table.items():
+        assert row["model.pos_encoding"] == name.split("=")[1] and row["status"] == "FINISHED"
+        assert float(row["val/bpb"]) == pytest.approx(runs[name].metrics["val/bpb"])
+    assert (tmp_path / "val_bpb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_parent_run_holds_a_sweep_summary(sweep):
+    result = sweep["result"]
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.parent_run_id)
+    assert {a.path for a in client.list_artifacts(result.parent_run_id, "summary")} == {"summary/sweep.csv",
+                                                                                      "summary/val_bpb.png"}
+    best = min(result.runs, key=lambda x: x.metrics["val/bpb"])
+    assert parent.data.tags["gptlab.best_run"] == best.name
+    assert parent.data.metrics["best/bpb"] == pytest.approx(best.metrics["val/bpb"])
+
+
+def test_sample_generates_from_a_runs_weights(sweep):
+    rope = next(r for r in sweep["result"].runs if r.name == "pos_encoding=rope")
+    args = ["sample", "pos_encoding=rope", "--runs-root", sweep["runs_root"], "--prompt", "The ", "--max-new-tokens", "25"]
+    first, again = cli(*args), cli(*args)
+    assert first.exit_code == 0, first.output
+    assert first.stdout.startswith("The ") and len(first.stdout) > len("The \n")
+    assert again.stdout == first.stdout, "same seed, same text"
+    other = cli(*args, "--seed", "2")
+    assert other.stdout != first.stdout
+    by_id = cli("sample", rope.run_id[:10], "--spec", sweep["spec"], "--prompt", "The ", "--max-new-tokens", "25")
+    assert by_id.stdout == first.stdout
+    unknown = cli("sample", "no-such-run", "--runs-root", sweep["runs_root"])
+    assert unknown.exit_code == 2 and "RUN: no sweep-point run named or with id 'no-such-run'" in unknown.output
+    bad = cli(*args, "--temperature", "0")
+    assert bad.exit_code == 2 and "--temperature" in bad.output
+
+
 def test_sweep_points_share_tokenizer_and_shards_stages(sweep):
     stages = sorted(p.name.split("-")[0] for p in (sweep["runs_root"] / "stages").iterdir())
     assert stages == ["eval", "eval", "shards", "tokenizer", "train", "train"]
@@ -129,6 +243,12 @@ def test_a_failing_point_is_failed_and_the_others_finish(tmp_path):
     assert failed.info.status == "FAILED"
     assert "stage train failed" in failed.data.tags["gptlab.error"]
     assert runs["tiny"].info.status == "FAILED"  # the parent tells the truth too
+    status = subprocess.run([sys.executable, "-m", "workflows.cli", "status", str(spec)], capture_output=True, text=True,
+                            timeout=120)
+    assert status.returncode == 0, status.stderr
+    line = next(x for x in status.stdout.splitlines() if "block_size=100000" in x)
+    assert re.search(r"FAILED\s*│\s*done\s*│\s*done\s*│\s*failed\s*│\s*not run", line), line
+    assert "[block_size=100000] stage train failed" in status.stdout
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""The `gptlab` command line: validate, plan, submit, ui, schema.
+"""The `gptlab` command line: validate, plan, submit, status, compare, sample, ui, schema.
 
 Bad input (spec, override, corpus) prints one paragraph naming the file and field and exits with code 2;
 a submit whose sweep points do not all finish exits with code 1.
@@ -27,6 +27,19 @@ out = Console(width=None if sys.stdout.isatty() else 160)  # no wrapping when pi
 SpecArg = typer.Argument(..., help="Experiment spec (YAML).", show_default=False)
 SetOpt = typer.Option(None, "--set", "-s", help="Override a field: --set train.lr=3e-4 (repeatable).")
 SiteOpt = typer.Option(None, "--site", help="Site to run on (overrides the spec's site.name).")
+OptSpecArg = typer.Argument(None, help="Experiment spec (YAML); without it, every run in the store under --runs-root.",
+                            show_default=False)
+RunsRootOpt = typer.Option(Path("runs"), "--runs-root", help="runs_root of the experiments (holds mlflow.db).")
+UriOpt = typer.Option(None, "--uri", help="Tracking URI (default sqlite:///<runs_root>/mlflow.db).")
+ExperimentOpt = typer.Option(None, "--experiment", "-e", help="Only this MLflow experiment.")
+
+
+def make_table(title: str, columns: list[str]) -> Table:
+    """A table whose cells fold rather than truncate: run ids and metric names stay readable in logs."""
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    return table
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -66,9 +79,8 @@ def plan_cmd(spec: Path = SpecArg, set_: Optional[list[str]] = SetOpt, site: Opt
     for r in p.runs:
         for s in r.stages.values():
             users[s.key] = users.get(s.key, 0) + 1
-    table = Table(title=f"{p.spec.name}: {len(p.runs)} runs, {len(p.stages)} stages under {p.runs_root}")
-    for col in ("run", "params", "tokenizer", "shards", "train", "eval"):
-        table.add_column(col)
+    table = make_table(f"{p.spec.name}: {len(p.runs)} runs, {len(p.stages)} stages under {p.runs_root}",
+                       ["run", "params", "tokenizer", "shards", "train", "eval"])
     for r in p.runs:
         vocab = _vocab_size(r)
         cells = [f"{s.key[:8]} {'done' if s.done else 'to run'}" + (f" (shared x{users[s.key]})" if users[s.key] > 1 else "")
@@ -120,15 +132,18 @@ def submit(
     site: Optional[str] = SiteOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final summary (batch jobs)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop every sweep point when one fails."),
+    live: Optional[bool] = typer.Option(None, "--live/--lines",
+                                        help="Progress as a live table or as plain lines [default: live on a terminal]."),
 ) -> None:
     """Run every stage of every sweep point that is not done yet, and record the runs in MLflow."""
     from workflows.driver import submit as run_submit
+    from workflows.progress import LiveDisplay
 
-    result = run_submit(spec, set_, site=site, quiet=quiet, fail_fast=fail_fast)
-    table = Table(title=f"{result.experiment}: {sum(r.status == 'FINISHED' for r in result.runs)}/{len(result.runs)} "
-                        f"runs finished in {result.seconds:.0f}s")
-    for col in ("run", "status", "val/loss", "val/ppl", "val/bpb", "stages cached", "MLflow run"):
-        table.add_column(col)
+    display = LiveDisplay(out) if not quiet and (live if live is not None else sys.stdout.isatty()) else None
+    result = run_submit(spec, set_, site=site, quiet=quiet, fail_fast=fail_fast, display=display)
+    table = make_table(f"{result.experiment}: {sum(r.status == 'FINISHED' for r in result.runs)}/{len(result.runs)} "
+                       f"runs finished in {result.seconds:.0f}s",
+                       ["run", "status", "val/loss", "val/ppl", "val/bpb", "stages cached", "MLflow run"])
     for r in result.runs:
         m = r.metrics
         fmt = lambda k: f"{m[k]:.4f}" if k in m else "-"  # noqa: E731
@@ -141,6 +156,103 @@ def submit(
     typer.echo(f"Tracking: {result.tracking_uri} (experiment {result.experiment}); browse with `gptlab ui`.")
     if not result.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def status(spec: Optional[Path] = OptSpecArg, set_: Optional[list[str]] = SetOpt, runs_root: Path = RunsRootOpt,
+           uri: Optional[str] = UriOpt, experiment: Optional[str] = ExperimentOpt) -> None:
+    """Each run's stages (done, cached, running, failed, to run), training step, MLflow run id and last metrics.
+    Runs left RUNNING by a driver that is gone are marked KILLED."""
+    from workflows.compare import fmt
+    from workflows.runs import open_store, status_rows
+
+    store = open_store(spec, set_, runs_root, uri, experiment)
+    rows, killed = status_rows(store)
+    for run_id in killed:
+        typer.echo(f"run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
+    several = len({r.experiment for r in rows}) > 1
+    table = make_table(f"{store.source}: {len(rows)} run{'s' if len(rows) != 1 else ''} (store {store.uri})",
+                       ["experiment"] * several + ["run", "status", "tokenizer", "shards", "train", "eval", "step",
+                                                   "train/loss", "val/loss", "val/bpb", "MLflow run"])
+    for r in rows:
+        m = r.metrics
+        table.add_row(*[r.experiment] * several, r.name, r.status, *(r.stages[k] for k in ("tokenizer", "shards", "train", "eval")),
+                      r.step, *(fmt(m.get(k)) for k in ("train/loss", "val/loss", "val/bpb")), r.run_id or "-")
+    out.print(table)
+    for r in rows:
+        if r.error:
+            typer.echo(f"[{r.name}] {r.error}")
+
+
+@app.command()
+@user_errors
+def compare(
+    spec: Optional[Path] = OptSpecArg,
+    set_: Optional[list[str]] = SetOpt,
+    runs_root: Path = RunsRootOpt,
+    uri: Optional[str] = UriOpt,
+    experiment: Optional[str] = ExperimentOpt,
+    metric: str = typer.Option("val/bpb", help="Metric to rank and plot (bits per byte: comparable across tokenizers)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where sweep.csv and the plot go "
+                                           "[default: <runs_root>/reports/compare-<experiment>]."),
+) -> None:
+    """Table of the latest submit's sweep points (swept values, results) and a plot of a metric against the
+    swept parameter."""
+    from workflows.compare import METRICS, best, fmt, rows_from_store, write_report
+    from workflows.runs import latest_parent, open_store
+
+    store = open_store(spec, set_, runs_root, uri, experiment)
+    parent = latest_parent(store)
+    rows, sweep = rows_from_store(store.client, parent)
+    keys = list(sweep)
+    top = best(rows, metric)
+    name = store.experiment or parent.info.run_name
+    columns = list(dict.fromkeys((metric, *METRICS)))
+    table = make_table(f"{name}: {len(rows)} sweep points, parent run {parent.info.run_id}",
+                       ["run", *keys, "status", *columns])
+    for r in rows:
+        cells = [r.name, *(str(r.point.get(k)) for k in keys), r.status, *(fmt(r.metrics.get(m)) for m in columns)]
+        table.add_row(*cells, style="bold green" if r is top else None)
+    out.print(table)
+    if top is not None:
+        typer.echo(f"Best {metric}: {top.name} ({top.metrics[metric]:.4f}, run {top.run_id})")
+    root = store.runs_root or Path(".")
+    files = write_report(rows, keys, metric, out_dir or root / "reports" / f"compare-{name}", f"{name}: {metric}")
+    typer.echo("Wrote " + ", ".join(str(f) for f in files) + ("" if len(files) > 1 else f" (nothing to plot: no "
+                                                              f"finished sweep point has {metric} or nothing was swept)"))
+
+
+@app.command()
+@user_errors
+def sample(
+    run: str = typer.Argument(..., help="MLflow run id (or a unique prefix) or run name of a sweep point.",
+                              show_default=False),
+    prompt: str = typer.Option("\n", "--prompt", "-p", help="Text to continue; \\n and \\t are read as newline and tab."),
+    num_samples: int = typer.Option(1, "--num-samples", "-n", min=1, help="Continuations to draw."),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Tokens to generate."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature (> 0)."),
+    top_k: Optional[int] = typer.Option(200, "--top-k", help="Sample from the k most likely tokens."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling threshold in (0, 1]."),
+    seed: int = typer.Option(1337, help="Sampling seed (same seed, same text)."),
+    device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
+    spec: Optional[Path] = typer.Option(None, "--spec", help="Find the run in this spec's store."),
+    runs_root: Path = RunsRootOpt,
+    uri: Optional[str] = UriOpt,
+    experiment: Optional[str] = ExperimentOpt,
+) -> None:
+    """Generate text from a run's trained weights (its newest committed checkpoint)."""
+    from workflows.runs import open_store, sample_run
+
+    store = open_store(spec, None, runs_root, uri, experiment)
+    text = prompt.replace("\\n", "\n").replace("\\t", "\t")  # typed escapes, as in "def f():\n"
+    found, meta, texts = sample_run(store, run, text, num_samples, max_new_tokens, temperature, top_k, top_p, seed,
+                                    device)
+    typer.echo(f"# {found.info.run_name} (run {found.info.run_id}), checkpoint step {meta['step']}", err=True)
+    for i, t in enumerate(texts):
+        if i:
+            typer.echo("\n---")
+        typer.echo(text + t)
 
 
 @app.command()

@@ -19,8 +19,10 @@ from typing import Any, Callable
 
 import yaml
 
-from workflows.report import loss_curve_png
+from workflows.compare import log_sweep_summary
 from workflows.plan import Plan, RunPlan, Stage, plan
+from workflows.progress import PARSL_STATES, Board, LineDisplay, LiveDisplay, RunRow
+from workflows.report import loss_curve_png
 from workflows.spec import LoadedSpec, SpecError, load_spec
 from workflows.stages import prepare_stage
 from workflows.tracking import MetricsForwarder, Tracker, default_tracking_uri, flatten
@@ -107,8 +109,6 @@ class Driver:
         self.futures: dict[str, Future | None] = {}  # stage key -> future (None: was already committed)
         self.train_proc: dict[str, Future] = {}  # train stage key -> the bash app future of its process
         self.forwarders: dict[tuple[str, str], MetricsForwarder] = {}
-        self.reported: set[str] = set()  # stage keys whose completion was reported
-        self.last_progress = time.time()
 
     # ---- launching
 
@@ -168,25 +168,25 @@ class Driver:
             self.forwarders[key] = MetricsForwarder(self.tracker, run_id, stage.dir / "metrics.jsonl")
         self.forwarders[key].poll()
 
-    def progress(self, every: float = 10.0) -> None:
-        """Report finished stages at once, and each training's step and loss every ``every`` seconds."""
-        for key, f in self.futures.items():
-            if f is not None and f.done() and key not in self.reported:
-                self.reported.add(key)
-                stage = self.plan.stages[key]
-                names = ", ".join(r.name for r in self.plan.runs if r.stages[stage.kind].key == key)
-                state = "done" if f.exception() is None else "FAILED"
-                self.report(f"  {stage.kind} {state} ({stage.label}; {names})")
-        if time.time() - self.last_progress < every:
-            return
-        self.last_progress = time.time()
-        for (run_id, key), fw in self.forwarders.items():
-            rec, f = fw.latest, self.futures.get(key)
-            if rec is None or (f is not None and f.done()):
+    def refresh(self, board: Board) -> None:
+        """Bring the board up to date: each stage's state from its Parsl task, each training's latest step."""
+        for run in self.plan.runs:
+            row = board.rows[run.name]
+            if row.status != "RUNNING":
                 continue
-            run = next(r for r in self.plan.runs if r.stages["train"].key == key)
-            self.report(f"  [{run.name}] step {rec['step']}/{run.spec.train.max_steps} loss {rec['loss']:.4f} "
-                        f"{rec['tokens_per_sec']:.0f} tok/s")
+            for kind, stage in run.stages.items():
+                f = self.futures.get(stage.key)
+                proc = self.train_proc.get(stage.key)
+                if f is None:
+                    row.stages[kind] = "cached"
+                elif proc is not None and not proc.done():
+                    row.stages[kind] = PARSL_STATES.get(proc.task_status(), "waiting")
+                else:
+                    row.stages[kind] = PARSL_STATES.get(f.task_status(), "waiting")
+            fw = next((fw for (_, key), fw in self.forwarders.items() if key == run.stages["train"].key), None)
+            if fw is not None and fw.latest is not None:
+                rec = fw.latest
+                row.step, row.loss, row.tokens_per_sec = rec["step"], rec.get("loss"), rec.get("tokens_per_sec")
 
     def run_done(self, run: RunPlan) -> bool:
         f = self.futures[run.stages["eval"].key]
@@ -251,35 +251,57 @@ def submit(
     poll_interval: float = 2.0,
     report: Callable[[str], None] | None = None,
     fail_fast: bool = False,
+    display: LineDisplay | LiveDisplay | None = None,
 ) -> SubmitResult:
     """Run an experiment spec end to end; returns every sweep point's status and metrics.
 
     A failing sweep point never stops the others, unless ``fail_fast``: then the first failure closes every
     unfinished point as FAILED (cancelled) and stops the stages still running.
 
+    Progress goes to ``display`` (a live table, see workflows.progress); by default to plain lines through
+    ``report`` (print unless ``quiet``).
+
     Raises SpecError (before any stage runs) when the spec, an override or the corpus is invalid.
     """
     started = time.time()
     loaded = load_and_check(spec, overrides, site, submitting=True)
     p = plan(loaded)
-    say = report or (lambda msg: None if quiet else print(msg, flush=True))
+    if display is None:
+        display = LineDisplay(report or (None if quiet else lambda msg: print(msg, flush=True)))
+    try:
+        return _submit(p, display, poll_interval, fail_fast, started)
+    finally:
+        display.close()
+
+
+def _submit(p: Plan, display: LineDisplay | LiveDisplay, poll_interval: float, fail_fast: bool,
+            started: float) -> SubmitResult:
+    say = display.say
     tracker = _tracker_for(p)
     for run_id in tracker.mark_dead_runs_killed():
         say(f"run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
     parent_id, _ = tracker.start_run(p.spec.name, {"spec_hash": p.spec_hash, "role": "parent", **_driver_tags(p),
-                                                  "spec_file": str(loaded.source)})
+                                                  "spec_file": str(p.loaded.source)})
     tracker.log_params(parent_id, {"sweep": yaml.safe_dump(p.spec.sweep, sort_keys=False).strip() or "{}",
                                    "runs": str(len(p.runs))})
     children = _start_children(p, tracker, parent_id)
     todo = [r for r in p.runs if children[r.run_hash][1] != "FINISHED" or not r.stages["eval"].done]
     results = {r.run_hash: _finished_result(tracker, r, children[r.run_hash][0]) for r in p.runs if r not in todo}
+    board = Board([RunRow(r.name, r.spec.train.max_steps, {k: "cached" if s.done else "waiting" for k, s in r.stages.items()})
+                   for r in p.runs])
     for r in p.runs:
-        say(f"[{r.name}] " + ", ".join(f"{k} {'cached' if s.done else 'to run'}" for k, s in r.stages.items()))
+        if r.run_hash in results:
+            _close_row(board, r, results[r.run_hash])
+        else:
+            say(f"[{r.name}] " + ", ".join(f"{k} {'cached' if s.done else 'to run'}" for k, s in r.stages.items()))
+    display.update(board)
     if todo:
-        results.update(_execute(p, todo, tracker, children, say, poll_interval, fail_fast))
+        results.update(_execute(p, todo, tracker, children, display, board, poll_interval, fail_fast))
     runs = [results[r.run_hash] for r in p.runs]
     ok = all(r.status == "FINISHED" for r in runs)
     tracker.set_tags(parent_id, {"gptlab.runs_finished": str(sum(r.status == "FINISHED" for r in runs))})
+    if p.spec.sweep:
+        log_sweep_summary(tracker, parent_id, p, runs)
     tracker.finish(parent_id, ok, None if ok else "; ".join(f"{r.name}: {r.error}" for r in runs if r.error)[:4000])
     return SubmitResult(p.spec.name, tracker.experiment_id, parent_id, tracker.uri, runs, time.time() - started)
 
@@ -287,7 +309,8 @@ def submit(
 def _driver_tags(p: Plan) -> dict[str, str]:
     """Where and by whom a run is driven: host, site, this driver's pid (to detect a killed driver later)
     and the git commit of the spec file's directory, when it is in a git work tree."""
-    tags = {"host": socket.gethostname(), "site": p.spec.site.name, "driver_pid": str(os.getpid())}
+    tags = {"host": socket.gethostname(), "site": p.spec.site.name, "driver_pid": str(os.getpid()),
+            "runs_root": str(p.runs_root)}
     commit = _git_commit(Path(p.loaded.source))
     if commit:
         tags["git_commit"] = commit
@@ -322,7 +345,8 @@ def _start_children(p: Plan, tracker: Tracker, parent_id: str) -> dict[str, tupl
 
 
 def _execute(p: Plan, todo: list[RunPlan], tracker: Tracker, children: dict[str, tuple[str, str]],
-             say: Callable[[str], None], poll_interval: float, fail_fast: bool) -> dict[str, RunResult]:
+             display: LineDisplay | LiveDisplay, board: Board, poll_interval: float,
+             fail_fast: bool) -> dict[str, RunResult]:
     import parsl
 
     from site_configs import build_site
@@ -334,21 +358,26 @@ def _execute(p: Plan, todo: list[RunPlan], tracker: Tracker, children: dict[str,
     try:
         for r in todo:
             tracker.set_tags(children[r.run_hash][0], {"gptlab.parsl_run_id": dfk.run_id})
-        driver = Driver(p, tracker, say, poll_interval)
+        driver = Driver(p, tracker, display.say, poll_interval)
         driver.launch_all(_make_apps(site), site.train_env)
         results: dict[str, RunResult] = {}
         pending = list(todo)
         while pending:
             for r in pending:
                 driver.forward(r, children[r.run_hash][0])
-            driver.progress()
+            driver.refresh(board)
             for r in [r for r in pending if driver.run_done(r)]:
                 pending.remove(r)
                 results[r.run_hash] = _finalize(driver, r, children[r.run_hash][0], cached)
-                say(f"[{r.name}] {results[r.run_hash].status} " + _metrics_line(results[r.run_hash].metrics))
+                _close_row(board, r, results[r.run_hash])
+                display.say(f"[{r.name}] {results[r.run_hash].status} " + _metrics_line(results[r.run_hash].metrics))
             if fail_fast and pending and any(x.status == "FAILED" for x in results.values()):
-                results.update(_cancel(driver, pending, children))
+                cancelled = _cancel(driver, pending, children)
+                for r in pending:
+                    _close_row(board, r, cancelled[r.run_hash])
+                results.update(cancelled)
                 pending = []
+            display.update(board)
             if pending:
                 time.sleep(poll_interval)
         return results
@@ -385,6 +414,14 @@ def _stop_tasks(driver: Driver, seconds: float = 60.0) -> None:
             except psutil.NoSuchProcess:
                 pass
         time.sleep(0.25)
+
+
+def _close_row(board: Board, run: RunPlan, result: RunResult) -> None:
+    row = board.rows[run.name]
+    row.status, row.val_bpb = result.status, result.metrics.get("val/bpb")
+    for kind, state in result.stages.items():
+        if state in ("failed", "not run") or row.stages.get(kind) not in ("done", "cached"):
+            row.stages[kind] = {"ran": "done"}.get(state, state)
 
 
 def _metrics_line(metrics: dict[str, float]) -> str:

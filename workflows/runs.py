@@ -1,0 +1,249 @@
+"""Reading what a store and a runs_root hold, for ``gptlab status``, ``compare`` and ``sample``.
+
+A store is found from a spec (its tracking target, or ``<runs_root>/mlflow.db``) or from ``--runs-root`` /
+``--uri``. Each sweep-point run carries the labels of its four stages and the runs_root they live under as
+tags, so a run's stage directories (its checkpoints, its tokenizer) are found from the run alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workflows.spec import SpecError
+
+STAGE_KINDS = ("tokenizer", "shards", "train", "eval")
+TAG = "gptlab."
+
+
+@dataclass
+class Store:
+    uri: str
+    client: Any
+    source: str  # what the user named (spec file or runs_root), for error messages
+    runs_root: Path | None = None
+    plan: Any = None  # the spec's Plan when opened from a spec
+    experiment: str | None = None  # restrict to this experiment
+
+    def experiments(self) -> list[Any]:
+        if self.experiment:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            return [exp] if exp is not None and exp.lifecycle_stage == "active" else []
+        return [e for e in self.client.search_experiments() if e.name != "Default"]
+
+    def runs(self, role: str = "sweep_point", extra: str = "") -> list[Any]:
+        ids = [e.experiment_id for e in self.experiments()]
+        if not ids:
+            return []
+        filt = f"tags.`{TAG}role` = '{role}'" + (f" and {extra}" if extra else "")
+        return list(self.client.search_runs(ids, filt, order_by=["attributes.start_time DESC"], max_results=50000))
+
+
+def open_store(spec: Path | None, overrides: list[str] | None, runs_root: Path, uri: str | None,
+               experiment: str | None = None) -> Store:
+    """The store a spec tracks to, or the one under runs_root (or at uri). Raises SpecError when there is none."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows.tracking import default_tracking_uri, quiet_mlflow_logs
+
+    quiet_mlflow_logs()
+    if spec is not None:
+        from workflows.plan import plan
+        from workflows.spec import load_spec
+
+        p = plan(load_spec(spec, overrides))
+        uri = p.spec.tracking.uri or default_tracking_uri(p.runs_root)
+        if not p.spec.tracking.uri and not (p.runs_root / "mlflow.db").is_file():
+            raise SpecError(str(spec), [f"runs_root: no MLflow store at {p.runs_root / 'mlflow.db'}: nothing was "
+                                        "submitted from this spec yet (run `gptlab submit` first)"])
+        return Store(uri, MlflowClient(uri), str(spec), p.runs_root, p, experiment or p.spec.tracking.experiment or p.spec.name)
+    root = runs_root.expanduser().resolve()
+    if uri is None:
+        if not (root / "mlflow.db").is_file():
+            raise SpecError(str(runs_root), [f"--runs-root: no MLflow store at {root / 'mlflow.db'}: pass the runs_root "
+                                             "of your experiments, a spec, or --uri"])
+        uri = default_tracking_uri(root)
+    return Store(uri, MlflowClient(uri), str(runs_root), root, None, experiment)
+
+
+# -------------------------------------------------------------------------------------------- status
+
+
+@dataclass
+class StatusRow:
+    experiment: str
+    name: str
+    run_id: str | None
+    status: str  # MLflow status, or "NOT SUBMITTED"
+    stages: dict[str, str] = field(default_factory=dict)
+    step: str = "-"
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+def stage_dirs(run: Any, runs_root: Path | None) -> dict[str, Path]:
+    """kind -> stage directory of a sweep-point run, from its tags (empty when the run predates them)."""
+    tags = run.data.tags
+    root = Path(tags[f"{TAG}runs_root"]) if f"{TAG}runs_root" in tags else runs_root
+    labels = [x for x in tags.get(f"{TAG}stages", "").split(",") if x]
+    if root is None or not labels:
+        return {}
+    return {label.split("-", 1)[0]: root / "stages" / label for label in labels}
+
+
+def stage_states(dirs: dict[str, Path], run: Any | None) -> tuple[dict[str, str], str]:
+    """(kind -> done | cached | running | waiting | failed | not run | to run, training step "n/max")."""
+    from llmcore.io import is_committed
+
+    tags = run.data.tags if run is not None else {}
+    status = run.info.status if run is not None else None
+    cached = set(tags.get(f"{TAG}cached_stages", "").split(","))
+    error = tags.get(f"{TAG}error", "")
+    failed_kind = error.split()[1] if error.startswith("stage ") else None
+    states: dict[str, str] = {}
+    blocked = False
+    for kind in STAGE_KINDS:
+        d = dirs.get(kind)
+        if d is not None and is_committed(d):
+            states[kind] = "cached" if kind in cached else "done"
+        elif blocked:
+            states[kind] = "waiting" if status == "RUNNING" else "not run"
+        elif status == "RUNNING":
+            states[kind], blocked = "running", True
+        elif status == "FAILED" and kind == failed_kind:
+            states[kind], blocked = "failed", True
+        else:
+            states[kind], blocked = "to run", True
+    return states, _train_step(dirs.get("train"))
+
+
+def _train_step(train_dir: Path | None) -> str:
+    """'n/max' from a training's metrics.jsonl and config (the last complete line), or '-'."""
+    from llmcore.io import read_json
+
+    if train_dir is None or not (train_dir / "metrics.jsonl").is_file():
+        return "-"
+    from workflows.report import read_metrics
+
+    train, _ = read_metrics(train_dir / "metrics.jsonl")
+    if not train:
+        return "-"
+    try:
+        total = read_json(train_dir / "config.json")["train"]["max_steps"]
+    except (OSError, ValueError, KeyError):
+        total = "?"
+    return f"{train[-1]['step']}/{total}"
+
+
+def status_rows(store: Store) -> tuple[list[StatusRow], list[str]]:
+    """(one row per sweep point, ids of runs marked KILLED because their driver is gone).
+
+    From a spec: every point of its sweep, also those never submitted; otherwise every sweep-point run in the
+    store (the newest first, per experiment)."""
+    from workflows.tracking import Tracker
+
+    killed: list[str] = []
+    for exp in store.experiments():
+        tracker = Tracker(store.uri, exp.name, Path("."))  # exists already: nothing is created
+        killed += tracker.mark_dead_runs_killed()
+    rows = []
+    if store.plan is not None:
+        p = store.plan
+        runs = store.runs(extra=f"tags.`{TAG}spec_hash` = '{p.spec_hash}'")
+        by_hash: dict[str, Any] = {}
+        for r in runs:  # newest first: keep the newest per run hash
+            by_hash.setdefault(r.data.tags.get(f"{TAG}run_hash"), r)
+        for rp in p.runs:
+            run = by_hash.get(rp.run_hash)
+            dirs = {k: s.dir for k, s in rp.stages.items()}
+            rows.append(_row(store.experiment or p.spec.name, rp.name, run, dirs))
+        return rows, killed
+    names = {e.experiment_id: e.name for e in store.experiments()}
+    for run in store.runs():
+        rows.append(_row(names.get(run.info.experiment_id, "?"), run.info.run_name, run, stage_dirs(run, store.runs_root)))
+    return rows, killed
+
+
+def _row(experiment: str, name: str, run: Any | None, dirs: dict[str, Path]) -> StatusRow:
+    states, step = stage_states(dirs, run)
+    if run is None:
+        return StatusRow(experiment, name, None, "NOT SUBMITTED", states, step)
+    error = run.data.tags.get(f"{TAG}error")
+    return StatusRow(experiment, name, run.info.run_id, run.info.status, states, step, dict(run.data.metrics),
+                     error.splitlines()[0] if error else None)
+
+
+# -------------------------------------------------------------------------------------------- finding
+
+
+def find_run(store: Store, ref: str) -> Any:
+    """A sweep-point run by MLflow run id, a unique id prefix (6+ characters) or its run name."""
+    runs = store.runs()
+    matches = [r for r in runs if r.info.run_id == ref]
+    if not matches and len(ref) >= 6:
+        matches = [r for r in runs if r.info.run_id.startswith(ref)]
+    if not matches:
+        matches = [r for r in runs if r.info.run_name == ref]
+    if len(matches) == 1:
+        return matches[0]
+    where = f"the store {store.uri}" + (f", experiment {store.experiment}" if store.experiment else "")
+    if not matches:
+        known = ", ".join(sorted({r.info.run_name for r in runs})[:20]) or "none"
+        raise SpecError(store.source, [f"RUN: no sweep-point run named or with id '{ref}' in {where} (runs: {known})"])
+    names = {e.experiment_id: e.name for e in store.experiments()}
+    listed = "; ".join(f"{r.info.run_id} ({names.get(r.info.experiment_id)}, {r.info.status})" for r in matches[:10])
+    raise SpecError(store.source, [f"RUN: '{ref}' matches {len(matches)} runs in {where}: pass a run id or "
+                                   f"--experiment ({listed})"])
+
+
+def latest_parent(store: Store) -> Any:
+    """The newest parent run of the spec (from a spec) or of the store's (only or newest) experiment."""
+    extra = f"tags.`{TAG}spec_hash` = '{store.plan.spec_hash}'" if store.plan is not None else ""
+    parents = store.runs(role="parent", extra=extra)
+    if not parents:
+        raise SpecError(store.source, ["no submitted experiment to compare here" +
+                                       (f" (experiment {store.experiment})" if store.experiment else "")])
+    if store.plan is None and store.experiment is None and len({r.info.experiment_id for r in parents}) > 1:
+        store.experiment = next(e.name for e in store.experiments() if e.experiment_id == parents[0].info.experiment_id)
+    return parents[0]
+
+
+# -------------------------------------------------------------------------------------------- sampling
+
+
+def sample_run(store: Store, ref: str, prompt: str, num_samples: int = 1, max_new_tokens: int = 200,
+               temperature: float = 0.8, top_k: int | None = 200, top_p: float | None = None, seed: int = 1337,
+               device: str = "auto") -> tuple[Any, dict[str, Any], list[str]]:
+    """(run, checkpoint meta, continuations) sampled from a run's newest committed checkpoint."""
+    from pydantic import ValidationError
+
+    from llmcore.checkpoint import CheckpointError, load_model
+    from llmcore.config import EvalConfig
+    from llmcore.evaluate import sample
+    from llmcore.hardware import resolve_device
+    from llmcore.tokenizer import Tokenizer
+
+    try:
+        cfg = EvalConfig(prompts=[prompt] * num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p)
+    except ValidationError as err:
+        options = {"prompts": "--prompt"}
+        raise SpecError("gptlab sample", [f"{options.get(str(e['loc'][0]), '--' + str(e['loc'][0]).replace('_', '-'))}: "
+                                          f"{e['msg']}" for e in err.errors()]) from None
+    run = find_run(store, ref)
+    dirs = stage_dirs(run, store.runs_root)
+    train, tok = dirs.get("train"), dirs.get("tokenizer")
+    if train is None or tok is None:
+        raise SpecError(store.source, [f"RUN: run {run.info.run_id} does not record its stage directories "
+                                       "(submitted by an older gptlab): pass --runs-root"])
+    if not (tok / "tokenizer.model").is_file():
+        raise SpecError(store.source, [f"RUN: the tokenizer of run {run.info.run_name} is not on this machine "
+                                       f"({tok / 'tokenizer.model'} is missing)"])
+    dev = resolve_device(device)
+    try:
+        model, meta = load_model(train, dev)
+    except CheckpointError as err:
+        raise SpecError(store.source, [f"RUN: run {run.info.run_name} has no usable weights: {err}"]) from None
+    texts = [s["text"] for s in sample(model, Tokenizer.load(tok / "tokenizer.model"), cfg, dev, seed)]
+    return run, meta, texts
