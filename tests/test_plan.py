@@ -6,7 +6,7 @@ import pytest
 
 from helpers import make_corpus, tiny_spec
 from llmcore.io import write_commit_marker
-from workflows.plan import plan
+from workflows.plan import STAGE_VERSIONS, canonical_hash, plan
 from workflows.spec import load_spec_tree
 
 
@@ -51,6 +51,23 @@ def test_keys_are_stable_and_track_exactly_what_a_stage_uses(corpus, tmp_path):
     # Settings that cannot change a stage's output do not change its key.
     same = planned(tree, ["data.num_workers=2", "train.time_budget_s=100", "site.max_workers=1"]).runs[0].stages
     assert all(same[k].key == base[k].key for k in base)
+
+
+def test_a_key_hashes_kind_version_config_and_inputs_and_shared_stages_are_one_object(corpus, tmp_path):
+    # Tokenizer and shards stages are keyed once per distinct data/tokenizer/seed: the keys must stay exactly
+    # the hash of each stage's identity, so stage directories of earlier versions are still found.
+    p = planned(tiny_spec(corpus, tmp_path / "runs", sweep={"tokenizer.vocab_size": [40, 64], "train.lr": [1e-3, 2e-3],
+                                                           "data.num_workers": [1, 2]}))
+    for key, s in p.stages.items():
+        assert key == canonical_hash({"kind": s.kind, "version": STAGE_VERSIONS[s.kind], "config": s.config,
+                                      "inputs": s.deps})
+        assert s.dir.name == f"{s.kind}-{key}"
+    assert [len(distinct(p, k)) for k in ("tokenizer", "shards", "train", "eval")] == [2, 2, 4, 4]
+    by_vocab = {}
+    for r in p.runs:
+        by_vocab.setdefault(r.spec.tokenizer.vocab_size, []).append(r.stages["shards"])
+    assert all(all(s is group[0] for s in group) for group in by_vocab.values())
+    assert all(p.stages[r.stages[k].key] is r.stages[k] for r in p.runs for k in r.stages)
 
 
 def test_corpus_change_invalidates_the_tokenizer(corpus, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
 import subprocess
 import sys
@@ -10,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import make_corpus, tiny_spec, write_spec
-from workflows.spec import SpecError, load_spec, load_spec_tree, run_name, sweep_points
+from workflows.spec import SpecError, gc_paused, load_spec, load_spec_tree, run_name, sweep_points
 from workflows.driver import load_and_check
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,6 +94,36 @@ def test_sweep_expands_to_named_runs():
     names = [name for name, _, _ in loaded.runs]
     assert names == ["n_layer=2,lr=0.001", "n_layer=2,lr=0.0003", "n_layer=4,lr=0.001", "n_layer=4,lr=0.0003"]
     assert [(s.model.n_layer, s.train.lr) for _, _, s in loaded.runs] == [(2, 1e-3), (2, 3e-4), (4, 1e-3), (4, 3e-4)]
+
+
+def test_sweep_points_are_independent_and_leave_the_tree_unchanged():
+    # Expansion copies only the containers on each swept path: points must not see each other's values.
+    tree = {"data": {"sources": [{"type": "python_stdlib", "max_bytes": 100}], "val_fraction": 0.2},
+            "eval": {"prompts": ["a"]},
+            "sweep": {"data.sources.0.max_bytes": [1000, 2000], "eval.prompts": [["x"], ["y", "z"]],
+                      "model.dropout": [0.0, 0.1]}}
+    before = copy.deepcopy(tree)
+    runs = load_spec_tree(tree, "s.yaml").runs
+    assert tree == before
+    got = [(s.data.sources[0].max_bytes, s.eval.prompts, s.model.dropout, s.data.val_fraction) for _, _, s in runs]
+    assert got == [(m, p, d, 0.2) for m in (1000, 2000) for p in (["x"], ["y", "z"]) for d in (0.0, 0.1)]
+
+
+def test_gc_paused_restores_the_collector_state():
+    assert gc.isenabled()
+    with gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()
+    with pytest.raises(KeyError), gc_paused():
+        raise KeyError("x")
+    assert gc.isenabled()
 
 
 def test_sweep_point_names_use_full_keys_when_leaves_clash():

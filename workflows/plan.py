@@ -15,7 +15,7 @@ from typing import Any
 
 from llmcore.corpus import corpus_fingerprint
 from llmcore.io import COMMIT_MARKER, is_committed, read_json
-from workflows.spec import ExperimentSpec, LoadedSpec
+from workflows.spec import ExperimentSpec, LoadedSpec, gc_paused
 
 # Bump a stage's version when its code changes what it writes: old stage directories are then not reused.
 STAGE_VERSIONS = {"tokenizer": 1, "shards": 1, "train": 1, "eval": 1}
@@ -76,8 +76,9 @@ def spec_identity(spec: ExperimentSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json", exclude={"site", "tracking", "runs_root"})
 
 
-def _stage_configs(spec: ExperimentSpec, corpus: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Exactly the settings each stage uses; settings that cannot change its output are left out."""
+def _data_configs(spec: ExperimentSpec, corpus: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Exactly the settings the tokenizer and shards stages use; settings that cannot change their output are
+    left out."""
     data = spec.data.model_dump(mode="json", exclude={"num_workers"})
     return {
         "tokenizer": {
@@ -87,6 +88,12 @@ def _stage_configs(spec: ExperimentSpec, corpus: list[dict[str, Any]]) -> dict[s
             "seed": spec.seed,
         },
         "shards": {"data": data, "corpus": corpus, "seed": spec.seed},
+    }
+
+
+def _model_configs(spec: ExperimentSpec) -> dict[str, dict[str, Any]]:
+    """Exactly the settings the train and eval stages use."""
+    return {
         "train": {
             "model": spec.model.model_dump(mode="json"),
             "train": spec.train.model_dump(mode="json", exclude={"time_budget_s"}),
@@ -100,25 +107,43 @@ def _stage_configs(spec: ExperimentSpec, corpus: list[dict[str, Any]]) -> dict[s
 STAGE_INPUTS = {"tokenizer": (), "shards": ("tokenizer",), "train": ("shards",), "eval": ("train", "shards", "tokenizer")}
 
 
+def _add_stages(result: Plan, configs: dict[str, dict[str, Any]], stages: dict[str, Stage]) -> dict[str, Stage]:
+    """Key the stages of ``configs`` (in order; their inputs are already in ``stages``) and add them to the plan,
+    shared with an equal stage already there. Returns ``stages`` with them added."""
+    root = result.runs_root / "stages"
+    for kind, config in configs.items():
+        deps = tuple(stages[d].key for d in STAGE_INPUTS[kind])
+        key = canonical_hash({"kind": kind, "version": STAGE_VERSIONS[kind], "config": config, "inputs": deps})
+        stage = result.stages.get(key)
+        if stage is None:
+            stage = result.stages[key] = Stage(kind, key, config, deps, root / f"{kind}-{key}")
+        stages[kind] = stage
+    return stages
+
+
 def plan(loaded: LoadedSpec) -> Plan:
-    """Build the stage graph for every run of a loaded spec (no side effects)."""
+    """Build the stage graph for every run of a loaded spec (no side effects).
+
+    The tokenizer and shards configs hold the corpus fingerprint (a row per corpus file, hundreds of them), so
+    they are built and hashed once per distinct data, tokenizer and seed settings, not once per sweep point:
+    hashing them per point dominated planning a large sweep.
+    """
     spec = loaded.spec
     runs_root = Path(spec.runs_root).expanduser().resolve()
     result = Plan(loaded, runs_root, canonical_hash(spec_identity(spec)), [])
-    fingerprints: dict[str, list[dict[str, Any]]] = {}
-    for name, point, run_spec in loaded.runs:
-        data_key = canonical_hash(run_spec.data.model_dump(mode="json"))
-        if data_key not in fingerprints:
-            fingerprints[data_key] = corpus_fingerprint(run_spec.data)
-        configs = _stage_configs(run_spec, fingerprints[data_key])
-        stages: dict[str, Stage] = {}
-        for kind in STAGE_KINDS:
-            deps = tuple(stages[d].key for d in STAGE_INPUTS[kind])
-            key = canonical_hash({"kind": kind, "version": STAGE_VERSIONS[kind], "config": configs[kind], "inputs": deps})
-            stage = result.stages.setdefault(key, Stage(kind, key, configs[kind], deps, runs_root / "stages" / f"{kind}-{key}"))
-            stages[kind] = stage
-        run_hash = canonical_hash({"name": name, "stages": [s.key for s in stages.values()]})
-        result.runs.append(RunPlan(name, point, run_spec, stages, run_hash))
+    fingerprints: dict[str, list[dict[str, Any]]] = {}  # data settings (JSON) -> corpus fingerprint
+    upstream: dict[str, dict[str, Stage]] = {}  # data, tokenizer and seed (JSON) -> their tokenizer and shards stages
+    with gc_paused():
+        for name, point, run_spec in loaded.runs:
+            data = run_spec.data.model_dump_json()
+            if data not in fingerprints:
+                fingerprints[data] = corpus_fingerprint(run_spec.data)
+            shared = run_spec.model_dump_json(include={"data", "tokenizer", "seed"})
+            if shared not in upstream:
+                upstream[shared] = _add_stages(result, _data_configs(run_spec, fingerprints[data]), {})
+            stages = _add_stages(result, _model_configs(run_spec), dict(upstream[shared]))
+            run_hash = canonical_hash({"name": name, "stages": [s.key for s in stages.values()]})
+            result.runs.append(RunPlan(name, point, run_spec, stages, run_hash))
     return result
 
 
