@@ -180,7 +180,9 @@ class Driver:
                 if f is None:
                     row.stages[kind] = "cached"
                 elif proc is not None and not proc.done():
-                    row.stages[kind] = PARSL_STATES.get(proc.task_status(), "waiting")
+                    state = PARSL_STATES.get(proc.task_status(), "waiting")
+                    # launched to an executor is not yet running: the process writes train.log from its start
+                    row.stages[kind] = "queued" if state == "running" and not (stage.dir / "train.log").is_file() else state
                 else:
                     row.stages[kind] = PARSL_STATES.get(f.task_status(), "waiting")
             fw = next((fw for (_, key), fw in self.forwarders.items() if key == run.stages["train"].key), None)

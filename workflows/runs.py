@@ -93,7 +93,9 @@ def stage_dirs(run: Any, runs_root: Path | None) -> dict[str, Path]:
 
 
 def stage_states(dirs: dict[str, Path], run: Any | None) -> tuple[dict[str, str], str]:
-    """(kind -> done | cached | running | waiting | failed | not run | to run, training step "n/max")."""
+    """(kind -> state, training step "n/max"). States: done, cached (done before the run's last submit),
+    running, queued (a training waiting for a worker), waiting (behind a stage not done), failed, not run
+    (behind a failed stage), to run (a submit will run it)."""
     from llmcore.io import is_committed
 
     tags = run.data.tags if run is not None else {}
@@ -102,19 +104,21 @@ def stage_states(dirs: dict[str, Path], run: Any | None) -> tuple[dict[str, str]
     error = tags.get(f"{TAG}error", "")
     failed_kind = error.split()[1] if error.startswith("stage ") else None
     states: dict[str, str] = {}
-    blocked = False
+    after: str | None = None  # the state of every stage after the first one not done
     for kind in STAGE_KINDS:
         d = dirs.get(kind)
         if d is not None and is_committed(d):
             states[kind] = "cached" if kind in cached else "done"
-        elif blocked:
-            states[kind] = "waiting" if status == "RUNNING" else "not run"
+        elif after is not None:
+            states[kind] = after
         elif status == "RUNNING":
-            states[kind], blocked = "running", True
+            # a training's process writes train.log from its first moment: without one it is still queued
+            started = kind != "train" or (d is not None and (d / "train.log").is_file())
+            states[kind], after = ("running" if started else "queued"), "waiting"
         elif status == "FAILED" and kind == failed_kind:
-            states[kind], blocked = "failed", True
+            states[kind], after = "failed", "not run"
         else:
-            states[kind], blocked = "to run", True
+            states[kind], after = "to run", "to run"
     return states, _train_step(dirs.get("train"))
 
 
