@@ -64,3 +64,35 @@ def wait_for_json(url: str, proc: Any, seconds: float, log: Callable[[], str]) -
             assert proc.poll() is None, log()
             assert time.time() < deadline, f"{url} did not answer in {seconds:.0f} s:\n{log()}"
             time.sleep(0.5)
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc: Any) -> None:
+    """SIGTERM a server's process group (started with start_new_session=True: the server, its workers, their
+    children), SIGKILL what lingers."""
+    import os
+    import signal
+    import time
+
+    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.time() + grace
+        while time.time() < deadline:
+            proc.poll()
+            try:
+                os.killpg(proc.pid, 0)  # anything left in the group?
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+    proc.wait(timeout=10)

@@ -9,17 +9,14 @@ extra. Without them this test fails, it never skips. Screenshots land in the tes
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import make_corpus, tiny_spec, wait_for_json, write_spec
+from helpers import free_port, make_corpus, stop_group, tiny_spec, wait_for_json, write_spec
 from workflows import submit
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -46,30 +43,6 @@ if (x < 0 || y < 0 || x >= window.innerWidth || y >= window.innerHeight) return 
 const hit = document.elementFromPoint(x, y);
 return hit !== null && el.contains(hit);
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the UI's process group (mlflow ui, its uvicorn workers, its job consumers), SIGKILL what lingers."""
-    for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.time() + grace
-        while time.time() < deadline:
-            proc.poll()
-            try:
-                os.killpg(proc.pid, 0)  # anything left in the group?
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-    proc.wait(timeout=10)
 
 
 def require_browser() -> None:

@@ -13,13 +13,13 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import free_port
 from llmcore.config import ModelConfig, TrainConfig
 from llmcore.distributed import mpiexec_prefix, read_launch_env
 
@@ -42,12 +42,6 @@ def require_mpiexec() -> str:
         pytest.fail("mpiexec is not on PATH: run .ci/mpi-up.sh (installs Debian's mpich) before the MPI tests",
                     pytrace=False)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 from typer.testing import CliRunner
 
-from helpers import make_corpus, tiny_spec, wait_for_json, write_spec
+from helpers import free_port, make_corpus, tiny_spec, wait_for_json, write_spec
 from workflows import submit
 from workflows.cli import app
 from workflows.progress import LiveDisplay
@@ -249,14 +249,6 @@ def test_a_failing_point_is_failed_and_the_others_finish(tmp_path):
     line = next(x for x in status.stdout.splitlines() if "block_size=100000" in x)
     assert re.search(r"FAILED\s*│\s*done\s*│\s*done\s*│\s*failed\s*│\s*not run", line), line
     assert "[block_size=100000] stage train failed" in status.stdout
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ui_serves_the_store_on_loopback(sweep):
