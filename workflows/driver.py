@@ -305,7 +305,8 @@ def _submit(p: Plan, display: LineDisplay | LiveDisplay, poll_interval: float, f
     if p.spec.sweep:
         log_sweep_summary(tracker, parent_id, p, runs)
     tracker.finish(parent_id, ok, None if ok else "; ".join(f"{r.name}: {r.error}" for r in runs if r.error)[:4000])
-    return SubmitResult(p.spec.name, tracker.experiment_id, parent_id, tracker.uri, runs, time.time() - started)
+    return SubmitResult(p.spec.tracking.experiment or p.spec.name, tracker.experiment_id, parent_id, tracker.uri, runs,
+                        time.time() - started)
 
 
 def _driver_tags(p: Plan) -> dict[str, str]:
