@@ -6,14 +6,26 @@ A reader therefore sees either the old file or the complete new one, never a tor
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import socket
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 COMMIT_MARKER = "DONE.json"
+LOCK_FILE = ".lock"
+#: errno values that mean "this file system will not take the write": disk full, quota, read-only, too big.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """True for an OSError that more attempts on the same file system cannot fix until someone frees space."""
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
 
 
 def fsync_dir(path: Path) -> None:
@@ -72,3 +84,34 @@ def write_commit_marker(directory: str | os.PathLike, info: dict[str, Any]) -> N
 
 def is_committed(directory: str | os.PathLike) -> bool:
     return (Path(directory) / COMMIT_MARKER).is_file()
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike, what: str = "", say: Any = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block.
+
+    Waits for the holder when another process has it, after saying so once (``say``, default stderr). The
+    kernel releases the lock when its holder exits, however it exits (SIGKILL included), so a dead holder
+    never blocks anyone. Works across processes on one machine and, on Lustre, across nodes when the file
+    system is mounted with ``-o flock`` (Polaris' ``/eagle`` and ``/grand`` are). The holder's pid and host
+    are written into the file to make the message useful; they are not part of the protocol.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            message = f"waiting for {what or path}: locked by {holder}"
+            (say or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass  # a full disk must not stop the lock from working; the note is informational only
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -2,6 +2,11 @@
 
 These functions run on Parsl workers (a thread here, a process on a compute node elsewhere), so they take
 plain paths and JSON-able dicts and import nothing from Parsl or MLflow.
+
+Each stage body runs holding the stage directory's lock (``<stage>/.lock``, an ``flock``), and so does the
+training process for its whole run: two submits of the same spec at once (or a re-submit while a killed
+driver's training still runs) never work in one stage directory at the same time. The second one waits,
+then finds the stage committed (or the checkpoint complete) and does nothing again.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from llmcore.io import atomic_write_json, is_committed, read_json, write_commit_marker
+from llmcore.io import LOCK_FILE, atomic_write_json, file_lock, is_committed, read_json, write_commit_marker
 from workflows.spec import ExperimentSpec
 
 
@@ -27,9 +32,11 @@ def _run(stage_dir: str, kind: str, body: Callable[[Path], dict[str, Any]]) -> d
     d = Path(stage_dir)
     if is_committed(d):
         return read_json(d / "DONE.json")
-    d.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    return _commit(d, kind, started, body(d))
+    with file_lock(d / LOCK_FILE, f"stage {d.name}"):
+        if is_committed(d):  # another submit ran it while this one waited
+            return read_json(d / "DONE.json")
+        started = time.time()
+        return _commit(d, kind, started, body(d))
 
 
 def prepare_stage(stage_dir: Path, config: dict[str, Any]) -> None:
@@ -84,15 +91,16 @@ def train_app(stage_dir: str, shards_dir: str, env: dict[str, str], launcher: st
 def commit_train(stage_dir: str, inputs: list = ()) -> dict[str, Any]:
     """Commit a training stage once its process exited 0 and wrote a complete summary."""
     d = Path(stage_dir)
-    if is_committed(d):
-        return read_json(d / "DONE.json")
-    summary = read_json(d / "summary.json")
-    if summary.get("stopped_early"):
-        raise RuntimeError(
-            f"training in {d} stopped at its time budget after {summary['steps']} steps; submit again to resume "
-            "from its checkpoint"
-        )
-    return _commit(d, "train", time.time() - float(summary["seconds"]), summary)
+    with file_lock(d / LOCK_FILE, f"stage {d.name}"):
+        if is_committed(d):
+            return read_json(d / "DONE.json")
+        summary = read_json(d / "summary.json")
+        if summary.get("stopped_early"):
+            raise RuntimeError(
+                f"training in {d} stopped at its time budget after {summary['steps']} steps; submit again to "
+                "resume from its checkpoint"
+            )
+        return _commit(d, "train", time.time() - float(summary["seconds"]), summary)
 
 
 def eval_stage(stage_dir: str, spec: dict[str, Any], train_dir: str, shards_dir: str, tokenizer_dir: str,
