@@ -5,7 +5,9 @@
 
 CONFIG.json is ``{"model": {...}, "train": {...}, "seed": 0}`` (ModelConfig, TrainConfig). OUT_DIR receives
 ``metrics.jsonl`` (one JSON object per line, ``"kind": "train"`` or ``"eval"``), ``checkpoints/`` and, at the
-end, ``summary.json``. If OUT_DIR holds a committed checkpoint, training continues from it.
+end, ``summary.json``. If OUT_DIR holds a committed checkpoint, training continues from it. Rank 0 holds
+``OUT_DIR/.lock`` (an ``flock``) for the whole run: a second training of the same OUT_DIR waits for the first
+to end (or die), then resumes from its checkpoint instead of writing beside it.
 
 Data: every optimiser step consumes ``world_size * grad_accum`` micro-batches, micro-step m of rank r drawing
 from data stream ``r * grad_accum + m`` (its own seeded BatchSampler). So the curve depends on the global batch
@@ -34,7 +36,7 @@ from llmcore import distributed as D
 from llmcore.checkpoint import CheckpointError, checkpoints, load_checkpoint, rng_state, save_checkpoint
 from llmcore.config import ModelConfig, StrictModel, TrainConfig
 from llmcore.hardware import enable_tf32, peak_flops, peak_memory_mb, resolve_precision
-from llmcore.io import atomic_write_bytes, atomic_write_json
+from llmcore.io import LOCK_FILE, atomic_write_bytes, atomic_write_json, file_lock, is_no_space
 from llmcore.model import GPT
 from llmcore.shards import BatchSampler, ShardError, TokenSplit, fixed_batches
 
@@ -173,6 +175,8 @@ class Trainer:
             self._load(Path(path))
         if self.dist.is_main:
             _truncate_metrics(self.out_dir / METRICS, self.step)
+            if path is not None:
+                print(f"resuming from checkpoint {path} (step {self.step})", file=sys.stderr, flush=True)
         return path is not None
 
     def _load(self, path: Path) -> None:
@@ -230,7 +234,7 @@ class Trainer:
 
     def _train_line(self, loss: float, grad_norm: torch.Tensor, tokens_per_sec: float) -> dict[str, Any]:
         return {
-            "kind": "train", "step": self.step, "loss": loss, "lr": lr_at(self.step - 1, self.cfg),
+            "kind": "train", "step": self.step, "time": time.time(), "loss": loss, "lr": lr_at(self.step - 1, self.cfg),
             "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec,
             "mfu": self.flops_per_token * tokens_per_sec / (self.peak * self.world) if self.peak else None,
             "peak_mem_mb": peak_memory_mb(self.device), "elapsed_s": self.extra["elapsed_s"],
@@ -272,7 +276,7 @@ class Trainer:
                     write(self._train_line(self.extra["train_loss"], grad_norm, tokens_per_sec))
                 if self.step % cfg.eval_interval == 0 or last:
                     self.extra["val_loss"] = estimate_loss(self.fwd, self.val_batches, self.ctx, self.device)
-                    write({"kind": "eval", "step": self.step, "val_loss": self.extra["val_loss"],
+                    write({"kind": "eval", "step": self.step, "time": time.time(), "val_loss": self.extra["val_loss"],
                            "elapsed_s": elapsed()})
                 if self.step % cfg.checkpoint_interval == 0 or last:
                     t_save = _clock()
@@ -308,10 +312,15 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, shards_dir: Path, out_
     if problems:
         raise ValueError("; ".join(problems))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    try:
-        return Trainer(model_cfg, train_cfg, shards_dir, out_dir, seed).run()
-    finally:
-        D.cleanup()
+    # One training per out_dir at a time: rank 0 holds the lock from before it reads a checkpoint until the
+    # summary is written (the other ranks wait for rank 0 at the rendezvous).
+    lock = file_lock(Path(out_dir) / LOCK_FILE, f"training in {out_dir}") if D.read_launch_env().rank == 0 \
+        else nullcontext()
+    with lock:
+        try:
+            return Trainer(model_cfg, train_cfg, shards_dir, out_dir, seed).run()
+        finally:
+            D.cleanup()
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -332,9 +341,12 @@ def load_run_config(path: Path) -> tuple[RunConfig | None, list[str]]:
     return run, [f"{path}: {p}" for p in check_config(run.model, run.train)]
 
 
-# Exit codes: 0 finished; 2 bad config or data (retrying cannot help); 75 (EX_TEMPFAIL) stopped at the time
-# budget after a committed checkpoint, so running the same command again resumes it.
+# Exit codes: 0 finished; 2 bad config or data (retrying cannot help); 74 (EX_IOERR) the output directory's
+# file system is full, over quota or read-only (retrying cannot help until someone frees space; the last
+# committed checkpoint stays usable); 75 (EX_TEMPFAIL) stopped at the time budget after a committed
+# checkpoint, so running the same command again resumes it.
 EXIT_BAD_INPUT = 2
+EXIT_NO_SPACE = 74
 EXIT_STOPPED_EARLY = 75
 
 
@@ -350,9 +362,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = train(run.model, run.train, args.shards, args.out, run.seed)
-    except (ShardError, CheckpointError) as e:
+    except ShardError as e:
+        damaged = any(w in str(e) for w in ("missing", "truncated", "sha256", "out of range", "header", "magic"))
+        hint = (f"\nthe shards directory is damaged or incomplete: delete {args.shards} and submit again to "
+                "rebuild it" if damaged else "")
+        print(f"error: {e}{hint}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as e:
+        if not is_no_space(e):
+            raise
+        print(f"error: cannot write {e.filename or args.out}: {e.strerror} (free space or raise the quota, then "
+              "submit again: training resumes from its last committed checkpoint)", file=sys.stderr)
+        return EXIT_NO_SPACE
     if D.read_launch_env().rank == 0:
         print(json.dumps(summary))
     return EXIT_STOPPED_EARLY if summary["stopped_early"] else 0

@@ -95,7 +95,7 @@ def test_run_writes_metrics_summary_and_keeps_two_checkpoints(llm_reference):
     train_rows = lines(llm_reference)
     assert [r["step"] for r in train_rows] == list(range(1, STEPS + 1))
     row = train_rows[-1]
-    assert set(row) == {"kind", "step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "peak_mem_mb",
+    assert set(row) == {"kind", "step", "time", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "peak_mem_mb",
                         "elapsed_s", "tokens_seen"}
     assert row["mfu"] is None and row["peak_mem_mb"] is None and row["tokens_seen"] == STEPS * 4 * 16
     assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.5
