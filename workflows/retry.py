@@ -2,7 +2,9 @@
 
 Lost workers and managers (walltime, node failure, a killed process) are cheap to retry: training resumes
 from its last committed checkpoint. Bad input (exit code 2 from ``python -m llmcore.train``, spec, corpus,
-shard and checkpoint errors) fails the same way every time, so it is never retried.
+shard and checkpoint errors) fails the same way every time, so it is never retried; nor is a full, over-quota
+or read-only file system (exit code 74 from training, ENOSPC/EDQUOT/EROFS/EFBIG from a stage): retrying
+cannot help until someone frees space, and then a re-submit resumes from the last committed state.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 EXIT_BAD_INPUT = 2
+EXIT_NO_SPACE = 74  # llmcore.train: cannot write its output directory
 NEVER = 1_000_000.0  # a cost above any retry budget
 
 
@@ -19,11 +22,14 @@ def retry_cost(exc: BaseException, task_record: Any) -> float:
 
     from llmcore.checkpoint import CheckpointError
     from llmcore.corpus import CorpusError
+    from llmcore.io import is_no_space
     from llmcore.shards import ShardError
     from llmcore.tokenizer import TokenizerError
 
     if isinstance(exc, BashExitFailure):
-        return NEVER if exc.exitcode == EXIT_BAD_INPUT else 1.0
+        return NEVER if exc.exitcode in (EXIT_BAD_INPUT, EXIT_NO_SPACE) else 1.0
+    if is_no_space(exc):
+        return NEVER
     if isinstance(exc, (CorpusError, TokenizerError, ShardError, CheckpointError, ValueError)):
         return NEVER
     if isinstance(exc, (WorkerLost, ManagerLost)):
