@@ -4,11 +4,14 @@ A corpus is a list of sources; each source expands to an ordered list of files, 
 
 * a ``text`` file is one document, decoded as UTF-8. Invalid bytes are replaced by U+FFFD (the Unicode
   replacement character) rather than failing, so one stray Latin-1 byte cannot stop a long run. Line endings are
-  kept exactly as on disk (``\\r\\n`` stays ``\\r\\n``), so byte counts and round trips are exact.
+  kept exactly as on disk (``\\r\\n`` stays ``\\r\\n``), so byte counts and round trips are exact. A file
+  holding a NUL byte is binary (an image, an archive, a ``.pyc`` caught by a glob), never text: it is an error
+  naming the file, found by ``check_corpus`` in its first 8 KiB and while streaming anywhere in it.
 * a ``jsonl`` file holds one JSON object per line; the string under ``text_field`` is one document. Blank lines
   are skipped; a line that is not a JSON object with that string field is an error naming the file and line.
 
-Everything here streams: memory is bounded by the largest single document. Listing and checking only stat files.
+Everything here streams: memory is bounded by the largest single document. Listing and checking only stat files
+(and read the first 8 KiB of each text file and the first line of each JSONL file).
 """
 
 from __future__ import annotations
@@ -114,6 +117,21 @@ def resolve_files(data: DataConfig) -> list[tuple[int, Path, str]]:
 
 # ------------------------------------------------------------------------------------------- checking
 
+#: How much of each text file ``check_corpus`` reads to tell binary files from text.
+SNIFF_BYTES = 8192
+
+
+def _binary_error(i: int, path: Path, where: str) -> CorpusError:
+    return CorpusError(f"data.sources.{i}.path", f"{path} is binary, not text (a NUL byte {where}); "
+                                                 "remove it or narrow the path, glob or suffixes")
+
+
+def _sniff_binary(i: int, path: Path) -> CorpusError | None:
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    offset = head.find(b"\0")
+    return None if offset < 0 else _binary_error(i, path, f"at byte {offset}")
+
 
 def _peek_jsonl(i: int, path: Path, text_field: str) -> CorpusError | None:
     """Parse the first non-blank line of a JSONL file; the error it would raise when streamed, or None."""
@@ -130,9 +148,10 @@ def _peek_jsonl(i: int, path: Path, text_field: str) -> CorpusError | None:
 
 def check_corpus(data: DataConfig) -> list[CorpusError]:
     """Every problem with the corpus at once, cheaply: missing files and empty globs or directories per source,
-    a malformed first record per JSONL file, and ``data.sources: corpus is empty`` when all files are empty.
+    a malformed first record per JSONL file, a binary file (NUL byte in its first 8 KiB) among text files, and
+    ``data.sources: corpus is empty`` when all files are empty.
 
-    Only stats files (and reads the first line of JSONL files); never reads a whole corpus.
+    Stats files and reads the first 8 KiB of text files (first line of JSONL files); never a whole corpus.
     """
     errors: list[CorpusError] = []
     total = 0
@@ -145,10 +164,13 @@ def check_corpus(data: DataConfig) -> list[CorpusError]:
         for _, path, fmt in rows:
             size = path.stat().st_size
             total += size
+            err = None
             if fmt == "jsonl" and size:
                 err = _peek_jsonl(i, path, src.text_field)
-                if err is not None:
-                    errors.append(err)
+            elif size and isinstance(src, FilesSource):
+                err = _sniff_binary(i, path)
+            if err is not None:
+                errors.append(err)
     if not errors and total == 0:
         errors.append(CorpusError("data.sources", "corpus is empty: every file is zero bytes"))
     return errors
@@ -189,7 +211,10 @@ def iter_documents(data: DataConfig) -> Iterator[str]:
             yield from _iter_jsonl(i, path, data.sources[i].text_field)
         else:
             with open(path, encoding="utf-8", errors="replace", newline="") as f:
-                yield f.read()
+                text = f.read()
+            if "\0" in text:
+                raise _binary_error(i, path, f"at character {text.index(chr(0))}")
+            yield text
 
 
 def corpus_fingerprint(data: DataConfig) -> list[dict]:
