@@ -3,6 +3,13 @@
 Workers never talk to MLflow. Training appends to ``metrics.jsonl`` in its stage directory and the driver
 forwards new lines in batches while stages run, so the UI is live, a SQLite store is written by one process
 only (safe on Lustre), and compute nodes that cannot reach a tracking server still record everything.
+
+Several drivers may still share one store (two submits at once, a sweep per terminal). So every write goes
+through one lock file next to the store (``mlflow.db.lock``, an ``flock``): the store is created (MLflow's
+first-time schema migration, which races when several processes create it together) by exactly one of them,
+find-or-create of a run is atomic (two submits of one spec share their runs, never duplicate them), metric
+forwarding is exactly-once, and a "database is locked" that still gets through (a reader such as the UI) is
+retried with backoff.
 """
 
 from __future__ import annotations
@@ -10,13 +17,20 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import socket
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
+
+from llmcore.io import file_lock
+
+T = TypeVar("T")
 
 TAG = "gptlab."
 BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
@@ -38,6 +52,38 @@ EVAL_METRICS = {"val_loss": "val/loss"}
 
 def default_tracking_uri(runs_root: Path) -> str:
     return f"sqlite:///{runs_root / 'mlflow.db'}"
+
+
+def store_lock_path(uri: str, artifact_root: Path) -> Path:
+    """The lock file every gptlab writer of this store takes: beside a SQLite file, else beside the artifacts."""
+    if uri.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url  # parses the path as MLflow's store does (`#`, `;` included)
+
+        db = make_url(uri).database
+        if db and db != ":memory:":
+            return Path(db).with_name(Path(db).name + ".lock")
+    return artifact_root.parent / ".mlflow-tracking.lock"
+
+
+LOCKED_RETRY_SECONDS = 120.0
+
+
+def is_locked_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+def retry_locked(fn: Callable[[], T], seconds: float = LOCKED_RETRY_SECONDS) -> T:
+    """Call ``fn``; retry SQLite's transient "database is locked" with jittered exponential backoff."""
+    deadline, delay = time.monotonic() + seconds, 0.05
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # MLflow wraps sqlite3/sqlalchemy errors in MlflowException
+            if not is_locked_error(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 2.0)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -68,22 +114,54 @@ class Tracker:
     def __init__(self, uri: str, experiment: str, artifact_root: Path):
         quiet_mlflow_logs()
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            artifact_root.mkdir(parents=True, exist_ok=True)
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root.as_uri())
-        else:
-            if exp.lifecycle_stage == "deleted":
-                self.client.restore_experiment(exp.experiment_id)
-            self.experiment_id = exp.experiment_id
+        self.lock_path = store_lock_path(uri, artifact_root)
+        self._held = threading.local()
+        with self.locked():  # the first client call creates (migrates) a new SQLite store: one process only
+            self.client = MlflowClient(tracking_uri=uri)
+            exp = retry_locked(lambda: self.client.get_experiment_by_name(experiment))
+            if exp is None:
+                artifact_root.mkdir(parents=True, exist_ok=True)
+                self.experiment_id = retry_locked(
+                    lambda: self.client.create_experiment(experiment, artifact_location=artifact_root.as_uri()))
+            else:
+                if exp.lifecycle_stage == "deleted":
+                    retry_locked(lambda: self.client.restore_experiment(exp.experiment_id))
+                self.experiment_id = exp.experiment_id
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store's lock (re-entrant within a thread; other threads and processes wait)."""
+        depth = getattr(self._held, "depth", 0)
+        if depth:
+            self._held.depth = depth + 1
+            try:
+                yield
+            finally:
+                self._held.depth -= 1
+            return
+        with file_lock(self.lock_path, say=lambda _: None):
+            self._held.depth = 1
+            try:
+                yield
+            finally:
+                self._held.depth = 0
+
+    def _write(self, fn: Callable[[], T]) -> T:
+        with self.locked():
+            return retry_locked(fn)
 
     def find_runs(self, **tags: str) -> list[Any]:
         filt = " and ".join(f"tags.`{TAG}{k}` = '{v}'" for k, v in tags.items())
-        return list(self.client.search_runs([self.experiment_id], filt, order_by=["attributes.start_time DESC"]))
+        return list(retry_locked(lambda: self.client.search_runs([self.experiment_id], filt,
+                                                                 order_by=["attributes.start_time DESC"])))
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> tuple[str, str]:
-        """(run id, previous status): an existing run with the same identity tags is reused, not duplicated."""
+        """(run id, previous status): an existing run with the same identity tags is reused, not duplicated
+        (find and create happen under the store's lock, so two submits at once find the same run)."""
+        with self.locked():
+            return self._start_run(name, tags, parent_id)
+
+    def _start_run(self, name: str, tags: dict[str, str], parent_id: str | None) -> tuple[str, str]:
         identity = {k: v for k, v in tags.items() if k in ("role", "spec_hash", "run_hash")}
         if parent_id:
             identity["parent"] = parent_id
@@ -96,45 +174,68 @@ class Tracker:
             run = found[0]
             status = run.info.status
             if status != "FINISHED":
-                self.client.update_run(run.info.run_id, status="RUNNING")
+                retry_locked(lambda: self.client.update_run(run.info.run_id, status="RUNNING"))
             self.set_tags(run.info.run_id, all_tags)
             return run.info.run_id, status
-        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+        run = retry_locked(lambda: self.client.create_run(self.experiment_id, tags=all_tags, run_name=name))
         return run.info.run_id, "NEW"
 
     def mark_dead_runs_killed(self) -> list[str]:
         """Runs left RUNNING by a driver on this host that no longer exists become KILLED; returns their ids."""
         import psutil
 
+        with self.locked():
+            return self._mark_dead_runs_killed(psutil)
+
+    def _mark_dead_runs_killed(self, psutil: Any) -> list[str]:
         host = socket.gethostname()
         killed = []
-        for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'"):
+        for run in retry_locked(lambda: self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'")):
             tags = run.data.tags
             pid = tags.get(f"{TAG}driver_pid")
             if tags.get(f"{TAG}host") != host or pid is None or not pid.isdigit():
                 continue  # another machine's driver: it may well be alive
             if psutil.pid_exists(int(pid)) and int(pid) != os.getpid():
                 continue
-            self.client.set_terminated(run.info.run_id, "KILLED")
+            retry_locked(lambda: self.client.set_terminated(run.info.run_id, "KILLED"))
             killed.append(run.info.run_id)
         return killed
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._write(lambda: self.client.log_batch(run_id, tags=batch, synchronous=True))
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
-        existing = self.client.get_run(run_id).data.params
-        todo = [Param(k, v) for k, v in params.items() if k not in existing]
-        for i in range(0, len(todo), PARAM_BATCH):
-            self.client.log_batch(run_id, params=todo[i : i + PARAM_BATCH], synchronous=True)
+        with self.locked():
+            existing = retry_locked(lambda: self.client.get_run(run_id).data.params)
+            todo = [Param(k, v) for k, v in params.items() if k not in existing]
+            for i in range(0, len(todo), PARAM_BATCH):
+                chunk = todo[i : i + PARAM_BATCH]
+                retry_locked(lambda: self.client.log_batch(run_id, params=chunk, synchronous=True))
 
     def log_metrics(self, run_id: str, metrics: list[Metric]) -> None:
-        for i in range(0, len(metrics), BATCH):
-            self.client.log_batch(run_id, metrics=metrics[i : i + BATCH], synchronous=True)
+        with self.locked():
+            for i in range(0, len(metrics), BATCH):
+                chunk = metrics[i : i + BATCH]
+                retry_locked(lambda: self.client.log_batch(run_id, metrics=chunk, synchronous=True))
 
     def log_values(self, run_id: str, values: dict[str, float], step: int) -> None:
+        """Log final values at ``step``, each once: a value the run already holds at that step is not repeated
+        (a second driver finishing the same run, or a re-submit, adds no duplicate points)."""
         now = int(time.time() * 1000)
-        self.log_metrics(run_id, [Metric(k, float(v), now, step) for k, v in values.items() if v is not None])
+        with self.locked():
+            have = retry_locked(lambda: self.client.get_run(run_id).data)
+            steps = {}
+            todo = [Metric(k, float(v), now, step) for k, v in values.items()
+                    if v is not None and not (k in have.metrics and have.metrics[k] == float(v)
+                                              and self._latest_step(run_id, k, steps) == step)]
+            self.log_metrics(run_id, todo)
+
+    def _latest_step(self, run_id: str, key: str, cache: dict[str, int]) -> int:
+        if key not in cache:
+            history = retry_locked(lambda: self.client.get_metric_history(run_id, key))
+            cache[key] = max((m.step for m in history), default=-1)
+        return cache[key]
 
     def log_artifacts(self, run_id: str, paths: Iterable[tuple[Path, str | None]]) -> None:
         for path, artifact_dir in paths:
@@ -142,12 +243,14 @@ class Tracker:
                 self.client.log_artifact(run_id, str(path), artifact_dir)
 
     def finish(self, run_id: str, ok: bool, error: str | None = None) -> None:
-        if error:
-            self.set_tags(run_id, {f"{TAG}error": error[:5000], "mlflow.note.content": f"**Failed:** {error}"})
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+        with self.locked():
+            if error:
+                self.set_tags(run_id, {f"{TAG}error": error[:5000], "mlflow.note.content": f"**Failed:** {error}"})
+            status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+            retry_locked(lambda: self.client.set_terminated(run_id, status))
 
     def status(self, run_id: str) -> str:
-        return self.client.get_run(run_id).info.status
+        return retry_locked(lambda: self.client.get_run(run_id).info.status)
 
 
 class MetricsForwarder:
@@ -159,32 +262,49 @@ class MetricsForwarder:
 
     def __init__(self, tracker: Tracker, run_id: str, path: Path):
         self.tracker, self.run_id, self.path = tracker, run_id, path
-        self.offset = 0
+        self.offset, self.inode = 0, -1
         self.latest: dict[str, Any] | None = None  # newest train record seen, for progress display
-        tags = tracker.client.get_run(run_id).data.tags
-        self.last = {kind: int(tags.get(f"{TAG}forwarded.{kind}", "-1")) for kind in ("train", "eval")}
+        self.last = self._forwarded()
+
+    def _forwarded(self) -> dict[str, int]:
+        """The last step per line kind forwarded to the run by any driver (kept as run tags)."""
+        tags = retry_locked(lambda: self.tracker.client.get_run(self.run_id).data.tags)
+        return {kind: int(tags.get(f"{TAG}forwarded.{kind}", "-1")) for kind in ("train", "eval")}
 
     def poll(self) -> int:
         """Forward complete new lines; returns how many metric values were sent."""
         try:
-            size = self.path.stat().st_size
+            f = open(self.path, "rb")
         except FileNotFoundError:
             return 0
-        if size < self.offset:  # rewritten on resume: re-read, the step filter drops what was sent
-            self.offset = 0
-        if size == self.offset:
-            return 0
-        with open(self.path, "rb") as f:
+        with f:
+            st = os.fstat(f.fileno())
+            # A resumed training rewrites the file (atomically: a new inode) and may have grown it past our
+            # offset by the time we look; reading on from the old offset would start mid-line and lose a
+            # step. Re-read from the start instead: the step filter drops what was already sent.
+            if st.st_ino != self.inode or st.st_size < self.offset or not self._at_line_start(f):
+                self.inode, self.offset = st.st_ino, 0
+            if st.st_size == self.offset:
+                return 0
             f.seek(self.offset)
-            chunk = f.read(size - self.offset)
+            chunk = f.read(st.st_size - self.offset)
         end = chunk.rfind(b"\n") + 1  # only whole lines; a line being written is read next time
         self.offset += end
-        metrics, last = self._parse(chunk[:end].decode("utf-8", errors="replace").splitlines())
-        if metrics:
-            self.tracker.log_metrics(self.run_id, metrics)
-            self.last.update(last)
-            self.tracker.set_tags(self.run_id, {f"{TAG}forwarded.{k}": str(v) for k, v in last.items()})
+        lines = chunk[:end].decode("utf-8", errors="replace").splitlines()
+        with self.tracker.locked():  # exactly once, even with another driver forwarding the same file
+            self.last = self._forwarded()
+            metrics, last = self._parse(lines)
+            if metrics:
+                self.tracker.log_metrics(self.run_id, metrics)
+                self.last.update(last)
+                self.tracker.set_tags(self.run_id, {f"{TAG}forwarded.{k}": str(v) for k, v in last.items()})
         return len(metrics)
+
+    def _at_line_start(self, f: Any) -> bool:
+        if self.offset == 0:
+            return True
+        f.seek(self.offset - 1)
+        return f.read(1) == b"\n"
 
     def _parse(self, lines: list[str]) -> tuple[list[Metric], dict[str, int]]:
         metrics: list[Metric] = []
