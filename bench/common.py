@@ -1,13 +1,15 @@
 """Helpers shared by the benchmarks in bench/ (not a benchmark itself).
 
 Every benchmark is a script with ``--quick`` (small sizes, a smoke test) and ``--json PATH``; it prints its
-figures and writes ``{"benchmark", "command", "machine", "figures", "details"}`` to bench/results/<name>.json.
+figures and writes ``{"benchmark", "command", "machine", "figures", "details"}`` to bench/results/<name>.json
+(``<name>.quick.json`` with ``--quick``).
 A figure is ``{"name", "value", "unit", "target", "met"}``; ``met`` is None where the issue sets no target.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,8 +38,14 @@ def parser(name: str, doc: str) -> argparse.ArgumentParser:
     """An argument parser with the options every benchmark has: ``--quick`` and ``--json``."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the benchmark, not figures")
-    p.add_argument("--json", type=Path, default=RESULTS / f"{name}.json", help="where the results go")
+    p.add_argument("--json", type=Path, default=None,
+                   help=f"where the results go (default bench/results/{name}.json, with --quick {name}.quick.json)")
     return p
+
+
+def result_path(name: str, quick: bool) -> Path:
+    """Where a benchmark writes its results by default: a --quick run never overwrites the full figures."""
+    return RESULTS / f"{name}{'.quick' if quick else ''}.json"
 
 
 def cpu_model() -> str:
@@ -83,9 +92,10 @@ def write_report(name: str, args: argparse.Namespace, figures: list[dict], detai
     print(f"{name}:")
     for fig in figures:
         print(show(fig))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.json, report)
-    print(f"wrote {args.json}", flush=True)
+    path = args.json or result_path(name, args.quick)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, report)
+    print(f"wrote {path}", flush=True)
     return report
 
 
@@ -168,22 +178,30 @@ def train_cmd(config: Path, shards: Path, out: Path) -> list[str]:
 
 
 def run_logged(cmd: list[str], log: Path, env: dict[str, str] | None = None,
-               while_running: Callable[[], None] | None = None, poll: float = 0.02) -> float:
-    """Run ``cmd`` with output to ``log``; calls ``while_running()`` every ``poll`` seconds until it exits.
-    Returns the wall seconds. Raises with the log's tail if it fails."""
+               while_running: Callable[[], None] | None = None, poll: float = 0.02, rss: bool = False) -> Ran:
+    """Run ``cmd`` with output to ``log``, calling ``while_running()`` every ``poll`` seconds until it exits;
+    with ``rss``, sample the peak resident memory of its whole process tree. Raises with the log's tail if it
+    fails."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                                 cwd=REPO)
-        while proc.poll() is None:
-            if while_running is not None:
-                while_running()
-            time.sleep(poll)
+        with TreeRSS(proc.pid) if rss else contextlib.nullcontext() as sampler:
+            while proc.poll() is None:
+                if while_running is not None:
+                    while_running()
+                time.sleep(poll)
     seconds = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-    return seconds
+    return Ran(seconds, sampler.peak if rss else None)
+
+
+@dataclass
+class Ran:
+    seconds: float  # wall time, start to exit
+    peak_rss: int | None  # bytes, the whole process tree together (with rss=True)
 
 
 def interleaved(cases: dict[str, Callable[[int], float]], repeats: int) -> dict[str, list[float]]:
