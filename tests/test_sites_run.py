@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -55,6 +58,17 @@ def test_killed_training_on_local_processes_is_retried_and_resumes(tmp_path):
     # Steps up to the checkpoint were not redone: their lines are the ones written before the kill.
     assert all(after[s - 1] == before[s] for s in range(1, 81))
     assert result.runs[0].metrics["val/loss"] < after[0]["loss"]
+    # The same training uninterrupted (same command, same thread count) ends at the same loss.
+    command = next(x for x in (stage / "train.log").read_text().splitlines() if "-m llmcore.train" in x).split()
+    shards = command[command.index("--shards") + 1]
+    threads = next(x.split("=")[1] for x in command if x.startswith("OMP_NUM_THREADS="))
+    ref = tmp_path / "uninterrupted"
+    subprocess.run([sys.executable, "-m", "llmcore.train", "--config", str(stage / "train.json"), "--shards", shards,
+                    "--out", str(ref)], check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "OMP_NUM_THREADS": threads, "PYTHONPATH": str(Path(__file__).parents[1])})
+    resumed, uninterrupted = (json.loads((d / "summary.json").read_text()) for d in (stage, ref))
+    assert resumed["final_train_loss"] == pytest.approx(uninterrupted["final_train_loss"], abs=1e-3)
+    assert resumed["final_val_loss"] == pytest.approx(uninterrupted["final_val_loss"], abs=1e-3)
 
 
 def test_two_ranks_through_mpiexec_equal_one_rank_with_twice_the_micro_batches(tmp_path):
