@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
-from llmcore.io import file_lock
+from llmcore.io import file_lock, is_no_space
 
 T = TypeVar("T")
 
@@ -73,13 +73,29 @@ def is_locked_error(exc: BaseException) -> bool:
     return "database is locked" in text or "database table is locked" in text
 
 
+class TrackingStoreError(RuntimeError):
+    """The MLflow store cannot be written: its disk is full, over quota or read-only. Nothing is lost:
+    committed stages stay committed, and a submit after freeing space resumes the runs."""
+
+
+STORE_FULL = ("database or disk is full", "no space left on device", "disk quota exceeded",
+              "attempt to write a readonly database", "read-only file system")
+
+
 def retry_locked(fn: Callable[[], T], seconds: float = LOCKED_RETRY_SECONDS) -> T:
-    """Call ``fn``; retry SQLite's transient "database is locked" with jittered exponential backoff."""
+    """Call ``fn``; retry SQLite's transient "database is locked" with jittered exponential backoff. A store
+    whose disk is full or read-only raises :class:`TrackingStoreError` (one clear sentence, no retry)."""
     deadline, delay = time.monotonic() + seconds, 0.05
     while True:
         try:
             return fn()
         except Exception as exc:  # MLflow wraps sqlite3/sqlalchemy errors in MlflowException
+            text = str(exc).lower()
+            if any(w in text for w in STORE_FULL):
+                reason = next(w for w in STORE_FULL if w in text)
+                raise TrackingStoreError(
+                    f"the MLflow store cannot be written ({reason}); free space (or make it writable) and submit "
+                    "again: committed stages are kept and the runs resume") from None
             if not is_locked_error(exc) or time.monotonic() > deadline:
                 raise
         time.sleep(delay * (0.5 + random.random()))
@@ -117,7 +133,7 @@ class Tracker:
         self.lock_path = store_lock_path(uri, artifact_root)
         self._held = threading.local()
         with self.locked():  # the first client call creates (migrates) a new SQLite store: one process only
-            self.client = MlflowClient(tracking_uri=uri)
+            self.client = retry_locked(lambda: MlflowClient(tracking_uri=uri))
             exp = retry_locked(lambda: self.client.get_experiment_by_name(experiment))
             if exp is None:
                 artifact_root.mkdir(parents=True, exist_ok=True)
@@ -139,12 +155,19 @@ class Tracker:
             finally:
                 self._held.depth -= 1
             return
-        with file_lock(self.lock_path, say=lambda _: None):
-            self._held.depth = 1
-            try:
-                yield
-            finally:
-                self._held.depth = 0
+        try:
+            with file_lock(self.lock_path, say=lambda _: None):
+                self._held.depth = 1
+                try:
+                    yield
+                finally:
+                    self._held.depth = 0
+        except TrackingStoreError as exc:
+            raise TrackingStoreError(f"{self.uri}: {exc}") from None
+        except OSError as exc:  # the lock file itself, on a read-only or full file system
+            if not is_no_space(exc) and not isinstance(exc, PermissionError):
+                raise
+            raise TrackingStoreError(f"{self.uri}: cannot create {self.lock_path} ({exc.strerror})") from None
 
     def _write(self, fn: Callable[[], T]) -> T:
         with self.locked():
