@@ -423,6 +423,27 @@ def test_unwritable_runs_root_is_a_clear_error_and_nothing_runs(tmp_path, tmpfs)
     assert not (readonly / "runs").exists()
 
 
+def test_full_runs_root_at_submit_is_one_clear_paragraph_and_nothing_runs(tmp_path, tmpfs):
+    """runs_root's disk is full when the submit starts (the MLflow store cannot even be created): exit 2 with
+    one paragraph naming the problem, no traceback, no stage started. Needs workflows/cli.py to treat
+    workflows.tracking.TrackingStoreError as bad input (see docs/reliability.md)."""
+    from typer.testing import CliRunner
+
+    from workflows.cli import app
+
+    corpus = make_corpus(tmp_path / "corpus", n_docs=5)
+    disk = tmpfs("full", "256k")
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec(corpus, disk / "runs"))
+    (disk / "runs").mkdir()
+    fill(disk)
+    result = CliRunner().invoke(app, ["submit", str(spec)])
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    assert ("runs_root" in result.output or str(disk / "runs" / "mlflow.db") in result.output) and \
+        ("full" in result.output or "No space left" in result.output), result.output
+    assert not (disk / "runs" / "stages").exists()
+
+
 # ---------------------------------------------------------------------------------- 3. torn writes
 
 
