@@ -356,6 +356,9 @@ def test_full_disk_never_leaves_a_commit_marker_or_temp_file(tmpfs):
     with pytest.raises(OSError) as info:
         _run(str(stage), "tokenizer", lambda d: (d / "out.bin").write_bytes(b"x" * 100_000) and {})
     assert retry_cost(info.value, None) == NEVER  # retrying cannot free space
+    from parsl.app.errors import BashExitFailure
+
+    assert retry_cost(BashExitFailure("train", 74), None) == NEVER  # training's "disk full" exit code
     assert sorted(p.name for p in stage.iterdir() if p.name != "out.bin") == [LOCK_FILE]  # no DONE.json, no temp
 
 
