@@ -52,6 +52,14 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except SpecError as exc:
             typer.echo(str(exc), err=True)
             raise typer.Exit(2) from None
+        except Exception as exc:
+            # A store on a full or read-only file system. (workflows.tracking imports MLflow, seconds of start-up
+            # that validate and plan do not need: it is only imported by commands that write a store.)
+            tracking = sys.modules.get("workflows.tracking")
+            if tracking is None or not isinstance(exc, tracking.TrackingStoreError):
+                raise
+            typer.echo(f"Cannot record the runs: {exc}.", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 

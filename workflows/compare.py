@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from workflows.report import save_atomically
+
 METRICS = ("val/loss", "val/ppl", "val/bpb", "train/tokens_per_sec", "model/params", "stage/train_seconds")
 
 
@@ -134,7 +136,7 @@ def plot(rows: list[SweepRow], keys: list[str], metric: str, out: Path, title: s
         ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    save_atomically(fig, out)
     plt.close(fig)
     return out
 

@@ -357,7 +357,10 @@ def _execute(p: Plan, todo: list[RunPlan], tracker: Tracker, children: dict[str,
     trainings = sum(1 for k, s in p.stages.items() if s.kind == "train" and not s.done)
     site = build_site(p.spec.site, p.runs_root / "parsl", [r.spec.train for r in todo], trainings)
     cached = {s.key for s in p.stages.values() if s.done}
-    dfk = parsl.load(site.config)
+    from llmcore.io import file_lock
+
+    with file_lock(p.runs_root / "parsl" / ".lock", "the Parsl run directory"):  # Parsl numbers run dirs racily
+        dfk = parsl.load(site.config)
     try:
         for r in todo:
             tracker.set_tags(children[r.run_hash][0], {"gptlab.parsl_run_id": dfk.run_id})
@@ -457,8 +460,9 @@ def _log_outputs(tracker: Tracker, run: RunPlan, run_id: str) -> dict[str, float
                "model/params": markers["train"]["result"]["params"]}
     metrics.update({f"stage/{k}_seconds": m["seconds"] for k, m in markers.items()})
     tracker.log_values(run_id, metrics, step=int(ev["step"]))
-    tracker.client.log_text(run_id, yaml.safe_dump(run.spec.model_dump(mode="json", exclude={"sweep"}), sort_keys=False),
-                            "spec.yaml")
+    spec_yaml = yaml.safe_dump(run.spec.model_dump(mode="json", exclude={"sweep"}), sort_keys=False)
+    with tracker.locked():
+        tracker.client.log_text(run_id, spec_yaml, "spec.yaml")
     from llmcore.checkpoint import latest_checkpoint
 
     tok, evd, trd = run.stages["tokenizer"].dir, run.stages["eval"].dir, run.stages["train"].dir

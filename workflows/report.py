@@ -41,6 +41,21 @@ def loss_curve_png(metrics_path: Path, out: Path, title: str) -> Path:
         top.set_xlabel("tokens seen")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    save_atomically(fig, out)
     plt.close(fig)
     return out
+
+
+def save_atomically(fig, out: Path) -> None:
+    """Write a figure to a temporary file beside ``out``, then rename it: readers never see half a PNG."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format=out.suffix.lstrip(".") or "png")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -149,7 +149,7 @@ def status_rows(store: Store) -> tuple[list[StatusRow], list[str]]:
 
     killed: list[str] = []
     for exp in store.experiments():
-        tracker = Tracker(store.uri, exp.name, Path("."))  # exists already: nothing is created
+        tracker = Tracker(store.uri, exp.name, (store.runs_root or Path(".")) / "mlartifacts")  # exists: nothing created
         killed += tracker.mark_dead_runs_killed()
     rows = []
     if store.plan is not None:

@@ -54,6 +54,11 @@ def default_tracking_uri(runs_root: Path) -> str:
     return f"sqlite:///{runs_root / 'mlflow.db'}"
 
 
+def is_local_store(uri: str) -> bool:
+    """A store in a file on this machine (SQLite or a file store), not a tracking server."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
 def store_lock_path(uri: str, artifact_root: Path) -> Path:
     """The lock file every gptlab writer of this store takes: beside a SQLite file, else beside the artifacts."""
     if uri.startswith("sqlite:"):
@@ -136,9 +141,14 @@ class Tracker:
             self.client = retry_locked(lambda: MlflowClient(tracking_uri=uri))
             exp = retry_locked(lambda: self.client.get_experiment_by_name(experiment))
             if exp is None:
-                artifact_root.mkdir(parents=True, exist_ok=True)
+                # A local store keeps artifacts under runs_root; a tracking server keeps them where it serves them
+                # from (its --artifacts-destination), which other machines can reach and this path may not be.
+                location = None
+                if is_local_store(uri):
+                    artifact_root.mkdir(parents=True, exist_ok=True)
+                    location = artifact_root.as_uri()
                 self.experiment_id = retry_locked(
-                    lambda: self.client.create_experiment(experiment, artifact_location=artifact_root.as_uri()))
+                    lambda: self.client.create_experiment(experiment, artifact_location=location))
             else:
                 if exp.lifecycle_stage == "deleted":
                     retry_locked(lambda: self.client.restore_experiment(exp.experiment_id))
@@ -261,9 +271,10 @@ class Tracker:
         return cache[key]
 
     def log_artifacts(self, run_id: str, paths: Iterable[tuple[Path, str | None]]) -> None:
-        for path, artifact_dir in paths:
-            if path.is_file():
-                self.client.log_artifact(run_id, str(path), artifact_dir)
+        with self.locked():
+            for path, artifact_dir in paths:
+                if path.is_file():
+                    retry_locked(lambda: self.client.log_artifact(run_id, str(path), artifact_dir))
 
     def finish(self, run_id: str, ok: bool, error: str | None = None) -> None:
         with self.locked():
