@@ -18,7 +18,9 @@ directories for both sides.
   thread, artifacts (spec, tokenizer, eval, samples, loss-curve plot, final weights).
 
 Rounds alternate which side goes first. Figures: medians, overhead % (target <= 5%) and fixed seconds (target
-< 10 s). Results: bench/results/orchestration.json.
+< 10 s), from the wall times and, less noisy on a shared machine, from the time each side spends outside the
+training loops themselves (wall time minus the trainings' own ``summary.json`` seconds).
+Results: bench/results/orchestration.json.
 """
 
 from __future__ import annotations
@@ -106,9 +108,9 @@ class Sides:
 
 def main(argv: list[str] | None = None) -> int:
     p = parser("orchestration", __doc__)
-    p.add_argument("--repeats", type=int, default=None, help="rounds of each side (default 2; --quick: 1)")
+    p.add_argument("--repeats", type=int, default=None, help="rounds of each side (default 1)")
     args = p.parse_args(argv)
-    repeats = args.repeats or (1 if args.quick else 2)
+    repeats = args.repeats or 1
     with tempfile.TemporaryDirectory(prefix="gptlab-bench-orch-") as tmp:
         tmp = Path(tmp)
         tree = quickstart_tree(tmp / "base", ["site.max_workers=1", *(QUICK if args.quick else [])])
@@ -119,16 +121,24 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp / "parsl-probe", ignore_errors=True)
     direct, submit = statistics.median(times["direct"]), statistics.median(times["submit"])
     overhead, fixed = ratio_pct(submit, direct), submit - direct
-    train = {side: statistics.median(v) for side, v in sides.train_seconds.items()}
+    # Everything but the training loops (a training's own summary.json seconds), per round: on a shared machine
+    # the loops' speed swings by far more than the orchestration costs, and both sides run the same loops.
+    outside = {side: statistics.median(w - t for w, t in zip(times[side], sides.train_seconds[side]))
+               for side in times}
+    fixed_outside = outside["submit"] - outside["direct"]
+    full = not args.quick
     figures = [
         figure(f"direct: {len(plan.runs)} x (train + evaluate)", direct, "s"),
         figure("gptlab submit, tracking on", submit, "s"),
-        figure("orchestration overhead", overhead, "%", f"<= {OVERHEAD_TARGET_PCT:g}%",
-               overhead <= OVERHEAD_TARGET_PCT if not args.quick else None),
-        figure("orchestration fixed cost (submit - direct)", fixed, "s", f"< {FIXED_TARGET_S:g} s",
-               fixed < FIXED_TARGET_S),
-        figure("  training loops alone, direct (summary.json seconds)", train["direct"], "s"),
-        figure("  training loops alone, submit", train["submit"], "s"),
+        figure("orchestration overhead (wall times)", overhead, "%", f"<= {OVERHEAD_TARGET_PCT:g}%",
+               overhead <= OVERHEAD_TARGET_PCT if full else None),
+        figure("orchestration fixed cost (wall times)", fixed, "s", f"< {FIXED_TARGET_S:g} s", fixed < FIXED_TARGET_S),
+        figure("  direct, outside the training loops", outside["direct"], "s"),
+        figure("  submit, outside the training loops", outside["submit"], "s"),
+        figure("orchestration fixed cost, outside the training loops", fixed_outside, "s", f"< {FIXED_TARGET_S:g} s",
+               fixed_outside < FIXED_TARGET_S),
+        figure("  as overhead on the direct wall time", 100 * fixed_outside / direct, "%",
+               f"<= {OVERHEAD_TARGET_PCT:g}%", 100 * fixed_outside / direct <= OVERHEAD_TARGET_PCT if full else None),
         figure("creating a new MLflow store (first submit only; not in the above)",
                statistics.median(sides.store_seconds), "s"),
     ]

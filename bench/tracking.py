@@ -3,7 +3,7 @@
     python bench/tracking.py [--quick] [--repeats R] [--json PATH]        (from the repository root)
 
 The same training, ``python -m llmcore.train`` on the quickstart model with ``train.log_interval: 1`` (a
-metrics line every step; 150 steps, --quick: 20), is run without tracking and with it, alternating which goes
+metrics line every step; 100 steps, --quick: 20), is run without tracking and with it, alternating which goes
 first in every round. With tracking, this process does what the driver does while a training runs: a
 ``MetricsForwarder`` polls the training's ``metrics.jsonl`` every ``poll_interval`` seconds (the driver's
 default) and logs the new lines in batches to a child run in a real MLflow SQLite store, then polls once more
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="rounds of each case (default 3; --quick: 1)")
     args = p.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
-    steps = 20 if args.quick else 150
+    steps = 20 if args.quick else 100
     overrides = ["sweep={}", "train.log_interval=1", f"train.max_steps={steps}", "train.warmup_steps=5",
                  f"train.eval_interval={steps}", f"train.checkpoint_interval={steps}"]
     if args.quick:
