@@ -246,11 +246,18 @@ class Tracker:
                 chunk = todo[i : i + PARAM_BATCH]
                 retry_locked(lambda: self.client.log_batch(run_id, params=chunk, synchronous=True))
 
-    def log_metrics(self, run_id: str, metrics: list[Metric]) -> None:
+    def log_metrics(self, run_id: str, metrics: list[Metric], tags: dict[str, str] | None = None) -> None:
+        """Log metrics in batches of MLflow's maximum size; ``tags`` go with the last batch, in the same store
+        transaction (one write, one fsync, where metrics and tags apart would take two)."""
+        run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        if not metrics and not run_tags:
+            return
         with self.locked():
-            for i in range(0, len(metrics), BATCH):
+            for i in range(0, max(len(metrics), 1), BATCH):
                 chunk = metrics[i : i + BATCH]
-                retry_locked(lambda: self.client.log_batch(run_id, metrics=chunk, synchronous=True))
+                last = i + BATCH >= len(metrics)
+                retry_locked(lambda: self.client.log_batch(run_id, metrics=chunk, tags=run_tags if last else [],
+                                                           synchronous=True))
 
     def log_values(self, run_id: str, values: dict[str, float], step: int) -> None:
         """Log final values at ``step``, each once: a value the run already holds at that step is not repeated
@@ -329,9 +336,8 @@ class MetricsForwarder:
             self.last = self._forwarded()
             metrics, last = self._parse(lines)
             if metrics:
-                self.tracker.log_metrics(self.run_id, metrics)
+                self.tracker.log_metrics(self.run_id, metrics, {f"{TAG}forwarded.{k}": str(v) for k, v in last.items()})
                 self.last.update(last)
-                self.tracker.set_tags(self.run_id, {f"{TAG}forwarded.{k}": str(v) for k, v in last.items()})
         return len(metrics)
 
     def _at_line_start(self, f: Any) -> bool:
