@@ -28,6 +28,7 @@ from workflows.stages import prepare_stage
 from workflows.tracking import MetricsForwarder, Tracker, default_tracking_uri, flatten
 
 STDERR_TAIL = 2000  # characters of a failed training's log shown as its error
+FORWARD_EVERY = 5.0  # seconds between sends of a running training's metrics to MLflow (one transaction each)
 
 
 @dataclass
@@ -161,12 +162,25 @@ class Driver:
 
     # ---- monitoring
 
-    def forward(self, run: RunPlan, run_id: str) -> None:
+    def forward(self, run: RunPlan, run_id: str, now: bool = False) -> None:
+        """Read a training's new metric lines; send them to MLflow every FORWARD_EVERY seconds, or ``now``."""
         stage = run.stages["train"]
         key = (run_id, stage.key)
         if key not in self.forwarders:
             self.forwarders[key] = MetricsForwarder(self.tracker, run_id, stage.dir / "metrics.jsonl")
-        self.forwarders[key].poll()
+        self.forwarders[key].poll(0.0 if now else FORWARD_EVERY)
+
+    def wait(self, runs: list[RunPlan], seconds: float) -> None:
+        """Sleep until one of these runs' tasks ends, or ``seconds`` pass."""
+        from concurrent.futures import FIRST_COMPLETED
+        from concurrent.futures import wait as wait_any
+
+        keys = {s.key for r in runs for s in r.stages.values()}
+        running = [f for k in keys for f in (self.futures.get(k), self.train_proc.get(k)) if f is not None and not f.done()]
+        if running:
+            wait_any(running, timeout=seconds, return_when=FIRST_COMPLETED)
+        else:
+            time.sleep(seconds)
 
     def refresh(self, board: Board) -> None:
         """Bring the board up to date: each stage's state from its Parsl task, each training's latest step."""
@@ -385,7 +399,7 @@ def _execute(p: Plan, todo: list[RunPlan], tracker: Tracker, children: dict[str,
                 pending = []
             display.update(board)
             if pending:
-                time.sleep(poll_interval)
+                driver.wait(pending, poll_interval)
         return results
     finally:
         dfk.cleanup()
@@ -438,7 +452,7 @@ def _metrics_line(metrics: dict[str, float]) -> str:
 def _finalize(driver: Driver, run: RunPlan, run_id: str, cached: set[str]) -> RunResult:
     """Close one sweep point's MLflow run with everything it produced, or with the error that stopped it."""
     tracker = driver.tracker
-    driver.forward(run, run_id)
+    driver.forward(run, run_id, now=True)
     states = {k: ("cached" if s.key in cached else "ran" if s.done else "not run") for k, s in run.stages.items()}
     tracker.set_tags(run_id, {"gptlab.cached_stages": ",".join(k for k, v in states.items() if v == "cached") or "none"})
     failed = driver.failure(run)

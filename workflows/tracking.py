@@ -305,6 +305,8 @@ class MetricsForwarder:
         self.tracker, self.run_id, self.path = tracker, run_id, path
         self.offset, self.inode = 0, -1
         self.latest: dict[str, Any] | None = None  # newest train record seen, for progress display
+        self.pending: list[str] = []  # lines read but not yet sent
+        self.sent_at = float("-inf")
         self.last = self._forwarded()
 
     def _forwarded(self) -> dict[str, int]:
@@ -312,12 +314,32 @@ class MetricsForwarder:
         tags = retry_locked(lambda: self.tracker.client.get_run(self.run_id).data.tags)
         return {kind: int(tags.get(f"{TAG}forwarded.{kind}", "-1")) for kind in ("train", "eval")}
 
-    def poll(self) -> int:
-        """Forward complete new lines; returns how many metric values were sent."""
+    def poll(self, min_interval: float = 0.0) -> int:
+        """Read the complete new lines (``latest`` follows them at once) and send what is pending to the store
+        when ``min_interval`` seconds have passed since the last send (0: now). Returns how many metric values
+        were sent. Sending costs a store transaction whatever its size, so the driver sends every few seconds
+        while a training runs and once more, at once, when it has ended."""
+        lines = self._read_new_lines()
+        if lines:
+            self.pending += lines
+            self._note_latest(lines)
+        if not self.pending or time.monotonic() - self.sent_at < min_interval:
+            return 0
+        lines, self.pending = self.pending, []
+        self.sent_at = time.monotonic()
+        with self.tracker.locked():  # exactly once, even with another driver forwarding the same file
+            self.last = self._forwarded()
+            metrics, last = self._parse(lines)
+            if metrics:
+                self.tracker.log_metrics(self.run_id, metrics, {f"{TAG}forwarded.{k}": str(v) for k, v in last.items()})
+                self.last.update(last)
+        return len(metrics)
+
+    def _read_new_lines(self) -> list[str]:
         try:
             f = open(self.path, "rb")
         except FileNotFoundError:
-            return 0
+            return []
         with f:
             st = os.fstat(f.fileno())
             # A resumed training rewrites the file (atomically: a new inode) and may have grown it past our
@@ -326,19 +348,23 @@ class MetricsForwarder:
             if st.st_ino != self.inode or st.st_size < self.offset or not self._at_line_start(f):
                 self.inode, self.offset = st.st_ino, 0
             if st.st_size == self.offset:
-                return 0
+                return []
             f.seek(self.offset)
             chunk = f.read(st.st_size - self.offset)
         end = chunk.rfind(b"\n") + 1  # only whole lines; a line being written is read next time
         self.offset += end
-        lines = chunk[:end].decode("utf-8", errors="replace").splitlines()
-        with self.tracker.locked():  # exactly once, even with another driver forwarding the same file
-            self.last = self._forwarded()
-            metrics, last = self._parse(lines)
-            if metrics:
-                self.tracker.log_metrics(self.run_id, metrics, {f"{TAG}forwarded.{k}": str(v) for k, v in last.items()})
-                self.last.update(last)
-        return len(metrics)
+        return chunk[:end].decode("utf-8", errors="replace").splitlines()
+
+    def _note_latest(self, lines: list[str]) -> None:
+        """The newest train record, for the progress display."""
+        for line in reversed(lines):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("kind", "train") == "train":
+                self.latest = rec
+                return
 
     def _at_line_start(self, f: Any) -> bool:
         if self.offset == 0:
@@ -356,8 +382,6 @@ class MetricsForwarder:
             except json.JSONDecodeError:
                 continue
             kind = rec.get("kind", "train")
-            if kind == "train":
-                self.latest = rec
             names = TRAIN_METRICS if kind == "train" else EVAL_METRICS
             step = int(rec["step"])
             if step <= max(self.last.get(kind, -1), last.get(kind, -1)):
