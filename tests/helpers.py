@@ -96,3 +96,13 @@ def stop_group(proc: Any) -> None:
                 return
             time.sleep(0.2)
     proc.wait(timeout=10)
+
+
+class Evil:
+    """A pickle that, if ever unpickled, creates the file at ``path``: what a malicious checkpoint would do."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))  # unpickling this would create the file

@@ -8,7 +8,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from helpers import make_corpus, tiny_spec, write_spec
+from helpers import Evil, free_port, make_corpus, tiny_spec, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
 # Each would create a file named pwned* if any shell ever interpreted it.
@@ -117,14 +116,6 @@ def test_specs_hold_data_only_no_python_objects_or_import_paths(tmp_path):
     assert pwned(tmp_path) == [] and pwned(Path.cwd()) == [] and not (tmp_path / "runs").exists()
 
 
-class Evil:
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))  # unpickling this would create the file
-
-
 def test_resume_refuses_a_planted_malicious_checkpoint_without_running_it(llm_shards, tmp_path):
     """tests/test_train.py shows load_checkpoint refusing a malicious state.pt; here training itself meets one
     as its newest checkpoint (marker forged to match): it skips it with a warning naming the file, resumes
@@ -146,12 +137,6 @@ def test_resume_refuses_a_planted_malicious_checkpoint_without_running_it(llm_sh
     with pytest.warns(UserWarning, match=r"step_00000010/state\.pt cannot be loaded safely"):
         summary = train(model, TrainConfig(max_steps=12, **cfg), llm_shards, tmp_path, seed=0)
     assert summary["steps"] == 12 and not marker.exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

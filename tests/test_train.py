@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import llmcore.train as train_mod
+from helpers import Evil, free_port
 from llmcore.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model
 from llmcore.config import ModelConfig, TrainConfig
 from llmcore.distributed import read_launch_env
@@ -199,14 +199,6 @@ def test_corrupt_checkpoint_is_an_error_naming_the_file_and_resume_falls_back(ll
     assert_same_curve(losses(out), losses(llm_reference))
 
 
-class Evil:
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))  # unpickling this would create the file
-
-
 def test_malicious_pickle_in_state_is_refused(llm_reference, tmp_path):
     ckpt = tmp_path / "step_00000040"
     shutil.copytree(llm_reference / "checkpoints" / "step_00000040", ckpt)
@@ -223,12 +215,6 @@ def test_malicious_pickle_in_state_is_refused(llm_reference, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_equal_one_rank_with_twice_the_micro_batches(llm_shards, tmp_path):
