@@ -49,6 +49,11 @@ class ShardError(ValueError):
     """A shard directory that is missing, damaged or unusable; the message names the file."""
 
 
+class ShardDamagedError(ShardError):
+    """A shard or manifest that fails verification (missing, truncated, altered, out-of-vocabulary ids): the
+    shards stage must be rebuilt, unlike a usable split that is merely too small for the settings."""
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.bin"
 
@@ -292,34 +297,34 @@ def write_shards(data: DataConfig, tokenizer_model: Path, out_dir: Path, seed: i
 def _load_manifest(shards_dir: Path) -> dict:
     path = Path(shards_dir) / "manifest.json"
     if not path.is_file():
-        raise ShardError(f"{path}: missing; the shards stage did not finish")
+        raise ShardDamagedError(f"{path}: missing; the shards stage did not finish")
     manifest = read_json(path)
     if manifest.get("format_version") != FORMAT_VERSION or manifest.get("dtype") not in DTYPE_CODES:
-        raise ShardError(f"{path}: unsupported format_version or dtype")
+        raise ShardDamagedError(f"{path}: unsupported format_version or dtype")
     return manifest
 
 
 def _check_header(path: Path, head: bytes, dtype: str, tokens: int) -> None:
     if len(head) < HEADER_BYTES:
-        raise ShardError(f"{path}: truncated header ({len(head)} of {HEADER_BYTES} bytes)")
+        raise ShardDamagedError(f"{path}: truncated header ({len(head)} of {HEADER_BYTES} bytes)")
     magic, version, code, count = _HEADER.unpack_from(head)
     if magic != MAGIC:
-        raise ShardError(f"{path}: bad magic {magic!r}, not a gptlab token shard")
+        raise ShardDamagedError(f"{path}: bad magic {magic!r}, not a gptlab token shard")
     if version != FORMAT_VERSION or code != DTYPE_CODES[dtype]:
-        raise ShardError(f"{path}: header version {version} / dtype code {code}, expected {FORMAT_VERSION} / "
+        raise ShardDamagedError(f"{path}: header version {version} / dtype code {code}, expected {FORMAT_VERSION} / "
                          f"{DTYPE_CODES[dtype]} ({dtype})")
     if count != tokens:
-        raise ShardError(f"{path}: header says {count} tokens, manifest says {tokens}")
+        raise ShardDamagedError(f"{path}: header says {count} tokens, manifest says {tokens}")
 
 
 def _verify_shard(path: Path, entry: dict, dtype: str, vocab_size: int) -> None:
     """Check one shard's presence, header, size, sha256 and token ids (one chunked pass over the file)."""
     if not path.is_file():
-        raise ShardError(f"{path}: missing")
+        raise ShardDamagedError(f"{path}: missing")
     np_dtype = np.dtype(dtype).newbyteorder("<")
     expected = HEADER_BYTES + entry["tokens"] * np_dtype.itemsize
     if path.stat().st_size != expected:
-        raise ShardError(f"{path}: size {path.stat().st_size} bytes, expected {expected} (truncated or padded)")
+        raise ShardDamagedError(f"{path}: size {path.stat().st_size} bytes, expected {expected} (truncated or padded)")
     digest = hashlib.sha256()
     top = 0
     with open(path, "rb") as f:
@@ -330,9 +335,9 @@ def _verify_shard(path: Path, entry: dict, dtype: str, vocab_size: int) -> None:
             digest.update(block)
             top = max(top, int(np.frombuffer(block, dtype=np_dtype).max(initial=0)))
     if digest.hexdigest() != entry["sha256"]:
-        raise ShardError(f"{path}: sha256 {digest.hexdigest()} does not match the manifest (file altered)")
+        raise ShardDamagedError(f"{path}: sha256 {digest.hexdigest()} does not match the manifest (file altered)")
     if top >= vocab_size:
-        raise ShardError(f"{path}: token id {top} is out of range for vocab_size {vocab_size}")
+        raise ShardDamagedError(f"{path}: token id {top} is out of range for vocab_size {vocab_size}")
 
 
 def _verify_split(shards_dir: Path, manifest: dict, split: str) -> None:
@@ -340,7 +345,7 @@ def _verify_split(shards_dir: Path, manifest: dict, split: str) -> None:
     for entry in info["shards"]:
         _verify_shard(Path(shards_dir) / entry["file"], entry, manifest["dtype"], manifest["vocab_size"])
     if sum(e["tokens"] for e in info["shards"]) != info["tokens"]:
-        raise ShardError(f"{Path(shards_dir) / 'manifest.json'}: {split} shard token counts do not add up")
+        raise ShardDamagedError(f"{Path(shards_dir) / 'manifest.json'}: {split} shard token counts do not add up")
 
 
 def verify_shards(shards_dir: Path) -> dict:

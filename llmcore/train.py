@@ -38,7 +38,7 @@ from llmcore.config import ModelConfig, StrictModel, TrainConfig
 from llmcore.hardware import enable_tf32, peak_flops, peak_memory_mb, resolve_precision
 from llmcore.io import LOCK_FILE, atomic_write_bytes, atomic_write_json, file_lock, is_no_space
 from llmcore.model import GPT
-from llmcore.shards import BatchSampler, ShardError, TokenSplit, fixed_batches
+from llmcore.shards import BatchSampler, ShardDamagedError, ShardError, TokenSplit, fixed_batches
 
 METRICS, SUMMARY = "metrics.jsonl", "summary.json"
 _clock = time.perf_counter  # module-level so tests can drive the time budget with a fake clock
@@ -363,9 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = train(run.model, run.train, args.shards, args.out, run.seed)
     except ShardError as e:
-        damaged = any(w in str(e) for w in ("missing", "truncated", "sha256", "out of range", "header", "magic"))
         hint = (f"\nthe shards directory is damaged or incomplete: delete {args.shards} and submit again to "
-                "rebuild it" if damaged else "")
+                "rebuild it" if isinstance(e, ShardDamagedError) else "")
         print(f"error: {e}{hint}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except CheckpointError as e:

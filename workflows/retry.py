@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-EXIT_BAD_INPUT = 2
-EXIT_NO_SPACE = 74  # llmcore.train: cannot write its output directory
 NEVER = 1_000_000.0  # a cost above any retry budget
 
 
@@ -25,6 +23,7 @@ def retry_cost(exc: BaseException, task_record: Any) -> float:
     from llmcore.io import is_no_space
     from llmcore.shards import ShardError
     from llmcore.tokenizer import TokenizerError
+    from llmcore.train import EXIT_BAD_INPUT, EXIT_NO_SPACE
 
     if isinstance(exc, BashExitFailure):
         return NEVER if exc.exitcode in (EXIT_BAD_INPUT, EXIT_NO_SPACE) else 1.0
