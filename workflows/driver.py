@@ -475,8 +475,7 @@ def _log_outputs(tracker: Tracker, run: RunPlan, run_id: str) -> dict[str, float
     metrics.update({f"stage/{k}_seconds": m["seconds"] for k, m in markers.items()})
     tracker.log_values(run_id, metrics, step=int(ev["step"]))
     spec_yaml = yaml.safe_dump(run.spec.model_dump(mode="json", exclude={"sweep"}), sort_keys=False)
-    with tracker.locked():
-        tracker.client.log_text(run_id, spec_yaml, "spec.yaml")
+    tracker.log_text(run_id, spec_yaml, "spec.yaml")
     from llmcore.checkpoint import latest_checkpoint
 
     tok, evd, trd = run.stages["tokenizer"].dir, run.stages["eval"].dir, run.stages["train"].dir

@@ -283,6 +283,9 @@ class Tracker:
                 if path.is_file():
                     retry_locked(lambda: self.client.log_artifact(run_id, str(path), artifact_dir))
 
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self._write(lambda: self.client.log_text(run_id, text, artifact_file))
+
     def finish(self, run_id: str, ok: bool, error: str | None = None) -> None:
         with self.locked():
             if error:
