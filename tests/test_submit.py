@@ -178,6 +178,9 @@ def test_compare_tables_and_plots_val_bpb_against_the_swept_parameter(sweep, tmp
         assert row["model.pos_encoding"] == name.split("=")[1] and row["status"] == "FINISHED"
         assert float(row["val/bpb"]) == pytest.approx(runs[name].metrics["val/bpb"])
     assert (tmp_path / "val_bpb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    typo = cli("compare", sweep["spec"], "--metric", "val/bbp", "--out", tmp_path / "typo")
+    assert typo.exit_code == 2 and "--metric: no run of tiny has a metric 'val/bbp'" in typo.output
+    assert "val/bpb" in typo.output and not (tmp_path / "typo").exists()
 
 
 def test_the_parent_run_holds_a_sweep_summary(sweep):

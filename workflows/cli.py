@@ -213,6 +213,10 @@ def compare(
     store = open_store(spec, set_, runs_root, uri, experiment)
     parent = latest_parent(store)
     rows, sweep = rows_from_store(store.client, parent)
+    known = sorted({k for r in rows for k in r.metrics})
+    if known and metric not in known:
+        raise SpecError(store.source, [f"--metric: no run of {parent.info.run_name} has a metric '{metric}' "
+                                       f"(it has: {', '.join(known)})"])
     keys = list(sweep)
     top = best(rows, metric)
     name = store.experiment or parent.info.run_name
