@@ -37,6 +37,13 @@ class SpecError(Exception):
         return head + "; ".join(self.problems) + "."
 
 
+class InputError(SpecError):
+    """Bad input that is not a spec: a command-line option, a run reference, a store. Same exit code (2)."""
+
+    def __str__(self) -> str:
+        return f"Bad input ({self.source}): " + "; ".join(self.problems) + "."
+
+
 WALLTIME = r"^\d{1,3}:\d{2}:\d{2}$"
 
 
@@ -224,33 +231,62 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ cross-field checks
 
 
+CHECKED_SECTIONS = ("model", "train", "tokenizer", "data", "eval")
+
+
 def cross_field_problems(spec: ExperimentSpec, prefix: str = "") -> list[str]:
     """Checks that involve several fields. Returns every problem, not just the first."""
+    return _cross_field({name: getattr(spec, name) for name in CHECKED_SECTIONS}, prefix)
+
+
+def _cross_field(sections: dict[str, Any], prefix: str = "") -> list[str]:
+    """The cross-field rules over whichever sections are given (a rule needing a missing one is skipped)."""
     p: list[str] = []
-    m, t, tok, d = spec.model, spec.train, spec.tokenizer, spec.data
-    if m.n_embd % m.n_head:
-        p.append(f"{prefix}model.n_head: must divide model.n_embd (n_embd={m.n_embd}, n_head={m.n_head})")
-    elif m.pos_encoding == "rope" and (m.n_embd // m.n_head) % 2:
-        p.append(f"{prefix}model.pos_encoding: rope needs an even head size (n_embd/n_head = {m.n_embd // m.n_head})")
-    if m.pos_encoding == "sinusoidal" and m.n_embd % 2:
-        p.append(f"{prefix}model.n_embd: sinusoidal encoding needs an even width (got {m.n_embd})")
-    if t.min_lr > t.lr:
-        p.append(f"{prefix}train.min_lr: must be <= train.lr ({t.min_lr} > {t.lr})")
-    if t.warmup_steps > t.max_steps:
-        p.append(f"{prefix}train.warmup_steps: must be <= train.max_steps ({t.warmup_steps} > {t.max_steps})")
-    if t.lr_decay_steps is not None and t.lr_decay_steps < t.warmup_steps:
-        p.append(f"{prefix}train.lr_decay_steps: must be >= train.warmup_steps")
-    if t.precision == "fp16" and t.device == "cpu":
-        p.append(f"{prefix}train.precision: fp16 needs a CUDA device (use bf16 or fp32 on cpu)")
-    if d.token_dtype == "uint16" and tok.vocab_size > 2**16:
+    m, t, tok, d, ev = (sections.get(name) for name in CHECKED_SECTIONS)
+    if m is not None:
+        if m.n_embd % m.n_head:
+            p.append(f"{prefix}model.n_head: must divide model.n_embd (n_embd={m.n_embd}, n_head={m.n_head})")
+        elif m.pos_encoding == "rope" and (m.n_embd // m.n_head) % 2:
+            p.append(f"{prefix}model.pos_encoding: rope needs an even head size (n_embd/n_head = {m.n_embd // m.n_head})")
+        if m.pos_encoding == "sinusoidal" and m.n_embd % 2:
+            p.append(f"{prefix}model.n_embd: sinusoidal encoding needs an even width (got {m.n_embd})")
+    if t is not None:
+        if t.min_lr > t.lr:
+            p.append(f"{prefix}train.min_lr: must be <= train.lr ({t.min_lr} > {t.lr})")
+        if t.warmup_steps > t.max_steps:
+            p.append(f"{prefix}train.warmup_steps: must be <= train.max_steps ({t.warmup_steps} > {t.max_steps})")
+        if t.lr_decay_steps is not None and t.lr_decay_steps < t.warmup_steps:
+            p.append(f"{prefix}train.lr_decay_steps: must be >= train.warmup_steps")
+        if t.precision == "fp16" and t.device == "cpu":
+            p.append(f"{prefix}train.precision: fp16 needs a CUDA device (use bf16 or fp32 on cpu)")
+    if d is not None and tok is not None and d.token_dtype == "uint16" and tok.vocab_size > 2**16:
         p.append(f"{prefix}data.token_dtype: uint16 holds at most 65536 tokens (tokenizer.vocab_size={tok.vocab_size})")
-    need = 262 + len(tok.user_defined_symbols)  # 4 specials, newline, 256 bytes, and at least one piece
-    if tok.byte_fallback and tok.vocab_size < need:
-        p.append(f"{prefix}tokenizer.vocab_size: byte_fallback needs at least {need} tokens (256 byte tokens, "
-                 f"specials, newline and user symbols; got {tok.vocab_size})")
-    if not spec.eval.prompts and spec.eval.max_new_tokens > 0:
+    if tok is not None:
+        need = 262 + len(tok.user_defined_symbols)  # 4 specials, newline, 256 bytes, and at least one piece
+        if tok.byte_fallback and tok.vocab_size < need:
+            p.append(f"{prefix}tokenizer.vocab_size: byte_fallback needs at least {need} tokens (256 byte tokens, "
+                     f"specials, newline and user symbols; got {tok.vocab_size})")
+    if ev is not None and not ev.prompts and ev.max_new_tokens > 0:
         p.append(f"{prefix}eval.prompts: give at least one prompt, or set eval.max_new_tokens to 0")
     return p
+
+
+def _valid_section_problems(tree: dict[str, Any]) -> list[str]:
+    """For a spec that failed schema validation: the cross-field problems of the sections that are valid on
+    their own, so that every problem is reported at once. Sections a sweep changes are left to the per-point
+    check (a sweep may fix the base value)."""
+    sweep = tree.get("sweep") or {}
+    if not isinstance(sweep, dict):
+        return []
+    sections = {}
+    for name in CHECKED_SECTIONS:
+        if any(str(k) == name or str(k).startswith(name + ".") for k in sweep):
+            continue
+        try:
+            sections[name] = ExperimentSpec.model_fields[name].annotation.model_validate(tree.get(name) or {})
+        except (ValidationError, AttributeError):
+            continue
+    return _cross_field(sections)
 
 
 # ------------------------------------------------------------------------------------- sweep expansion
@@ -285,12 +321,14 @@ def _known_path(key: str) -> str | None:
     if top in UNSWEEPABLE:
         return f"'{top}' describes the whole experiment and cannot be swept"
     model: Any = ExperimentSpec
-    for part in key.split("."):
+    parts = key.split(".")
+    for i, part in enumerate(parts):
         fields = getattr(model, "model_fields", None)
         if fields is None:
             return None  # inside a list or free-form value: validation of the run spec decides
         if part not in fields:
-            return f"'{part}' is not a field of {model.__name__}"
+            where = f"'{'.'.join(parts[:i])}'" if i else "a spec"
+            return f"'{part}' is not a field of {where} (its fields: {', '.join(fields)})"
         annotation = fields[part].annotation
         model = annotation if isinstance(annotation, type) else None
         if model is None:
@@ -396,7 +434,7 @@ def load_spec_tree(tree: dict[str, Any], source: str, overrides: list[str] | Non
     try:
         spec = ExperimentSpec.model_validate(tree)
     except ValidationError as err:
-        raise SpecError(source, problems + format_validation_error(err)) from None
+        raise SpecError(source, problems + format_validation_error(err) + _valid_section_problems(tree)) from None
     if problems:
         raise SpecError(source, problems)
     # Cross-field checks run per sweep point in expand(): a sweep may override the base values.
