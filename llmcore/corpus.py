@@ -126,11 +126,14 @@ def _binary_error(i: int, path: Path, where: str) -> CorpusError:
                                                  "remove it or narrow the path, glob or suffixes")
 
 
-def _sniff_binary(i: int, path: Path) -> CorpusError | None:
+def _sniff_binary(i: int, path: Path) -> tuple[CorpusError | None, bool]:
+    """(the error a binary file gets, or None; whether the file holds only whitespace, judged when it is small
+    enough to have been read whole)."""
     with open(path, "rb") as f:
-        head = f.read(SNIFF_BYTES)
+        head = f.read(SNIFF_BYTES + 1)
     offset = head.find(b"\0")
-    return None if offset < 0 else _binary_error(i, path, f"at byte {offset}")
+    blank = len(head) <= SNIFF_BYTES and not head.strip()
+    return (None if offset < 0 else _binary_error(i, path, f"at byte {offset}")), blank
 
 
 def _peek_jsonl(i: int, path: Path, text_field: str) -> CorpusError | None:
@@ -149,12 +152,13 @@ def _peek_jsonl(i: int, path: Path, text_field: str) -> CorpusError | None:
 def check_corpus(data: DataConfig) -> list[CorpusError]:
     """Every problem with the corpus at once, cheaply: missing files and empty globs or directories per source,
     a malformed first record per JSONL file, a binary file (NUL byte in its first 8 KiB) among text files, and
-    ``data.sources: corpus is empty`` when all files are empty.
+    ``corpus is empty`` (naming the files) when every file is empty or holds only whitespace.
 
     Stats files and reads the first 8 KiB of text files (first line of JSONL files); never a whole corpus.
     """
     errors: list[CorpusError] = []
-    total = 0
+    empty: list[tuple[int, Path]] = []
+    has_text = False
     for i, src in enumerate(data.sources):
         try:
             rows = _source_files(i, src)
@@ -163,16 +167,22 @@ def check_corpus(data: DataConfig) -> list[CorpusError]:
             continue
         for _, path, fmt in rows:
             size = path.stat().st_size
-            total += size
-            err = None
+            err, blank = None, size == 0
             if fmt == "jsonl" and size:
                 err = _peek_jsonl(i, path, src.text_field)
             elif size and isinstance(src, FilesSource):
-                err = _sniff_binary(i, path)
+                err, blank = _sniff_binary(i, path)
             if err is not None:
                 errors.append(err)
-    if not errors and total == 0:
-        errors.append(CorpusError("data.sources", "corpus is empty: every file is zero bytes"))
+            if blank:
+                empty.append((i, path))
+            else:
+                has_text = True
+    if not errors and not has_text:
+        sources = sorted({i for i, _ in empty})
+        field = f"data.sources.{sources[0]}.path" if len(sources) == 1 else "data.sources"
+        names = ", ".join(str(p) for _, p in empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        errors.append(CorpusError(field, f"corpus is empty: every file is empty or only whitespace ({names})"))
     return errors
 
 

@@ -77,9 +77,13 @@ def test_check_corpus_reports_every_problem_at_once(tree: Path):
 
 def test_check_corpus_flags_empty_corpus_and_bad_first_jsonl_record(tmp_path: Path):
     (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "blank.txt").write_text("")
+    (tmp_path / "blank.txt").write_text(" \n\n\t\n")  # only whitespace: no document to train on
     errors = check_corpus(files(str(tmp_path / "*.txt")))
-    assert [(e.field, "empty" in e.message) for e in errors] == [("data.sources", True)]
+    assert [e.field for e in errors] == ["data.sources.0.path"]
+    assert "corpus is empty" in errors[0].message
+    assert str(tmp_path / "empty.txt") in errors[0].message and str(tmp_path / "blank.txt") in errors[0].message
+    (tmp_path / "one.txt").write_text("x")
+    assert check_corpus(files(str(tmp_path / "*.txt"))) == []
 
     (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
     errors = check_corpus(files(str(tmp_path / "bad.jsonl")))
