@@ -2,7 +2,8 @@
 
 Follows Parsl's and ALCF's documented Polaris configuration:
 - ``polaris-htex``: a HighThroughputExecutor on PBSProProvider, one manager per node started with
-  ``mpiexec --cpu-bind --depth=64 --ppn 1``, one worker per GPU (``available_accelerators=4``) with the
+  ``mpiexec --cpu-bind none --depth=64 --ppn 1`` (Parsl's MpiExecLauncher with ``bind_cmd="--cpu-bind"``; the
+  workers are pinned by the pool's ``cpu_affinity`` instead), one worker per GPU (``available_accelerators=4``) with the
   cores nearest that GPU (Polaris' NUMA layout), for tokenizer, shards, evaluation and single-GPU training;
 - ``polaris-mpi``: an MPIExecutor (SimpleLauncher) whose jobs hold whole nodes; training that spans GPUs and
   nodes runs as ``$PARSL_MPI_PREFIX python -m llmcore.train ...``, one rank per GPU.
