@@ -27,7 +27,7 @@ from workflows.spec import LoadedSpec, SpecError, load_spec
 from workflows.stages import prepare_stage
 from workflows.tracking import MetricsForwarder, Tracker, default_tracking_uri, flatten
 
-STDERR_TAIL = 2000  # characters of a failed training's log shown as its error
+LOG_TAIL_LINES = 18  # lines of a failed training's log that submit shows under its error
 FORWARD_EVERY = 5.0  # seconds between sends of a running training's metrics to MLflow (one transaction each)
 
 
@@ -41,7 +41,15 @@ class RunResult:
     point: dict[str, Any]
     metrics: dict[str, float] = field(default_factory=dict)
     stages: dict[str, str] = field(default_factory=dict)  # kind -> "cached" | "ran" | "failed" | "not run"
+    # Why it failed. Its first line is the cause recorded in MLflow (which stage, the exit code, the final
+    # exception, the full log's path); for a failed training the lines after it are the end of its log,
+    # under a header naming the log file.
     error: str | None = None
+
+    @property
+    def cause(self) -> str | None:
+        """The error's first line: what MLflow records and ``gptlab status`` shows."""
+        return self.error.splitlines()[0] if self.error else None
 
 
 @dataclass
@@ -209,7 +217,8 @@ class Driver:
         return f is None or f.done()
 
     def failure(self, run: RunPlan) -> tuple[str, str] | None:
-        """(stage kind, error) of the first stage of this run that failed itself, if any."""
+        """(stage kind, error) of the first stage of this run that failed itself, if any. The error's first
+        line is the cause; a failed training's log tail may follow it (see RunResult.error)."""
         from parsl.dataflow.errors import DependencyError
 
         for kind, stage in run.stages.items():
@@ -219,17 +228,32 @@ class Driver:
                 exc = f.exception()
                 if isinstance(exc, DependencyError):
                     continue
-                return kind, self._describe(stage, exc)
+                tries = getattr(f, "task_record", {}).get("fail_count", 1)
+                return kind, describe_failure(stage, exc, tries)
         return None
 
-    @staticmethod
-    def _describe(stage: Stage, exc: BaseException) -> str:
-        msg = f"{type(exc).__name__}: {exc}"
-        log = stage.dir / "train.log"
-        if stage.kind == "train" and log.is_file():
-            tail = log.read_text(errors="replace")[-STDERR_TAIL:].strip()
-            msg += f"\n--- end of {log} ---\n{tail}"
-        return msg
+
+def describe_failure(stage: Stage, exc: BaseException, tries: int = 1) -> str:
+    """Why a stage failed. A training process that exited non-zero: one line with its exit code (and what it
+    means), the final exception or error message of its last try and the path of its train.log, then the last
+    LOG_TAIL_LINES lines of that try before the quoted error, under a header naming the log. Anything else:
+    ``stage KIND failed: ExceptionType: message``."""
+    from parsl.app.errors import BashExitFailure
+
+    from workflows.runs import failure_cause, last_try, lines_before, read_log, training_error
+
+    log = stage.dir / "train.log"
+    if stage.kind != "train" or not isinstance(exc, BashExitFailure):
+        text = " ".join(x.strip() for x in str(exc).splitlines() if x.strip()) or "(no message)"
+        msg = f"stage {stage.kind} failed: {type(exc).__name__}: {text}"
+        return msg + (f" (training log: {log})" if stage.kind == "train" and log.is_file() else "")
+    lines = last_try(read_log(log))
+    cause, at = failure_cause(lines)
+    error = training_error(exc.exitcode, cause, log, tries)
+    tail = lines_before(lines, at, LOG_TAIL_LINES)
+    if tail:
+        error += f"\n--- {log}: the last {len(tail)} lines before that error ---\n" + "\n".join(tail)
+    return error
 
 
 # ---------------------------------------------------------------------------------------------- submit
@@ -318,7 +342,7 @@ def _submit(p: Plan, display: LineDisplay | LiveDisplay, poll_interval: float, f
     tracker.set_tags(parent_id, {"gptlab.runs_finished": str(sum(r.status == "FINISHED" for r in runs))})
     if p.spec.sweep:
         log_sweep_summary(tracker, parent_id, p, runs)
-    tracker.finish(parent_id, ok, None if ok else "; ".join(f"{r.name}: {r.error}" for r in runs if r.error)[:4000])
+    tracker.finish(parent_id, ok, None if ok else "; ".join(f"{r.name}: {r.cause}" for r in runs if r.error)[:4000])
     return SubmitResult(p.spec.tracking.experiment or p.spec.name, tracker.experiment_id, parent_id, tracker.uri, runs,
                         time.time() - started)
 
@@ -388,9 +412,9 @@ def _execute(p: Plan, todo: list[RunPlan], tracker: Tracker, children: dict[str,
             driver.refresh(board)
             for r in [r for r in pending if driver.run_done(r)]:
                 pending.remove(r)
-                results[r.run_hash] = _finalize(driver, r, children[r.run_hash][0], cached)
-                _close_row(board, r, results[r.run_hash])
-                display.say(f"[{r.name}] {results[r.run_hash].status} " + _metrics_line(results[r.run_hash].metrics))
+                done = results[r.run_hash] = _finalize(driver, r, children[r.run_hash][0], cached)
+                _close_row(board, r, done)
+                display.say(f"[{r.name}] {done.status} {_metrics_line(done.metrics)}".rstrip())
             if fail_fast and pending and any(x.status == "FAILED" for x in results.values()):
                 cancelled = _cancel(driver, pending, children)
                 for r in pending:
@@ -457,10 +481,11 @@ def _finalize(driver: Driver, run: RunPlan, run_id: str, cached: set[str]) -> Ru
     tracker.set_tags(run_id, {"gptlab.cached_stages": ",".join(k for k, v in states.items() if v == "cached") or "none"})
     failed = driver.failure(run)
     if failed or not run.stages["eval"].done:
-        kind, error = failed or ("eval", "stage did not commit")
+        kind, error = failed or ("eval", "stage eval failed: it did not commit")
         states[kind] = "failed"
-        tracker.finish(run_id, False, f"stage {kind} failed: {error}")
-        return RunResult(run.name, run_id, "FAILED", run.point, {}, states, f"stage {kind} failed: {error}")
+        result = RunResult(run.name, run_id, "FAILED", run.point, {}, states, error)
+        tracker.finish(run_id, False, result.cause)
+        return result
     metrics = _log_outputs(tracker, run, run_id)
     tracker.finish(run_id, True)
     return RunResult(run.name, run_id, "FINISHED", run.point, metrics, states)
