@@ -1,11 +1,17 @@
 """Tracking to an MLflow tracking server (`tracking.uri: http://...`) instead of the default SQLite file: a real
-`mlflow server` on loopback, a real submit, and everything read back through the server's REST API."""
+`mlflow server` on loopback, a real submit, and everything read back through the server's REST API.
+
+A tracking URI where no MLflow server answers (nothing listening, or some other HTTP server) is bad input:
+`gptlab submit` and `gptlab status` fail at once with one paragraph naming tracking.uri and exit code 2, before
+anything is trained or written, instead of MLflow's client retrying for minutes in silence."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -13,7 +19,23 @@ from mlflow.tracking import MlflowClient
 from helpers import free_port, make_corpus, stop_group, tiny_spec, wait_for_json, write_spec
 from workflows import submit
 
-pytestmark = pytest.mark.slow
+
+def gptlab(*args) -> subprocess.CompletedProcess:
+    # The timeout only keeps a regression (MLflow retrying for minutes) from hanging the suite; the assertions
+    # are on the exit code and the message.
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=90)
+
+
+def assert_one_paragraph_naming(r: subprocess.CompletedProcess, uri: str, *words: str) -> None:
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out
+    assert "Traceback" not in out, out
+    message = r.stderr.strip()
+    assert message.startswith(f"Cannot record the runs: tracking.uri {uri}: "), out
+    assert "\n\n" not in message and message.endswith("."), out
+    for word in words:
+        assert word in message, out
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +56,7 @@ def server(tmp_path_factory):
         stop_group(proc)
 
 
+@pytest.mark.slow
 def test_submit_records_runs_metrics_and_artifacts_through_a_tracking_server(server, tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
     tree = tiny_spec(corpus, tmp_path / "runs", tracking={"uri": server["uri"], "experiment": "via-server"})
@@ -52,3 +75,54 @@ def test_submit_records_runs_metrics_and_artifacts_through_a_tracking_server(ser
     assert {"spec.yaml", "eval", "plots", "model", "tokenizer"} <= files
     stored = list((server["dir"] / "artifacts").rglob("model.safetensors"))
     assert len(stored) == 1
+
+
+@pytest.mark.slow
+def test_status_reads_the_runs_through_a_tracking_server(server):
+    """The check before a client of a server URI is made lets a server that answers through."""
+    r = gptlab("status", "--uri", server["uri"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"(store {server['uri']})" in r.stdout, r.stdout
+
+
+def test_submit_to_a_tracking_uri_where_nothing_listens_fails_at_once_and_trains_nothing(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"  # free: nothing listens there
+    runs = tmp_path / "runs"
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec(make_corpus(tmp_path / "corpus"), runs))
+    r = gptlab("submit", spec, "--lines", "--set", f"tracking.uri={uri}")
+    assert_one_paragraph_naming(r, uri, "no MLflow server answers", "connection refused", "mlflow server")
+    assert not (runs / "stages").exists() or not any((runs / "stages").iterdir()), "no stage was started"
+    assert not (runs / "mlflow.db").exists() and not (runs / ".mlflow-tracking.lock").exists()
+
+
+def test_status_of_a_tracking_uri_where_nothing_listens_fails_at_once(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    r = gptlab("status", "--uri", uri, "--runs-root", tmp_path / "runs")
+    assert_one_paragraph_naming(r, uri, "no MLflow server answers", "connection refused")
+
+
+@pytest.fixture
+def not_mlflow(tmp_path):
+    """A plain HTTP file server on loopback (of an empty folder): it answers, with HTML 404s, but it is no MLflow
+    server."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path / "www"), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    (tmp_path / "www").mkdir()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_tracking_uri_of_some_other_http_server_is_named_as_not_mlflow(not_mlflow, tmp_path):
+    r = gptlab("status", "--uri", not_mlflow, "--runs-root", tmp_path / "runs")
+    assert_one_paragraph_naming(r, not_mlflow, "not an MLflow tracking server", "HTTP 404")
