@@ -19,13 +19,20 @@ PEAK_BF16_FLOPS: list[tuple[tuple[str, ...], float]] = [
 ]
 
 
+class DeviceError(ValueError):
+    """The configured device or precision does not exist on this machine: bad input, not worth a retry."""
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` -> cuda when available, else cpu; `cuda` without a GPU is an error; `cuda:N` is kept."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise DeviceError(f"unknown device {name!r} ({exc})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise DeviceError(f"device {name!r} requested but CUDA is not available")
     return device
 
 
@@ -41,13 +48,13 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return None
     if precision == "fp16":
         if not cuda:
-            raise ValueError("precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+            raise DeviceError("precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
         return torch.float16
     if precision == "bf16":
         if cuda and not torch.cuda.is_bf16_supported():
-            raise ValueError(f"precision bf16 is not supported by {torch.cuda.get_device_name(device)}")
+            raise DeviceError(f"precision bf16 is not supported by {torch.cuda.get_device_name(device)}")
         return torch.bfloat16
-    raise ValueError(f"unknown precision {precision!r}")
+    raise DeviceError(f"unknown precision {precision!r}")
 
 
 def peak_flops(device: torch.device) -> float | None:

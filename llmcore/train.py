@@ -35,7 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from llmcore import distributed as D
 from llmcore.checkpoint import CheckpointError, checkpoints, load_checkpoint, rng_state, save_checkpoint
 from llmcore.config import ModelConfig, StrictModel, TrainConfig
-from llmcore.hardware import enable_tf32, peak_flops, peak_memory_mb, resolve_precision
+from llmcore.hardware import DeviceError, enable_tf32, peak_flops, peak_memory_mb, resolve_precision
 from llmcore.io import LOCK_FILE, atomic_write_bytes, atomic_write_json, file_lock, is_no_space
 from llmcore.model import GPT
 from llmcore.shards import BatchSampler, ShardDamagedError, ShardError, TokenSplit, fixed_batches
@@ -369,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except DeviceError as e:  # a spec asking for hardware this machine lacks: the same on every retry
+        print(f"error: train.device / train.precision: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:
         if not is_no_space(e):

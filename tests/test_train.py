@@ -300,6 +300,14 @@ def test_cli_trains(llm_shards, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["steps"] == 3
     # A shards directory without a manifest is bad input: exit 2, which the workflow never retries.
     assert main(["--config", str(tmp_path / "c.json"), "--shards", str(tmp_path), "--out", str(tmp_path / "o2")]) == 2
+    # So is a device the machine lacks (CUDA hidden here, so on a GPU machine too): not retried 3 times.
+    (tmp_path / "gpu.json").write_text(json.dumps(
+        {"model": MODEL.model_dump(), "train": cfg(max_steps=3, lr_decay_steps=None, device="cuda").model_dump()}))
+    proc = subprocess.run([sys.executable, "-m", "llmcore.train", "--config", str(tmp_path / "gpu.json"), "--shards",
+                           str(llm_shards), "--out", str(tmp_path / "o3")], capture_output=True, text=True, timeout=120,
+                          env={**subprocess_env(), "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "error: train.device / train.precision: device 'cuda' requested but CUDA is not available" in proc.stderr
 
 
 def test_cli_exits_75_when_the_time_budget_stops_it(llm_shards, tmp_path, monkeypatch, capsys):
