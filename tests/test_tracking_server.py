@@ -32,7 +32,7 @@ def assert_one_paragraph_naming(r: subprocess.CompletedProcess, uri: str, *words
     assert r.returncode == 2, out
     assert "Traceback" not in out, out
     message = r.stderr.strip()
-    assert message.startswith(f"Cannot record the runs: tracking.uri {uri}: "), out
+    assert message.startswith(f"Cannot use the MLflow store: tracking.uri {uri}: "), out
     assert "\n\n" not in message and message.endswith("."), out
     for word in words:
         assert word in message, out

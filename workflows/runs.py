@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workflows.spec import SpecError
+from workflows.spec import InputError
 
 STAGE_KINDS = ("tokenizer", "shards", "train", "eval")
 TAG = "gptlab."
@@ -46,7 +46,7 @@ def open_store(spec: Path | None, overrides: list[str] | None, runs_root: Path, 
     """The store a spec tracks to, or the one under runs_root (or at uri). Raises SpecError when there is none."""
     from mlflow.tracking import MlflowClient
 
-    from workflows.tracking import default_tracking_uri, quiet_mlflow_logs
+    from workflows.tracking import check_tracking_server, default_tracking_uri, quiet_mlflow_logs
 
     quiet_mlflow_logs()
     if spec is not None:
@@ -56,15 +56,17 @@ def open_store(spec: Path | None, overrides: list[str] | None, runs_root: Path, 
         p = plan(load_spec(spec, overrides))
         uri = p.spec.tracking.uri or default_tracking_uri(p.runs_root)
         if not p.spec.tracking.uri and not (p.runs_root / "mlflow.db").is_file():
-            raise SpecError(str(spec), [f"runs_root: no MLflow store at {p.runs_root / 'mlflow.db'}: nothing was "
+            raise InputError(str(spec), [f"runs_root: no MLflow store at {p.runs_root / 'mlflow.db'}: nothing was "
                                         "submitted from this spec yet (run `gptlab submit` first)"])
+        check_tracking_server(uri)  # an http(s) URI where no server answers fails at once, not after minutes
         return Store(uri, MlflowClient(uri), str(spec), p.runs_root, p, experiment or p.spec.tracking.experiment or p.spec.name)
     root = runs_root.expanduser().resolve()
     if uri is None:
         if not (root / "mlflow.db").is_file():
-            raise SpecError(str(runs_root), [f"--runs-root: no MLflow store at {root / 'mlflow.db'}: pass the runs_root "
+            raise InputError(str(runs_root), [f"--runs-root: no MLflow store at {root / 'mlflow.db'}: pass the runs_root "
                                              "of your experiments, a spec, or --uri"])
         uri = default_tracking_uri(root)
+    check_tracking_server(uri)
     return Store(uri, MlflowClient(uri), str(runs_root), root, None, experiment)
 
 
@@ -318,10 +320,13 @@ def find_run(store: Store, ref: str) -> Any:
     where = f"the store {store.uri}" + (f", experiment {store.experiment}" if store.experiment else "")
     if not matches:
         known = ", ".join(sorted({r.info.run_name for r in runs})[:20]) or "none"
-        raise SpecError(store.source, [f"RUN: no sweep-point run named or with id '{ref}' in {where} (runs: {known})"])
+        short = (" (a run id prefix needs 6 characters or more)"
+                 if len(ref) < 6 and any(r.info.run_id.startswith(ref) for r in runs) else "")
+        raise InputError(store.source, [f"RUN: no sweep-point run named or with id '{ref}' in {where}{short} "
+                                        f"(runs: {known})"])
     names = {e.experiment_id: e.name for e in store.experiments()}
     listed = "; ".join(f"{r.info.run_id} ({names.get(r.info.experiment_id)}, {r.info.status})" for r in matches[:10])
-    raise SpecError(store.source, [f"RUN: '{ref}' matches {len(matches)} runs in {where}: pass a run id or "
+    raise InputError(store.source, [f"RUN: '{ref}' matches {len(matches)} runs in {where}: pass a run id or "
                                    f"--experiment ({listed})"])
 
 
@@ -330,7 +335,7 @@ def latest_parent(store: Store) -> Any:
     extra = f"tags.`{TAG}spec_hash` = '{store.plan.spec_hash}'" if store.plan is not None else ""
     parents = store.runs(role="parent", extra=extra)
     if not parents:
-        raise SpecError(store.source, ["no submitted experiment to compare here" +
+        raise InputError(store.source, ["no submitted experiment to compare here" +
                                        (f" (experiment {store.experiment})" if store.experiment else "")])
     if store.plan is None and store.experiment is None and len({r.info.experiment_id for r in parents}) > 1:
         store.experiment = next(e.name for e in store.experiments() if e.experiment_id == parents[0].info.experiment_id)
@@ -357,21 +362,21 @@ def sample_run(store: Store, ref: str, prompt: str, num_samples: int = 1, max_ne
                          top_k=top_k, top_p=top_p)
     except ValidationError as err:
         options = {"prompts": "--prompt"}
-        raise SpecError("gptlab sample", [f"{options.get(str(e['loc'][0]), '--' + str(e['loc'][0]).replace('_', '-'))}: "
+        raise InputError("gptlab sample", [f"{options.get(str(e['loc'][0]), '--' + str(e['loc'][0]).replace('_', '-'))}: "
                                           f"{e['msg']}" for e in err.errors()]) from None
     run = find_run(store, ref)
     dirs = stage_dirs(run, store.runs_root)
     train, tok = dirs.get("train"), dirs.get("tokenizer")
     if train is None or tok is None:
-        raise SpecError(store.source, [f"RUN: run {run.info.run_id} does not record its stage directories "
+        raise InputError(store.source, [f"RUN: run {run.info.run_id} does not record its stage directories "
                                        "(submitted by an older gptlab): pass --runs-root"])
     if not (tok / "tokenizer.model").is_file():
-        raise SpecError(store.source, [f"RUN: the tokenizer of run {run.info.run_name} is not on this machine "
+        raise InputError(store.source, [f"RUN: the tokenizer of run {run.info.run_name} is not on this machine "
                                        f"({tok / 'tokenizer.model'} is missing)"])
     dev = resolve_device(device)
     try:
         model, meta = load_model(train, dev)
     except CheckpointError as err:
-        raise SpecError(store.source, [f"RUN: run {run.info.run_name} has no usable weights: {err}"]) from None
+        raise InputError(store.source, [f"RUN: run {run.info.run_name} has no usable weights: {err}"]) from None
     texts = [s["text"] for s in sample(model, Tokenizer.load(tok / "tokenizer.model"), cfg, dev, seed)]
     return run, meta, texts

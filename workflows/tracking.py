@@ -14,7 +14,6 @@ retried with backoff.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -203,35 +202,6 @@ def _probe(uri: str) -> str | None:
                 f"{PROBE_ENDPOINT}); point tracking.uri (--uri for status, compare and sample) at an MLflow "
                 "server's address (its port, and its path prefix behind a proxy)")
     return None
-
-
-def _install_server_probe() -> None:
-    """Have MLflow probe a tracking server (:func:`check_tracking_server`) before it builds the client store of
-    an http(s) URI, for every ``MlflowClient`` in this process (``gptlab status``, ``compare`` and ``sample``
-    open theirs directly). MLflow builds one store per URI and caches it, so this costs one request per URI.
-    The builder is wrapped in MLflow's own store registry (the one tracking-store plugins register in); an
-    MLflow without it leaves the clients unprobed, and :class:`Tracker` still probes before it writes."""
-    try:
-        from mlflow.tracking._tracking_service.utils import _tracking_store_registry as registry
-
-        builders = registry._registry
-    except (ImportError, AttributeError):
-        return
-    for scheme in ("http", "https"):
-        builder = builders.get(scheme)
-        if builder is None or getattr(builder, "gptlab_probe", False):
-            continue
-
-        @functools.wraps(builder)  # keeps MLflow's module name: MLflow tells its own schemes by it
-        def probed(store_uri: str, artifact_uri: str | None = None, _build: Any = builder, **kwargs: Any) -> Any:
-            check_tracking_server(store_uri)
-            return _build(store_uri=store_uri, artifact_uri=artifact_uri, **kwargs)
-
-        probed.gptlab_probe = True  # type: ignore[attr-defined]
-        registry.register(scheme, probed)
-
-
-_install_server_probe()
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
