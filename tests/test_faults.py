@@ -416,12 +416,15 @@ def test_unwritable_runs_root_is_a_clear_error_and_nothing_runs(tmp_path, tmpfs)
 
     corpus = make_corpus(tmp_path / "corpus", n_docs=5)
     readonly = tmpfs("ro", "1m", "ro")
-    for runs_root in (readonly / "runs", tmp_path / "corpus" / "doc000.txt" / "runs"):  # read-only fs; a file
+    a_file = tmp_path / "corpus" / "doc000.txt"
+    for runs_root in (readonly / "runs", a_file / "runs", a_file):  # read-only fs; under a file; a file
         spec = write_spec(tmp_path / "s.yaml", tiny_spec(corpus, runs_root))
         for command in ("validate", "submit"):
             result = CliRunner().invoke(app, [command, str(spec)])
             assert result.exit_code == 2, result.output
             assert f"runs_root: cannot write to {runs_root}" in result.output
+            if runs_root == a_file:
+                assert "(it is a file, not a directory)" in result.output
             assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
     assert not (readonly / "runs").exists()
 

@@ -8,6 +8,7 @@ stops the others.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import tempfile
@@ -87,6 +88,8 @@ def preflight(loaded: LoadedSpec, submitting: bool = False) -> None:
     problems += site_problems(loaded.spec.site, [spec.train for _, _, spec in loaded.runs], submitting=submitting)
     root = Path(loaded.spec.runs_root).expanduser()
     try:
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a directory", str(root))
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
             pass
