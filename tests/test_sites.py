@@ -103,9 +103,15 @@ def test_cli_plan_shows_polaris_job_scripts_without_submitting(tmp_path, monkeyp
     env = {"GPTLAB_ACCOUNT": "LLMlab", "PATH": "/usr/bin:/bin"}
     import os
 
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
     r = subprocess.run([sys.executable, "-m", "workflows.cli", "plan", str(spec), "--site", "polaris"],
-                       capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+                       capture_output=True, text=True, timeout=120, env={**os.environ, **env, "TMPDIR": str(scratch)})
     assert r.returncode == 0, r.stderr
     assert "#PBS -l select=1:ncpus=64:ngpus=4" in r.stdout and "qsub -q debug -A LLMlab" in r.stdout
     assert "1 node-hours" in r.stdout and "tokenizer, shards, eval -> polaris-htex" in r.stdout
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # planning submits and records nothing
+    # The job's output paths are where Parsl will write them on submit, and planning leaves no files behind.
+    assert f"#PBS -o {tmp_path / 'runs' / 'parsl' / '<NNN>' / 'submit_scripts'}/" in r.stdout
+    assert "gptlab-plan-" not in r.stdout
+    assert not [p for p in scratch.iterdir() if p.name.startswith("gptlab-plan-")]

@@ -146,6 +146,14 @@ def test_status_shows_stages_run_ids_steps_and_metrics(sweep):
     assert by_root.exit_code == 0 and all(run.run_id in by_root.output for run in sweep["result"].runs)
 
 
+def test_status_runs_root_and_uri_override_the_specs(sweep, tmp_path):
+    """With a spec, --runs-root and --uri are not ignored: they point the spec at another store."""
+    elsewhere = cli("status", sweep["spec"], "--runs-root", tmp_path)
+    assert elsewhere.exit_code == 2 and f"no MLflow store at {tmp_path / 'mlflow.db'}" in elsewhere.output
+    same = cli("status", sweep["spec"], "--uri", sweep["result"].tracking_uri, "--runs-root", sweep["runs_root"])
+    assert same.exit_code == 0 and all(run.run_id in same.output for run in sweep["result"].runs)
+
+
 def test_status_marks_runs_of_a_dead_driver_killed(sweep):
     client, children = client_and_children(sweep)
     run_id = children["pos_encoding=rope"].info.run_id
@@ -181,6 +189,10 @@ def test_compare_tables_and_plots_val_bpb_against_the_swept_parameter(sweep, tmp
     typo = cli("compare", sweep["spec"], "--metric", "val/bbp", "--out", tmp_path / "typo")
     assert typo.exit_code == 2 and "--metric: no run of tiny has a metric 'val/bbp'" in typo.output
     assert "val/bpb" in typo.output and not (tmp_path / "typo").exists()
+    (tmp_path / "a-file").write_text("mine")
+    on_file = cli("compare", sweep["spec"], "--out", tmp_path / "a-file")
+    assert on_file.exit_code == 2 and f"--out: {tmp_path / 'a-file'} is a file, not a directory" in on_file.output
+    assert (tmp_path / "a-file").read_text() == "mine"
 
 
 def test_the_parent_run_holds_a_sweep_summary(sweep):
@@ -209,6 +221,10 @@ def test_sample_generates_from_a_runs_weights(sweep):
     assert unknown.exit_code == 2 and "RUN: no sweep-point run named or with id 'no-such-run'" in unknown.output
     bad = cli(*args, "--temperature", "0")
     assert bad.exit_code == 2 and "--temperature" in bad.output
+    no_device = cli(*args, "--device", "tpu9")
+    assert no_device.exit_code == 2 and "Bad input (gptlab sample): --device:" in no_device.output
+    short = cli("sample", rope.run_id[:4], "--runs-root", sweep["runs_root"])
+    assert short.exit_code == 2 and "a run id prefix needs 6 characters or more" in short.output
 
 
 def test_sweep_points_share_tokenizer_and_shards_stages(sweep):

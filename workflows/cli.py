@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from workflows.spec import SpecError
+from workflows.spec import InputError, SpecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="gptlab: experiment specs -> Parsl task graphs -> MLflow runs.")
@@ -29,9 +29,29 @@ SetOpt = typer.Option(None, "--set", "-s", help="Override a field: --set train.l
 SiteOpt = typer.Option(None, "--site", help="Site to run on (overrides the spec's site.name).")
 OptSpecArg = typer.Argument(None, help="Experiment spec (YAML); without it, every run in the store under --runs-root.",
                             show_default=False)
-RunsRootOpt = typer.Option(Path("runs"), "--runs-root", help="runs_root of the experiments (holds mlflow.db).")
-UriOpt = typer.Option(None, "--uri", help="Tracking URI (default sqlite:///<runs_root>/mlflow.db).")
+RunsRootOpt = typer.Option(None, "--runs-root", show_default=False,
+                           help="runs_root of the experiments (holds mlflow.db) \\[default: runs; with a spec: the "
+                           "spec's runs_root]. With a spec it overrides the spec's runs_root.")
+UriOpt = typer.Option(None, "--uri", help="Tracking URI \\[default: sqlite:///<runs_root>/mlflow.db, or the spec's "
+                      "tracking.uri]. With a spec it overrides tracking.uri.")
 ExperimentOpt = typer.Option(None, "--experiment", "-e", help="Only this MLflow experiment.")
+
+
+def open_store(spec: Optional[Path], set_: Optional[list[str]], runs_root: Optional[Path], uri: Optional[str],
+               experiment: Optional[str]) -> Any:
+    """The store of status, compare and sample. With a spec, --runs-root and --uri override the spec's runs_root
+    and tracking.uri (as --set would), so neither is silently ignored."""
+    from llmcore.corpus import CorpusError
+    from workflows.runs import open_store as open_
+
+    if spec is not None:
+        set_ = [*(set_ or []), *([f"runs_root={runs_root}"] if runs_root is not None else []),
+                *([f"tracking.uri={uri}"] if uri is not None else [])]
+        try:  # finding the runs means keying the stages, which reads the corpus files' sizes
+            return open_(spec, set_, Path("runs"), None, experiment)
+        except CorpusError as exc:
+            raise SpecError(str(spec), [str(exc)]) from None
+    return open_(None, None, runs_root or Path("runs"), uri, experiment)
 
 
 def make_table(title: str, columns: list[str]) -> Table:
@@ -58,7 +78,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             tracking = sys.modules.get("workflows.tracking")
             if tracking is None or not isinstance(exc, tracking.TrackingStoreError):
                 raise
-            typer.echo(f"Cannot record the runs: {exc}.", err=True)
+            typer.echo(f"Cannot use the MLflow store: {exc}.", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -115,11 +135,13 @@ def _show_site(p: Any) -> None:
     typer.echo(f"Executors: tokenizer, shards, eval -> {site.cpu_executor}; single-rank training -> "
                f"{site.train_executor}" + (f"; multi-rank training ({', '.join(r.name for r in multi)}) -> {mpi}"
                                            if multi else ""))
-    jobs = render_jobs(site.config, Path(tempfile.mkdtemp(prefix="gptlab-plan-")))
+    with tempfile.TemporaryDirectory(prefix="gptlab-plan-") as tmp:
+        jobs = render_jobs(site.config, Path(tmp))
+    real = str(p.runs_root / "parsl" / "<NNN>" / "submit_scripts")  # where Parsl writes them on submit
     for job in jobs:
         typer.echo(f"\n--- {job.executor}: up to {job.max_jobs} job(s) of {job.nodes} node(s) x {job.walltime} "
                    f"= {job.node_hours:g} node-hours; submitted with: {' '.join(job.submit_command.split()[:-1])} <script>")
-        typer.echo(job.script.rstrip())
+        typer.echo(job.script.replace(tmp, real).rstrip())
     if jobs:
         typer.echo(f"\nAt most {sum(j.node_hours for j in jobs):g} node-hours requested in all.")
 
@@ -141,7 +163,7 @@ def submit(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final summary (batch jobs)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop every sweep point when one fails."),
     live: Optional[bool] = typer.Option(None, "--live/--lines",
-                                        help="Progress as a live table or as plain lines [default: live on a terminal]."),
+                                        help="Progress as a live table or as plain lines \\[default: live on a terminal]."),
 ) -> None:
     """Run every stage of every sweep point that is not done yet, and record the runs in MLflow."""
     from workflows.driver import submit as run_submit
@@ -168,12 +190,14 @@ def submit(
 
 @app.command()
 @user_errors
-def status(spec: Optional[Path] = OptSpecArg, set_: Optional[list[str]] = SetOpt, runs_root: Path = RunsRootOpt,
+def status(spec: Optional[Path] = OptSpecArg, set_: Optional[list[str]] = SetOpt, runs_root: Optional[Path] = RunsRootOpt,
            uri: Optional[str] = UriOpt, experiment: Optional[str] = ExperimentOpt) -> None:
-    """Each run's stages (done, cached, running, failed, to run), training step, MLflow run id and last metrics.
-    Runs left RUNNING by a driver that is gone are marked KILLED."""
+    """Each run's stages, training step, last metrics and MLflow run id.
+
+    Stages are done, cached, running, queued, waiting, failed, not run (after a failed stage) or to run. Runs
+    left RUNNING by a driver that is gone are marked KILLED."""
     from workflows.compare import fmt
-    from workflows.runs import open_store, status_rows
+    from workflows.runs import status_rows
 
     store = open_store(spec, set_, runs_root, uri, experiment)
     rows, killed = status_rows(store)
@@ -198,24 +222,25 @@ def status(spec: Optional[Path] = OptSpecArg, set_: Optional[list[str]] = SetOpt
 def compare(
     spec: Optional[Path] = OptSpecArg,
     set_: Optional[list[str]] = SetOpt,
-    runs_root: Path = RunsRootOpt,
+    runs_root: Optional[Path] = RunsRootOpt,
     uri: Optional[str] = UriOpt,
     experiment: Optional[str] = ExperimentOpt,
     metric: str = typer.Option("val/bpb", help="Metric to rank and plot (bits per byte: comparable across tokenizers)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Where sweep.csv and the plot go "
-                                           "[default: <runs_root>/reports/compare-<experiment>]."),
+                                           "\\[default: <runs_root>/reports/compare-<experiment>]."),
 ) -> None:
-    """Table of the latest submit's sweep points (swept values, results) and a plot of a metric against the
-    swept parameter."""
+    """Table and plot of the latest submit's sweep points: swept values against results.
+
+    Writes sweep.csv and a plot of --metric against the swept parameter."""
     from workflows.compare import METRICS, best, fmt, rows_from_store, write_report
-    from workflows.runs import latest_parent, open_store
+    from workflows.runs import latest_parent
 
     store = open_store(spec, set_, runs_root, uri, experiment)
     parent = latest_parent(store)
     rows, sweep = rows_from_store(store.client, parent)
     known = sorted({k for r in rows for k in r.metrics})
     if known and metric not in known:
-        raise SpecError(store.source, [f"--metric: no run of {parent.info.run_name} has a metric '{metric}' "
+        raise InputError(store.source, [f"--metric: no run of {parent.info.run_name} has a metric '{metric}' "
                                        f"(it has: {', '.join(known)})"])
     keys = list(sweep)
     top = best(rows, metric)
@@ -230,7 +255,14 @@ def compare(
     if top is not None:
         typer.echo(f"Best {metric}: {top.name} ({top.metrics[metric]:.4f}, run {top.run_id})")
     root = store.runs_root or Path(".")
-    files = write_report(rows, keys, metric, out_dir or root / "reports" / f"compare-{name}", f"{name}: {metric}")
+    target = out_dir or root / "reports" / f"compare-{name}"
+    option = "--out" if out_dir else "the report directory"
+    if target.exists() and not target.is_dir():
+        raise InputError("gptlab compare", [f"{option}: {target} is a file, not a directory"])
+    try:
+        files = write_report(rows, keys, metric, target, f"{name}: {metric}")
+    except OSError as exc:
+        raise InputError("gptlab compare", [f"{option}: cannot write to {target} ({exc.strerror or exc})"]) from None
     typer.echo("Wrote " + ", ".join(str(f) for f in files) + ("" if len(files) > 1 else f" (nothing to plot: no "
                                                               f"finished sweep point has {metric} or nothing was swept)"))
 
@@ -238,9 +270,9 @@ def compare(
 @app.command()
 @user_errors
 def sample(
-    run: str = typer.Argument(..., help="MLflow run id (or a unique prefix) or run name of a sweep point.",
-                              show_default=False),
-    prompt: str = typer.Option("\n", "--prompt", "-p", help="Text to continue; \\n and \\t are read as newline and tab."),
+    run: str = typer.Argument(..., help="Run name of a sweep point, MLflow run id, or a unique prefix of a run id "
+                              "(6 characters or more).", show_default=False),
+    prompt: str = typer.Option("\\n", "--prompt", "-p", help="Text to continue; \\n and \\t are read as newline and tab."),
     num_samples: int = typer.Option(1, "--num-samples", "-n", min=1, help="Continuations to draw."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Tokens to generate."),
     temperature: float = typer.Option(0.8, help="Sampling temperature (> 0)."),
@@ -249,13 +281,18 @@ def sample(
     seed: int = typer.Option(1337, help="Sampling seed (same seed, same text)."),
     device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
     spec: Optional[Path] = typer.Option(None, "--spec", help="Find the run in this spec's store."),
-    runs_root: Path = RunsRootOpt,
+    runs_root: Optional[Path] = RunsRootOpt,
     uri: Optional[str] = UriOpt,
     experiment: Optional[str] = ExperimentOpt,
 ) -> None:
     """Generate text from a run's trained weights (its newest committed checkpoint)."""
-    from workflows.runs import open_store, sample_run
+    from llmcore.hardware import resolve_device
+    from workflows.runs import sample_run
 
+    try:
+        resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise InputError("gptlab sample", [f"--device: {exc}"]) from None
     store = open_store(spec, None, runs_root, uri, experiment)
     text = prompt.replace("\\n", "\n").replace("\\t", "\t")  # typed escapes, as in "def f():\n"
     found, meta, texts = sample_run(store, run, text, num_samples, max_new_tokens, temperature, top_k, top_p, seed,

@@ -169,4 +169,6 @@ def fmt(value: float | None) -> str:
         return "-"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
+    if abs(value) >= 100:  # seconds, tokens/s: four decimals would be noise
+        return f"{value:.1f}"
     return f"{value:.4f}"
