@@ -204,11 +204,6 @@ def _error_line(error: str) -> str:
 LOG_TRY_END = "--> end executable <--"
 LOG_READ = 256 * 1024  # bytes read from the end of a train.log: its last try is within them
 TRACEBACK = "Traceback (most recent call last):"
-EXIT_MEANINGS = {  # llmcore.train's exit codes (see llmcore/train.py main)
-    2: "bad input, not retried",
-    74: "file system full, over quota or read-only, not retried",
-    75: "stopped at train.time_budget_s after a committed checkpoint: submit again to resume",
-}
 
 
 def read_log(path: Path) -> str:
@@ -285,8 +280,15 @@ def exit_meaning(code: int) -> str | None:
     """What a training's exit code says: llmcore.train's own codes, or the signal that killed it."""
     import signal
 
-    if code in EXIT_MEANINGS:
-        return EXIT_MEANINGS[code]
+    from llmcore.train import EXIT_BAD_INPUT, EXIT_NO_SPACE, EXIT_STOPPED_EARLY  # (imports torch: only on failure)
+
+    meanings = {
+        EXIT_BAD_INPUT: "bad input, not retried",
+        EXIT_NO_SPACE: "file system full, over quota or read-only, not retried",
+        EXIT_STOPPED_EARLY: "stopped at train.time_budget_s after a committed checkpoint: submit again to resume",
+    }
+    if code in meanings:
+        return meanings[code]
     sig = -code if code < 0 else code - 128 if 128 < code < 160 else None
     try:
         name = signal.Signals(sig).name if sig else None
