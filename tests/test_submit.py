@@ -195,6 +195,13 @@ def test_compare_tables_and_plots_val_bpb_against_the_swept_parameter(sweep, tmp
     assert (tmp_path / "a-file").read_text() == "mine"
 
 
+def test_table_numbers_are_formatted_for_reading():
+    from workflows.compare import fmt
+
+    assert [fmt(3.57281), fmt(53.42, "stage/train_seconds"), fmt(10773.2), fmt(None), fmt(float("nan"))] == \
+        ["3.5728", "53.4", "10,773", "-", "-"]
+
+
 def test_the_parent_run_holds_a_sweep_summary(sweep):
     result = sweep["result"]
     client = MlflowClient(result.tracking_uri)

@@ -249,7 +249,7 @@ def compare(
     table = make_table(f"{name}: {len(rows)} sweep points, parent run {parent.info.run_id}",
                        ["run", *keys, "status", *columns])
     for r in rows:
-        cells = [r.name, *(str(r.point.get(k)) for k in keys), r.status, *(fmt(r.metrics.get(m)) for m in columns)]
+        cells = [r.name, *(str(r.point.get(k)) for k in keys), r.status, *(fmt(r.metrics.get(m), m) for m in columns)]
         table.add_row(*cells, style="bold green" if r is top else None)
     out.print(table)
     if top is not None:

@@ -164,11 +164,12 @@ def log_sweep_summary(tracker: Any, parent_id: str, p: Any, runs: list[Any], met
         tracker.log_values(parent_id, {f"best/{metric.split('/')[-1]}": top.metrics[metric]}, step=0)
 
 
-def fmt(value: float | None) -> str:
+def fmt(value: float | None, name: str = "") -> str:
+    """A metric for a table: losses to 4 decimals, large counts without, times (``*_seconds``) to 0.1 s."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
-    if abs(value) >= 100:  # seconds, tokens/s: four decimals would be noise
+    if name.endswith("seconds") or abs(value) >= 100:  # four decimals would be noise
         return f"{value:.1f}"
     return f"{value:.4f}"
