@@ -4,7 +4,14 @@ torchrun sets RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT. mpiexe
 PMI_LOCAL_RANK (Cray MPICH + PALS on Polaris, which also sets PALS_LOCAL_RANKID), PMI_RANK / PMI_SIZE /
 MPI_LOCALRANKID (MPICH's Hydra mpiexec, e.g. Debian's mpich: no PMI_LOCAL_RANK) or OMPI_COMM_WORLD_* (Open MPI),
 but no rendezvous address, so the master is the first host of $PARSL_MPI_NODELIST (the task's nodes under
-Parsl's MPIExecutor), else of $PBS_NODEFILE, else 127.0.0.1; the port is MASTER_PORT (else 29500).
+Parsl's MPIExecutor), else of $PBS_NODEFILE, else 127.0.0.1; the port is MASTER_PORT (else 29500). srun without
+PMI sets only SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID.
+
+gptlab's driver says how many ranks it launched in GPTLAB_RANKS. With 1, the launcher variables are ignored: a
+training started by a Parsl worker inherits the worker pool's PMI_* / SLURM_* variables (the pool itself is
+started by mpiexec or srun, one process per node), which describe the pool, not the training. With more, the
+world size the variables give must match, and the SLURM_* variables are read (outside a gptlab launch they may
+describe the whole batch job, e.g. inside `salloc`).
 """
 
 from __future__ import annotations
@@ -26,12 +33,18 @@ LAUNCHER_VARS = [
     ("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun
     ("PMI_RANK", "PMI_SIZE", "PMI_LOCAL_RANK"),  # MPICH / Cray PALS (Polaris)
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),  # srun (without PMI); only under GPTLAB_RANKS
 ]
+EXPECTED_RANKS = "GPTLAB_RANKS"  # set by gptlab's driver: the number of ranks it launched
 # local rank when the launcher's own local-rank variable is absent (then: the global rank, right on one node)
 LOCAL_RANK_FALLBACKS = (
     "PALS_LOCAL_RANKID",  # Cray PALS (Polaris)
     "MPI_LOCALRANKID",  # MPICH Hydra (Debian's mpich): sets PMI_RANK / PMI_SIZE but no PMI_LOCAL_RANK
 )
+
+
+class LaunchError(ValueError):
+    """The launcher's variables do not describe the launch gptlab made (a site problem: the same on a retry)."""
 
 
 @dataclass(frozen=True)
@@ -55,14 +68,23 @@ class DistInfo:
 def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
     """Rank, local rank, world size and rendezvous address from the launcher's variables (pure; no side effects)."""
     env = os.environ if env is None else env
-    rank, world, local = 0, 1, 0
-    for rank_var, size_var, local_var in LAUNCHER_VARS:
+    expected = int(env[EXPECTED_RANKS]) if env.get(EXPECTED_RANKS) else None
+    rank, world, local, source = 0, 1, 0, None
+    for rank_var, size_var, local_var in LAUNCHER_VARS if expected != 1 else ():
+        if rank_var.startswith("SLURM_") and expected is None:
+            continue
         if rank_var in env and size_var in env:
             rank, world = int(env[rank_var]), int(env[size_var])
             local = int(next((env[v] for v in (local_var, *LOCAL_RANK_FALLBACKS) if v in env), rank))
+            source = f"{rank_var}={env[rank_var]} {size_var}={env[size_var]}"
             break
+    if expected is not None and world != expected:
+        raise LaunchError(
+            f"this training was launched as {expected} ranks but its process sees a world of {world} "
+            f"({source or 'no RANK, PMI_RANK, OMPI_COMM_WORLD_RANK or SLURM_PROCID variable'}): the launcher "
+            "did not start one process per rank with its rank variables (check the site's MPI launcher)")
     if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is outside world size {world}")
+        raise LaunchError(f"rank {rank} is outside world size {world}")
     # Under Parsl's MPIExecutor a task gets a subset of the job's nodes (PARSL_MPI_NODELIST, rank 0 on the first);
     # the job's first node ($PBS_NODEFILE) may belong to another task.
     nodelist = env.get("PARSL_MPI_NODELIST", "").split(",")[0].strip()

@@ -272,6 +272,25 @@ def test_launch_env_torchrun_mpi_and_pbs(tmp_path):
         read_launch_env({"RANK": "4", "WORLD_SIZE": "4"})
 
 
+def test_launch_env_follows_what_gptlab_launched():
+    """A one-rank training started by a Parsl worker inherits the worker pool's PMI_* (mpiexec started the pool,
+    one process per node): GPTLAB_RANKS=1 makes it rank 0 of 1, not rank 1 of the pool's 2. srun without PMI
+    sets only SLURM_*: read under a multi-rank gptlab launch, ignored otherwise (inside salloc they describe the
+    job). A launch whose variables disagree with GPTLAB_RANKS is an error, not a silent one-rank run."""
+    from llmcore.distributed import LaunchError
+
+    pool = {"PMI_RANK": "1", "PMI_SIZE": "2", "PMI_LOCAL_RANK": "0"}
+    assert read_launch_env(pool).world_size == 2
+    alone = read_launch_env({**pool, "GPTLAB_RANKS": "1"})
+    assert (alone.rank, alone.local_rank, alone.world_size) == (0, 0, 1)
+    srun = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1"}
+    assert read_launch_env(srun).world_size == 1
+    ranked = read_launch_env({**srun, "GPTLAB_RANKS": "4"})
+    assert (ranked.rank, ranked.local_rank, ranked.world_size) == (3, 1, 4)
+    with pytest.raises(LaunchError, match="launched as 4 ranks but its process sees a world of 1"):
+        read_launch_env({"GPTLAB_RANKS": "4"})
+
+
 # --------------------------------------------------------------------------------------------- the CLI
 
 
@@ -308,6 +327,12 @@ def test_cli_trains(llm_shards, tmp_path, capsys):
                           env={**subprocess_env(), "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "error: train.device / train.precision: device 'cuda' requested but CUDA is not available" in proc.stderr
+    # A one-rank training among a worker pool's inherited PMI_* variables trains alone (before: it waited for a
+    # rank 0 that never came).
+    proc = subprocess.run([sys.executable, "-m", "llmcore.train", "--config", str(tmp_path / "c.json"), "--shards",
+                           str(llm_shards), "--out", str(tmp_path / "o4")], capture_output=True, text=True, timeout=120,
+                          env={**subprocess_env(), "PMI_RANK": "1", "PMI_SIZE": "2", "GPTLAB_RANKS": "1"})
+    assert proc.returncode == 0 and json.loads(proc.stdout)["steps"] == 3, proc.stderr
 
 
 def test_cli_exits_75_when_the_time_budget_stops_it(llm_shards, tmp_path, monkeypatch, capsys):
@@ -337,6 +362,8 @@ def test_hardware_resolution():
     assert peak_flops_for_name("NVIDIA H100 PCIe") == 756e12
     assert peak_flops_for_name("NVIDIA H200") == 989e12
     assert peak_flops_for_name("Some Future GPU") is None
+    assert peak_flops_for_name("NVIDIA L40") == 181e12 and peak_flops_for_name("NVIDIA L4") == 121e12
+    assert peak_flops_for_name("NVIDIA H200 NVL") == 835e12 and peak_flops_for_name("Tesla V100-SXM2-16GB") == 125e12
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
             resolve_device("cuda")

@@ -150,8 +150,11 @@ class Driver:
 
     def _train_launch(self, run: RunPlan, stage: Stage, apps: dict[str, Any], env: dict[str, str]):
         """(app, launcher prefix, app kwargs, env) for one training: one process, or one rank per GPU."""
+        from llmcore.distributed import EXPECTED_RANKS
+
         t = run.spec.train
         ranks = t.nodes * t.ranks_per_node
+        env = {**env, EXPECTED_RANKS: str(ranks)}  # with 1: not the worker pool's PMI_* / SLURM_* variables
         if ranks == 1:
             return apps["train"], "", {}, env
         if "train_mpi" in apps:
