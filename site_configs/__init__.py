@@ -102,8 +102,10 @@ def build_site(site: Any, run_dir: Path, trains: list[Any], concurrent_trainings
     from site_configs.slurm import slurm
 
     factory = polaris if s.name == "polaris" else slurm
-    mpi_nodes = max([t.nodes for t in trains if t.nodes * t.ranks_per_node > 1], default=0)
-    cfg = factory(s, mpi_nodes=mpi_nodes, resolve_address=resolve_address, **common)
+    multi = [t for t in trains if t.nodes * t.ranks_per_node > 1]
+    mpi_nodes = max([t.nodes for t in multi], default=0)
+    per_node = max([t.ranks_per_node for t in multi], default=1)
+    cfg = factory(s, mpi_nodes=mpi_nodes, mpi_ranks_per_node=per_node, resolve_address=resolve_address, **common)
     labels = [e.label for e in cfg.executors]
     nodes = {e.label: e.provider.nodes_per_block for e in cfg.executors}
     return Site(s.name, cfg, labels[0], labels[0], labels[1] if len(labels) > 1 else None, {}, nodes)

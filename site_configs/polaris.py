@@ -23,7 +23,8 @@ from site_configs.batch import batch_config
 GPU_AFFINITY = "list:24-31,56-63:16-23,48-55:8-15,40-47:0-7,32-39"
 
 
-def _provider(site: Any, nodes: int, launcher: Any) -> PBSProProvider:
+def _provider(site: Any, nodes: int, launcher: Any, tasks_per_node: int = 1) -> PBSProProvider:
+    """(A PBS job holds whole nodes, select=N:ncpus=..:ngpus=..: any number of ranks per node may start.)"""
     return PBSProProvider(
         account=site.account,
         queue=site.queue,

@@ -18,7 +18,10 @@ from parsl.providers import SlurmProvider
 from site_configs.batch import batch_config
 
 
-def _provider(site: Any, nodes: int, launcher: Any) -> SlurmProvider:
+def _provider(site: Any, nodes: int, launcher: Any, tasks_per_node: int = 1) -> SlurmProvider:
+    """Parsl writes ``--ntasks-per-node=1`` (one worker pool per node); an MPI job whose ``srun`` starts several
+    ranks per node needs that many tasks (a later ``#SBATCH`` line of the same option wins)."""
+    tasks = f"#SBATCH --ntasks-per-node={tasks_per_node}" if tasks_per_node > 1 else None
     return SlurmProvider(
         partition=site.queue,
         account=site.account,
@@ -26,7 +29,7 @@ def _provider(site: Any, nodes: int, launcher: Any) -> SlurmProvider:
         nodes_per_block=nodes,
         cores_per_node=site.cores_per_node,
         gpus_per_node=site.gpus_per_node or None,
-        scheduler_options=site.scheduler_options,
+        scheduler_options="\n".join(x for x in (tasks, site.scheduler_options) if x),
         worker_init="\n".join(x for x in (site.worker_init or "", "export TMPDIR=${TMPDIR:-/tmp}") if x),
         launcher=launcher,
         init_blocks=0,

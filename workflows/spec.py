@@ -87,6 +87,10 @@ class SiteSpec(StrictModel):
     retries: int = Field(
         2, ge=0, description="Retries of a failed stage; lost workers and nodes are retried, bad input is not."
     )
+    idle_timeout_s: float = Field(
+        120.0, ge=0, description="Batch sites: a job with no stage to run for this long is ended, giving its "
+        "nodes back (Parsl's max_idletime); a stage that comes later starts a new job."
+    )
 
 
 class TrackingSpec(StrictModel):
