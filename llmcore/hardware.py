@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import torch
 
-# Dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets, no sparsity). Matched against
-# torch.cuda.get_device_name() in order; the first pattern whose words all occur wins.
+# Dense bf16 tensor-core peak per GPU, FLOP/s (vendor datasheets, no sparsity). Matched against the words of
+# torch.cuda.get_device_name() ("NVIDIA A100-SXM4-80GB" -> NVIDIA A100 SXM4 80GB) in order; the first pattern
+# whose words all occur (whole words: L4 is not L40) wins.
 PEAK_BF16_FLOPS: list[tuple[tuple[str, ...], float]] = [
     (("H100", "PCIE"), 756e12),
     (("H100", "NVL"), 835e12),
     (("H100",), 989e12),  # SXM5 ("NVIDIA H100 80GB HBM3")
+    (("H200", "NVL"), 835e12),
     (("H200",), 989e12),
     (("GH200",), 989e12),
     (("A100",), 312e12),
     (("L40S",), 362e12),
+    (("L40",), 181e12),
     (("L4",), 121e12),
     (("V100",), 125e12),  # fp16 tensor cores (V100 has no bf16)
 ]
@@ -43,7 +46,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """
     cuda = device.type == "cuda"
     if precision == "auto":
-        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+        return torch.bfloat16 if cuda and _native_bf16() else None
     if precision == "fp32":
         return None
     if precision == "fp16":
@@ -51,10 +54,19 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
             raise DeviceError("precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
         return torch.float16
     if precision == "bf16":
-        if cuda and not torch.cuda.is_bf16_supported():
+        if cuda and not _native_bf16():
             raise DeviceError(f"precision bf16 is not supported by {torch.cuda.get_device_name(device)}")
         return torch.bfloat16
     raise DeviceError(f"unknown precision {precision!r}")
+
+
+def _native_bf16() -> bool:
+    """bf16 in hardware (Ampere and later). torch's own check also says yes where bf16 is only emulated
+    (V100, T4), which runs without tensor cores: slower than fp32 there."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.4 has no such argument and does not count emulation
+        return torch.cuda.is_bf16_supported()
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -65,9 +77,9 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def peak_flops_for_name(name: str) -> float | None:
-    words = name.upper().replace("-", " ").split()
+    words = set(name.upper().replace("-", " ").split())
     for pattern, flops in PEAK_BF16_FLOPS:
-        if all(any(w.startswith(p) for w in words) for p in pattern):
+        if all(p in words for p in pattern):
             return flops
     return None
 

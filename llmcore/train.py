@@ -152,8 +152,9 @@ class Trainer:
         self.step, self.extra = 0, {"train_loss": None, "val_loss": None, "tokens_seen": 0, "elapsed_s": 0.0}
         self.resumed = self._resume()
         self.fwd = torch.compile(self.model) if cfg.compile else self.model  # used for eval too
+        # The model's buffers (RoPE and sinusoidal tables) are constants: nothing to broadcast every forward.
         self.ddp = DDP(self.fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                       gradient_as_bucket_view=True) if self.world > 1 else None
+                       gradient_as_bucket_view=True, broadcast_buffers=False) if self.world > 1 else None
         self.flops_per_token = self.model.flops_per_token()
         self.peak = peak_flops(self.device)
 
@@ -256,10 +257,13 @@ class Trainer:
         elapsed0, t_log, steps_logged = self.extra["elapsed_s"], _clock(), self.step
         saved_step = self.step if self.resumed else -1
         step_time, save_time, stopped_early = 0.0, 0.0, False
+        # Stop while the steps to the next check and a checkpoint still fit. Ranks must agree, which costs a
+        # collective and a host sync: with several ranks, decide every BUDGET_CHECK_EVERY steps, not every step.
+        every = 1 if self.world == 1 else BUDGET_CHECK_EVERY
         try:
             while self.step < cfg.max_steps:
-                if cfg.time_budget_s is not None:  # stop while a step and a checkpoint still fit
-                    late = _clock() - self.t_start + 1.5 * step_time + save_time > cfg.time_budget_s
+                if cfg.time_budget_s is not None and self.step % every == 0:
+                    late = _clock() - self.t_start + (every + 0.5) * step_time + save_time > cfg.time_budget_s
                     if D.any_rank(late, self.device):
                         stopped_early = True
                         break
@@ -345,6 +349,7 @@ def load_run_config(path: Path) -> tuple[RunConfig | None, list[str]]:
 # file system is full, over quota or read-only (retrying cannot help until someone frees space; the last
 # committed checkpoint stays usable); 75 (EX_TEMPFAIL) stopped at the time budget after a committed
 # checkpoint, so running the same command again resumes it.
+BUDGET_CHECK_EVERY = 10  # steps between time-budget decisions when several ranks must agree
 EXIT_BAD_INPUT = 2
 EXIT_NO_SPACE = 74
 EXIT_STOPPED_EARLY = 75
@@ -372,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except DeviceError as e:  # a spec asking for hardware this machine lacks: the same on every retry
         print(f"error: train.device / train.precision: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except D.LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as e:
         if not is_no_space(e):

@@ -159,3 +159,29 @@ def test_mpiexec_two_ranks_equal_one_rank_with_twice_the_micro_batches(llm_shard
     assert len(metric_lines) == len(set(metric_lines)) == STEPS + 2
     listing = lambda out: sorted(str(p.relative_to(out)) for p in out.rglob("*"))  # noqa: E731
     assert listing(tmp_path / "mpi") == listing(tmp_path / "one")
+
+
+@pytest.mark.mpi
+def test_mpiexec_ranks_agree_on_the_launch_and_on_the_time_budget(llm_shards, tmp_path):
+    """As the driver launches them (GPTLAB_RANKS=2): a launch whose world differs from what was asked is exit 2
+    on every rank; a time budget that runs out stops both ranks together (exit 75, one checkpoint) and the next
+    launch resumes it to the end."""
+    require_mpiexec()
+    budget = TrainConfig(**{**TRAIN, "checkpoint_interval": STEPS}, time_budget_s=0.001)
+    (tmp_path / "b.json").write_text(json.dumps({"model": MODEL.model_dump(), "train": budget.model_dump(), "seed": 5}))
+    command = f"{mpiexec_prefix(2, 2)} {train_command(tmp_path / 'b.json', llm_shards, tmp_path / 'out')}"
+
+    wrong = run_shell(command, clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="3"))
+    assert wrong.returncode == 2 and wrong.stderr.count("launched as 3 ranks but its process sees a world of 2") == 2
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+    stopped = run_shell(command, clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2"))
+    assert stopped.returncode == 75, stopped.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["steps"] < STEPS
+
+    budget = budget.model_copy(update={"time_budget_s": None})
+    (tmp_path / "b.json").write_text(json.dumps({"model": MODEL.model_dump(), "train": budget.model_dump(), "seed": 5}))
+    resumed = run_shell(command, clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in rows(tmp_path / "out", "train")] == list(range(1, STEPS + 1))
