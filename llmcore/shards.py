@@ -377,12 +377,18 @@ class TokenSplit:
         self.tokens: int = info["tokens"]
         self.bytes: int = info["bytes"]
         self.documents: int = info["documents"]
-        self.shards = [
-            np.memmap(self.dir / e["file"], dtype=self.dtype, mode="r", offset=HEADER_BYTES, shape=(e["tokens"],))
-            for e in info["shards"]
-        ]
+        self.shards = [self._map(e) for e in info["shards"]]
         self.shard_tokens = [len(m) for m in self.shards]
         self._starts = np.cumsum([0] + self.shard_tokens)
+
+    def _map(self, entry: dict) -> np.memmap:
+        """One shard, memory-mapped; without verification a missing or short file is still a ShardDamagedError
+        naming it (not numpy's error)."""
+        path = self.dir / entry["file"]
+        try:
+            return np.memmap(path, dtype=self.dtype, mode="r", offset=HEADER_BYTES, shape=(entry["tokens"],))
+        except (OSError, ValueError) as exc:
+            raise ShardDamagedError(f"{path}: cannot be mapped ({exc})") from None
 
     def window(self, shard: int, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` of one shard (a read-only view)."""

@@ -130,8 +130,17 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
 
         verify = self.dist.local_rank == 0  # one verification per node is enough; the others trust it
-        self.train_split = TokenSplit(shards_dir, "train", verify=verify)
-        val_split = TokenSplit(shards_dir, "val", verify=verify)
+        try:
+            self.train_split = TokenSplit(shards_dir, "train", verify=verify)
+            val_split = TokenSplit(shards_dir, "val", verify=verify)
+            failed: ShardError | None = None
+        except ShardError as e:
+            failed = e
+        # Every rank stops when one finds the shards unusable (the others would wait for it in a collective).
+        if D.any_rank(failed is not None, self.device):
+            if failed is not None:
+                raise failed
+            raise ShardError(f"{shards_dir}: another rank found the shards unusable (its error names the file)")
         T = model_cfg.block_size
         self.val_batches = fixed_batches(val_split, cfg.eval_batches, cfg.batch_size, T, seed)
         n_streams = self.world * cfg.grad_accum

@@ -185,3 +185,32 @@ def test_mpiexec_ranks_agree_on_the_launch_and_on_the_time_budget(llm_shards, tm
     resumed = run_shell(command, clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2"))
     assert resumed.returncode == 0, resumed.stderr
     assert [r["step"] for r in rows(tmp_path / "out", "train")] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("damage", ["truncated", "altered"])
+def test_mpiexec_damaged_shard_stops_every_rank_with_exit_2(llm_shards, tmp_path, damage):
+    """Only local rank 0 verifies the shards (sizes, sha256). When a shard is damaged every rank stops at once
+    with exit 2, the file named: a truncated one each rank sees itself; an altered byte only the verifying rank
+    sees, and the other is told so (no rank is left waiting in a collective for one that has gone)."""
+    require_mpiexec()
+    shards = tmp_path / "shards"
+    shutil.copytree(llm_shards, shards)
+    victim = next(shards.glob("train-*.bin"))
+    data = bytearray(victim.read_bytes())
+    if damage == "truncated":
+        del data[-10:]
+    else:
+        data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    (tmp_path / "c.json").write_text(json.dumps({"model": MODEL.model_dump(), "train": TrainConfig(**TRAIN).model_dump()}))
+    proc = run_shell(f"{mpiexec_prefix(2, 2)} {train_command(tmp_path / 'c.json', shards, tmp_path / 'out')}",
+                     clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2"), timeout=90)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and all(str(shards) in e for e in errors), proc.stderr
+    if damage == "truncated":
+        assert all(victim.name in e for e in errors)
+    else:
+        assert any(f"{victim.name}: sha256" in e for e in errors)
+        assert any("another rank found the shards unusable" in e for e in errors)
