@@ -68,3 +68,26 @@ def test_evaluate_cli(llm_trained, llm_shards, llm_tokenizer_model, tmp_path, ca
     assert printed["tokens_evaluated"] == 2 * 4 * 16 and (tmp_path / "e" / "samples.txt").exists()
     (tmp_path / "bad.json").write_text(json.dumps({"batches": -1}))
     assert main(args[:-4] + ["--config", str(tmp_path / "bad.json")]) == 2
+
+
+def test_token_loss_is_the_summed_cross_entropy(llm_trained, llm_shards):
+    """token_loss sums each batch's mean loss times its target count: the same as summing cross-entropy over
+    every target token, also over the whole split's last, partial batch."""
+    import torch
+    import torch.nn.functional as F
+
+    from llmcore.checkpoint import load_model
+    from llmcore.evaluate import token_loss
+    from llmcore.shards import TokenSplit, iter_sequential
+
+    model, _ = load_model(llm_trained, torch.device("cpu"))
+    val = TokenSplit(llm_shards, "val")
+    nats, n = token_loss(model, iter_sequential(val, 7, 16), torch.device("cpu"), None)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in iter_sequential(val, 7, 16):
+            logits, _ = model(x, y)
+            total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum").item()
+            count += int((y != -1).sum())
+    assert n == count == val.tokens - 1
+    assert nats == pytest.approx(total, rel=1e-6)
