@@ -288,13 +288,16 @@ class Trainer:
                     t_log, steps_logged, self.extra["elapsed_s"] = now, self.step, elapsed()
                     write(self._train_line(self.extra["train_loss"], grad_norm, tokens_per_sec))
                 if self.step % cfg.eval_interval == 0 or last:
+                    t_eval = _clock()
                     self.extra["val_loss"] = estimate_loss(self.fwd, self.val_batches, self.ctx, self.device)
                     write({"kind": "eval", "step": self.step, "time": time.time(), "val_loss": self.extra["val_loss"],
                            "elapsed_s": elapsed()})
+                    t_log += _clock() - t_eval  # tokens/s and MFU measure training steps, not evaluation
                 if self.step % cfg.checkpoint_interval == 0 or last:
                     t_save = _clock()
                     self.save()
                     save_time, saved_step = _clock() - t_save, self.step
+                    t_log += save_time
                 step_time = max(0.8 * step_time, _clock() - t0)  # decays slowly: a cautious estimate
             if stopped_early and saved_step != self.step:
                 self.extra["elapsed_s"] = elapsed()

@@ -346,6 +346,32 @@ def test_cli_exits_75_when_the_time_budget_stops_it(llm_shards, tmp_path, monkey
     assert json.loads(capsys.readouterr().out)["stopped_early"] is True
 
 
+def test_tokens_per_second_leaves_out_evaluation_and_checkpoints(llm_shards, tmp_path, monkeypatch):
+    """tokens/s (and so MFU) measure training steps: a slow evaluation or checkpoint (here 100 s on a fake clock
+    that otherwise ticks 1 s per reading) does not show as a slow step after it."""
+    import llmcore.train as T
+
+    now = [0.0]
+
+    def tick() -> float:
+        now[0] += 1.0
+        return now[0]
+
+    def slow(fn):
+        def wrapped(*args, **kwargs):
+            now[0] += 100.0
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(T, "_clock", tick)
+    monkeypatch.setattr(T, "estimate_loss", slow(T.estimate_loss))
+    monkeypatch.setattr(T.Trainer, "save", slow(T.Trainer.save))
+    train(MODEL, cfg(max_steps=8, eval_interval=2, checkpoint_interval=4, lr_decay_steps=None), llm_shards, tmp_path,
+          seed=1)
+    rates = [r["tokens_per_sec"] for r in lines(tmp_path)]
+    assert len(rates) == 8 and max(rates) / min(rates) < 5, rates  # with the 100 s counted: over 30
+
+
 # -------------------------------------------------------------------------------------------- hardware
 
 
