@@ -37,23 +37,6 @@ UriOpt = typer.Option(None, "--uri", help="Tracking URI \\[default: sqlite:///<r
 ExperimentOpt = typer.Option(None, "--experiment", "-e", help="Only this MLflow experiment.")
 
 
-def open_store(spec: Optional[Path], set_: Optional[list[str]], runs_root: Optional[Path], uri: Optional[str],
-               experiment: Optional[str]) -> Any:
-    """The store of status, compare and sample. With a spec, --runs-root and --uri override the spec's runs_root
-    and tracking.uri (as --set would), so neither is silently ignored."""
-    from llmcore.corpus import CorpusError
-    from workflows.runs import open_store as open_
-
-    if spec is not None:
-        set_ = [*(set_ or []), *([f"runs_root={runs_root}"] if runs_root is not None else []),
-                *([f"tracking.uri={uri}"] if uri is not None else [])]
-        try:  # finding the runs means keying the stages, which reads the corpus files' sizes
-            return open_(spec, set_, Path("runs"), None, experiment)
-        except CorpusError as exc:
-            raise SpecError(str(spec), [str(exc)]) from None
-    return open_(None, None, runs_root or Path("runs"), uri, experiment)
-
-
 def make_table(title: str, columns: list[str]) -> Table:
     """A table whose cells fold rather than truncate: run ids and metric names stay readable in logs."""
     table = Table(title=title, title_justify="left")
@@ -197,7 +180,7 @@ def status(spec: Optional[Path] = OptSpecArg, set_: Optional[list[str]] = SetOpt
     Stages are done, cached, running, queued, waiting, failed, not run (after a failed stage) or to run. Runs
     left RUNNING by a driver that is gone are marked KILLED."""
     from workflows.compare import fmt
-    from workflows.runs import status_rows
+    from workflows.runs import open_store, status_rows
 
     store = open_store(spec, set_, runs_root, uri, experiment)
     rows, killed = status_rows(store)
@@ -233,7 +216,7 @@ def compare(
 
     Writes sweep.csv and a plot of --metric against the swept parameter."""
     from workflows.compare import METRICS, best, fmt, rows_from_store, write_report
-    from workflows.runs import latest_parent
+    from workflows.runs import latest_parent, open_store
 
     store = open_store(spec, set_, runs_root, uri, experiment)
     parent = latest_parent(store)
@@ -287,7 +270,7 @@ def sample(
 ) -> None:
     """Generate text from a run's trained weights (its newest committed checkpoint)."""
     from llmcore.hardware import resolve_device
-    from workflows.runs import sample_run
+    from workflows.runs import open_store, sample_run
 
     try:
         resolve_device(device)

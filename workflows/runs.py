@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workflows.spec import InputError
+from workflows.spec import InputError, SpecError
 
 STAGE_KINDS = ("tokenizer", "shards", "train", "eval")
 TAG = "gptlab."
@@ -41,11 +41,14 @@ class Store:
         return list(self.client.search_runs(ids, filt, order_by=["attributes.start_time DESC"], max_results=50000))
 
 
-def open_store(spec: Path | None, overrides: list[str] | None, runs_root: Path, uri: str | None,
+def open_store(spec: Path | None, overrides: list[str] | None, runs_root: Path | None, uri: str | None,
                experiment: str | None = None) -> Store:
-    """The store a spec tracks to, or the one under runs_root (or at uri). Raises SpecError when there is none."""
+    """The store a spec tracks to, or the one under runs_root (default ``runs``) or at uri. With a spec,
+    runs_root and uri override the spec's ``runs_root`` and ``tracking.uri`` (as ``--set`` would): neither is
+    ignored. Raises SpecError when there is no store."""
     from mlflow.tracking import MlflowClient
 
+    from llmcore.corpus import CorpusError
     from workflows.tracking import check_tracking_server, default_tracking_uri, quiet_mlflow_logs
 
     quiet_mlflow_logs()
@@ -53,13 +56,19 @@ def open_store(spec: Path | None, overrides: list[str] | None, runs_root: Path, 
         from workflows.plan import plan
         from workflows.spec import load_spec
 
-        p = plan(load_spec(spec, overrides))
+        overrides = [*(overrides or []), *([f"runs_root={runs_root}"] if runs_root is not None else []),
+                     *([f"tracking.uri={uri}"] if uri is not None else [])]
+        try:  # finding the runs means keying the stages, which reads the corpus files' sizes
+            p = plan(load_spec(spec, overrides))
+        except CorpusError as exc:
+            raise SpecError(str(spec), [str(exc)]) from None
         uri = p.spec.tracking.uri or default_tracking_uri(p.runs_root)
         if not p.spec.tracking.uri and not (p.runs_root / "mlflow.db").is_file():
             raise InputError(str(spec), [f"runs_root: no MLflow store at {p.runs_root / 'mlflow.db'}: nothing was "
                                         "submitted from this spec yet (run `gptlab submit` first)"])
         check_tracking_server(uri)  # an http(s) URI where no server answers fails at once, not after minutes
         return Store(uri, MlflowClient(uri), str(spec), p.runs_root, p, experiment or p.spec.tracking.experiment or p.spec.name)
+    runs_root = runs_root or Path("runs")
     root = runs_root.expanduser().resolve()
     if uri is None:
         if not (root / "mlflow.db").is_file():
@@ -188,122 +197,14 @@ _OLD_TAIL = re.compile(r"^stage train failed: BashExitFailure: bash_app \w+ fail
 def _error_line(error: str) -> str:
     """The one line ``status`` shows for a run's recorded error. Runs failed by an older gptlab recorded
     Parsl's bare ``BashExitFailure`` followed by the end of train.log: their cause is read from that end."""
+    from workflows.trainlog import failure_cause, last_try, training_error
+
     old = _OLD_TAIL.match(error)
     if old is None:
         return error.splitlines()[0]
     code, log, tail = int(old.group(1)), old.group(2), old.group(3)
     cause, _ = failure_cause(last_try(tail))
     return training_error(code, cause, log)
-
-
-# ----------------------------------------------------------------------------------- training logs
-#
-# A training's stdout and stderr go to <train stage>/train.log, appended to by every try (Parsl retries,
-# re-submits). Parsl starts each try with the command it runs, between the two markers below.
-
-LOG_TRY_END = "--> end executable <--"
-LOG_READ = 256 * 1024  # bytes read from the end of a train.log: its last try is within them
-TRACEBACK = "Traceback (most recent call last):"
-
-
-def read_log(path: Path) -> str:
-    """The end of a log file (LOG_READ bytes at most), or "" when it cannot be read."""
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(max(0, size - LOG_READ))
-            return f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-
-
-def last_try(text: str) -> list[str]:
-    """The lines the last try of a training wrote (after Parsl's header of that try), blank ones at either end
-    dropped."""
-    at = text.rfind(LOG_TRY_END)
-    lines = [x.rstrip() for x in (text[at + len(LOG_TRY_END):] if at >= 0 else text).splitlines()]
-    while lines and not lines[-1]:
-        lines.pop()
-    while lines and not lines[0]:
-        lines.pop(0)
-    return lines
-
-
-def failure_cause(lines: list[str]) -> tuple[str | None, int]:
-    """(the decisive line(s) of a failed try's output, joined into one line, or None; the index where they start).
-
-    After a traceback: the final exception's first line (``ValueError: ...``). Otherwise the message training
-    prints for errors it handles (``error: ...`` or ``invalid training config:`` and the lines after it), or
-    the last line written."""
-    if not lines:
-        return None, 0
-    tb = max((i for i, x in enumerate(lines) if x == TRACEBACK), default=None)
-    if tb is not None:
-        at = next((i for i in range(tb + 1, len(lines)) if lines[i] and not lines[i][0].isspace()), None)
-        if at is not None:
-            return _clip(lines[at]), at
-    at = max((i for i, x in enumerate(lines) if x.startswith(("error:", "invalid training config:"))),
-             default=len(lines) - 1)
-    if lines[at].startswith("{"):  # the summary JSON training prints when it stops at its time budget
-        return None, len(lines)
-    text = lines[at].removeprefix("error:").strip()
-    for x in (x.strip() for x in lines[at + 1:]):
-        if x:
-            text += (" " if text.endswith(":") else "; ") + x
-    return _clip(text), at
-
-
-def lines_before(lines: list[str], at: int, n: int) -> list[str]:
-    """About ``n`` lines before ``lines[at]``, never starting inside a traceback's frame: a traceback that fits
-    in ``n + 8`` lines is shown from its first line, a longer one from a ``File ...`` line. Blank lines at
-    either end are left out ([] when nothing but blanks precedes)."""
-    start = max(0, at - n)
-    tb = max((i for i in range(at) if lines[i] == TRACEBACK), default=None)
-    if tb is not None and tb < start:
-        if at - tb <= n + 8:
-            start = tb
-        else:
-            start = next((i for i in range(start, at) if lines[i].startswith("  File ")), start)
-    tail = lines[start:at]
-    while tail and not tail[0].strip():
-        tail.pop(0)
-    while tail and not tail[-1].strip():
-        tail.pop()
-    return tail
-
-
-def _clip(line: str, limit: int = 500) -> str:
-    return line if len(line) <= limit else line[:limit - 3] + "..."
-
-
-def exit_meaning(code: int) -> str | None:
-    """What a training's exit code says: llmcore.train's own codes, or the signal that killed it."""
-    import signal
-
-    from llmcore.train import EXIT_BAD_INPUT, EXIT_NO_SPACE, EXIT_STOPPED_EARLY  # (imports torch: only on failure)
-
-    meanings = {
-        EXIT_BAD_INPUT: "bad input, not retried",
-        EXIT_NO_SPACE: "file system full, over quota or read-only, not retried",
-        EXIT_STOPPED_EARLY: "stopped at train.time_budget_s after a committed checkpoint: submit again to resume",
-    }
-    if code in meanings:
-        return meanings[code]
-    sig = -code if code < 0 else code - 128 if 128 < code < 160 else None
-    try:
-        name = signal.Signals(sig).name if sig else None
-    except ValueError:
-        return None
-    if name is None:
-        return None
-    return f"killed by {name}" + (" (out of memory, or a scheduler's limit?)" if name == "SIGKILL" else "")
-
-
-def training_error(code: int, cause: str | None, log: Path | str, tries: int = 1) -> str:
-    """One line: ``stage train failed (exit code 1; tried 3 times): ValueError: ... (full log: .../train.log)``."""
-    meaning = exit_meaning(code)
-    head = f"exit code {code}" + (f": {meaning}" if meaning else "") + (f"; tried {tries} times" if tries > 1 else "")
-    return f"stage train failed ({head})" + (f": {cause}" if cause else "") + f" (full log: {log})"
 
 
 # -------------------------------------------------------------------------------------------- finding
