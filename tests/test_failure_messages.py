@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import make_corpus, tiny_spec, write_spec
-from workflows.runs import exit_meaning, failure_cause, last_try, lines_before
+from workflows.trainlog import exit_meaning, failure_cause, last_try, lines_before
 
 BROKEN, TOO_LONG = "block_size=16", "block_size=100000"
 

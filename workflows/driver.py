@@ -8,7 +8,6 @@ stops the others.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import tempfile
@@ -87,14 +86,15 @@ def preflight(loaded: LoadedSpec, submitting: bool = False) -> None:
 
     problems += site_problems(loaded.spec.site, [spec.train for _, _, spec in loaded.runs], submitting=submitting)
     root = Path(loaded.spec.runs_root).expanduser()
-    try:
-        if root.exists() and not root.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a directory", str(root))
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        problems.append(f"runs_root: cannot write to {root} ({exc.strerror or exc})")
+    if root.exists() and not root.is_dir():
+        problems.append(f"runs_root: cannot write to {root} (it is a file, not a directory)")
+    else:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+                pass
+        except OSError as exc:
+            problems.append(f"runs_root: cannot write to {root} ({exc.strerror or exc})")
     if problems:
         raise SpecError(loaded.source, problems)
 
@@ -246,7 +246,7 @@ def describe_failure(stage: Stage, exc: BaseException, tries: int = 1) -> str:
     ``stage KIND failed: ExceptionType: message``."""
     from parsl.app.errors import BashExitFailure
 
-    from workflows.runs import failure_cause, last_try, lines_before, read_log, training_error
+    from workflows.trainlog import failure_cause, last_try, lines_before, read_log, training_error
 
     log = stage.dir / "train.log"
     if stage.kind != "train" or not isinstance(exc, BashExitFailure):
