@@ -288,7 +288,7 @@ def _valid_section_problems(tree: dict[str, Any]) -> list[str]:
             continue
         try:
             sections[name] = ExperimentSpec.model_fields[name].annotation.model_validate(tree.get(name) or {})
-        except (ValidationError, AttributeError):
+        except ValidationError:
             continue
     return _cross_field(sections)
 
