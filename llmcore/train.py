@@ -130,10 +130,10 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
 
         verify = self.dist.local_rank == 0  # one verification per node is enough; the others trust it
+        failed: ShardError | None = None
         try:
             self.train_split = TokenSplit(shards_dir, "train", verify=verify)
             val_split = TokenSplit(shards_dir, "val", verify=verify)
-            failed: ShardError | None = None
         except ShardError as e:
             failed = e
         # Every rank stops when one finds the shards unusable (the others would wait for it in a collective).

@@ -117,10 +117,6 @@ _answered: set[str] = set()  # URIs whose server answered in this process
 _probe_lock = threading.Lock()
 
 
-def is_server_uri(uri: str) -> bool:
-    return uri.lower().startswith(("http://", "https://"))
-
-
 def check_tracking_server(uri: str) -> None:
     """Raise :class:`TrackingStoreError` (one sentence naming ``tracking.uri``) unless an MLflow tracking server
     answers at ``uri``; a no-op for local stores and, after the first answer, for the same URI.
@@ -129,7 +125,7 @@ def check_tracking_server(uri: str) -> None:
     helper (its credentials, TLS and header settings) but once, without retries, with short timeouts. A server
     that answers with a transient error (429, 5xx) or denies access to this one call (403) passes: MLflow's
     own retries and errors deal with those."""
-    if not is_server_uri(uri) or uri in _answered:
+    if not uri.lower().startswith(("http://", "https://")) or uri in _answered:  # only servers over HTTP
         return
     with _probe_lock:
         if uri in _answered:
