@@ -18,9 +18,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -38,8 +39,12 @@ def parser(name: str, doc: str) -> argparse.ArgumentParser:
     """An argument parser with the options every benchmark has: ``--quick`` and ``--json``."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes: a smoke test of the benchmark, not figures")
-    p.add_argument("--json", type=Path, default=None,
-                   help=f"where the results go (default bench/results/{name}.json, with --quick {name}.quick.json)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help=f"where the results go (default bench/results/{name}.json, with --quick {name}.quick.json)",
+    )
     return p
 
 
@@ -64,8 +69,12 @@ def machine() -> dict[str, Any]:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu": cpu_model(), "cores": cores, "load_avg_1m": round(os.getloadavg()[0], 2), "torch": torch.__version__,
-        "python": platform.python_version(), "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cores": cores,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
@@ -87,8 +96,14 @@ def write_report(name: str, args: argparse.Namespace, figures: list[dict], detai
     from llmcore.io import atomic_write_json
 
     command = f"python bench/{name}.py" + (" --quick" if args.quick else "")
-    report = {"benchmark": name, "command": command, "quick": args.quick, "machine": machine(), "figures": figures,
-              "details": details}
+    report = {
+        "benchmark": name,
+        "command": command,
+        "quick": args.quick,
+        "machine": machine(),
+        "figures": figures,
+        "details": details,
+    }
     print(f"{name}:")
     for fig in figures:
         print(show(fig))
@@ -177,16 +192,21 @@ def train_cmd(config: Path, shards: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "llmcore.train", "--config", str(config), "--shards", str(shards), "--out", str(out)]
 
 
-def run_logged(cmd: list[str], log: Path, env: dict[str, str] | None = None,
-               while_running: Callable[[], None] | None = None, poll: float = 0.02, rss: bool = False) -> Ran:
+def run_logged(
+    cmd: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    while_running: Callable[[], None] | None = None,
+    poll: float = 0.02,
+    rss: bool = False,
+) -> Ran:
     """Run ``cmd`` with output to ``log``, calling ``while_running()`` every ``poll`` seconds until it exits;
     with ``rss``, sample the peak resident memory of its whole process tree. Raises with the log's tail if it
     fails."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                cwd=REPO)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=REPO)
         with TreeRSS(proc.pid) if rss else contextlib.nullcontext() as sampler:
             while proc.poll() is None:
                 if while_running is not None:
@@ -210,7 +230,7 @@ def interleaved(cases: dict[str, Callable[[int], float]], repeats: int) -> dict[
     names = list(cases)
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             out[name].append(cases[name](r))
             print(f"    round {r + 1}/{repeats} {name}: {out[name][-1]:.2f} s", flush=True)
@@ -248,7 +268,7 @@ class TreeRSS:
                 return
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "TreeRSS":
+    def __enter__(self) -> TreeRSS:
         self._thread.start()
         return self
 

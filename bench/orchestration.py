@@ -4,8 +4,8 @@
     python bench/orchestration.py [--quick] [--repeats R] [--json PATH]        (from the repository root)
 
 Both sides do the same work on the same inputs: specs/quickstart.yaml (two sweep points, 250 steps each; --quick:
-one point, a 1 MB corpus, 512 tokens, 10 steps) with ``site.max_workers: 1``, so the submit runs its two points one after the
-other, as the direct side does. The tokenizer and shards stages are built once beforehand and are the same
+one point, a 1 MB corpus, 512 tokens, 10 steps) with ``site.max_workers: 1``, so the submit runs its two points
+one after the other, as the direct side does. The tokenizer and shards stages are built once beforehand and are the same
 directories for both sides.
 
 - direct: for each sweep point, ``python -m llmcore.train`` on the train.json the driver would write (same
@@ -33,14 +33,33 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (copy_data_stages, figure, interleaved, parser, prepare_data_stages, quickstart_tree,
-                    ratio_pct, run_logged, train_cmd, write_report, write_spec)
+from common import (
+    copy_data_stages,
+    figure,
+    interleaved,
+    parser,
+    prepare_data_stages,
+    quickstart_tree,
+    ratio_pct,
+    run_logged,
+    train_cmd,
+    write_report,
+    write_spec,
+)
 
 OVERHEAD_TARGET_PCT = 5.0
 FIXED_TARGET_S = 10.0
-QUICK = ["sweep={}", "data.sources.0.max_bytes=1000000", "tokenizer.vocab_size=512", "train.max_steps=10",
-         "train.warmup_steps=2", "train.eval_interval=10", "train.checkpoint_interval=10", "eval.batches=4",
-         "eval.max_new_tokens=20"]
+QUICK = [
+    "sweep={}",
+    "data.sources.0.max_bytes=1000000",
+    "tokenizer.vocab_size=512",
+    "train.max_steps=10",
+    "train.warmup_steps=2",
+    "train.eval_interval=10",
+    "train.checkpoint_interval=10",
+    "eval.batches=4",
+    "eval.max_new_tokens=20",
+]
 
 
 def new_store(runs_root: Path, experiment: str) -> float:
@@ -77,10 +96,25 @@ class Sides:
             eval_dir = root / run.stages["eval"].dir.name
             atomic_write_json(eval_dir / "eval_config.json", run.spec.eval.model_dump(mode="json"))
             shards, tok = run.stages["shards"].dir, run.stages["tokenizer"].dir / "tokenizer.model"
-            evaluate = [sys.executable, "-m", "llmcore.evaluate", "--train-dir", str(train.dir), "--shards",
-                        str(shards), "--tokenizer", str(tok), "--out", str(eval_dir), "--config",
-                        str(eval_dir / "eval_config.json"), "--seed", str(run.spec.seed), "--device",
-                        run.spec.train.device]
+            evaluate = [
+                sys.executable,
+                "-m",
+                "llmcore.evaluate",
+                "--train-dir",
+                str(train.dir),
+                "--shards",
+                str(shards),
+                "--tokenizer",
+                str(tok),
+                "--out",
+                str(eval_dir),
+                "--config",
+                str(eval_dir / "eval_config.json"),
+                "--seed",
+                str(run.spec.seed),
+                "--device",
+                run.spec.train.device,
+            ]
             todo.append((train_cmd(train.dir / "train.json", shards, train.dir), evaluate, train.dir))
         t0 = time.perf_counter()
         for train, evaluate, out in todo:
@@ -95,8 +129,9 @@ class Sides:
         copy_data_stages(self.plan, root)
         self.store_seconds.append(new_store(root, self.plan.spec.name))
         spec = write_spec(self.tmp / f"submit{r}.yaml", {**self.tree, "runs_root": str(root)})
-        seconds = run_logged([sys.executable, "-m", "workflows.cli", "submit", str(spec), "--quiet"],
-                             root / "submit.log").seconds
+        seconds = run_logged(
+            [sys.executable, "-m", "workflows.cli", "submit", str(spec), "--quiet"], root / "submit.log"
+        ).seconds
         self._training_seconds("submit", [root / "stages" / r.stages["train"].dir.name for r in self.plan.runs])
         return seconds
 
@@ -123,28 +158,51 @@ def main(argv: list[str] | None = None) -> int:
     overhead, fixed = ratio_pct(submit, direct), submit - direct
     # Everything but the training loops (a training's own summary.json seconds), per round: on a shared machine
     # the loops' speed swings by far more than the orchestration costs, and both sides run the same loops.
-    outside = {side: statistics.median(w - t for w, t in zip(times[side], sides.train_seconds[side]))
-               for side in times}
+    outside = {side: statistics.median(w - t for w, t in zip(times[side], sides.train_seconds[side])) for side in times}
     fixed_outside = outside["submit"] - outside["direct"]
     full = not args.quick
     figures = [
         figure(f"direct: {len(plan.runs)} x (train + evaluate)", direct, "s"),
         figure("gptlab submit, tracking on", submit, "s"),
-        figure("orchestration overhead (wall times)", overhead, "%", f"<= {OVERHEAD_TARGET_PCT:g}%",
-               overhead <= OVERHEAD_TARGET_PCT if full else None),
+        figure(
+            "orchestration overhead (wall times)",
+            overhead,
+            "%",
+            f"<= {OVERHEAD_TARGET_PCT:g}%",
+            overhead <= OVERHEAD_TARGET_PCT if full else None,
+        ),
         figure("orchestration fixed cost (wall times)", fixed, "s", f"< {FIXED_TARGET_S:g} s", fixed < FIXED_TARGET_S),
         figure("  direct, outside the training loops", outside["direct"], "s"),
         figure("  submit, outside the training loops", outside["submit"], "s"),
-        figure("orchestration fixed cost, outside the training loops", fixed_outside, "s", f"< {FIXED_TARGET_S:g} s",
-               fixed_outside < FIXED_TARGET_S),
-        figure("  as overhead on the direct wall time", 100 * fixed_outside / direct, "%",
-               f"<= {OVERHEAD_TARGET_PCT:g}%", 100 * fixed_outside / direct <= OVERHEAD_TARGET_PCT if full else None),
-        figure("creating a new MLflow store (first submit only; not in the above)",
-               statistics.median(sides.store_seconds), "s"),
+        figure(
+            "orchestration fixed cost, outside the training loops",
+            fixed_outside,
+            "s",
+            f"< {FIXED_TARGET_S:g} s",
+            fixed_outside < FIXED_TARGET_S,
+        ),
+        figure(
+            "  as overhead on the direct wall time",
+            100 * fixed_outside / direct,
+            "%",
+            f"<= {OVERHEAD_TARGET_PCT:g}%",
+            100 * fixed_outside / direct <= OVERHEAD_TARGET_PCT if full else None,
+        ),
+        figure(
+            "creating a new MLflow store (first submit only; not in the above)",
+            statistics.median(sides.store_seconds),
+            "s",
+        ),
     ]
-    details = {"runs": [r.name for r in plan.runs], "repeats": repeats, "seconds": times,
-               "training_loop_seconds": sides.train_seconds, "store_creation_seconds": sides.store_seconds,
-               "train_env": sides.train_env, "overrides": ["site.max_workers=1", *(QUICK if args.quick else [])]}
+    details = {
+        "runs": [r.name for r in plan.runs],
+        "repeats": repeats,
+        "seconds": times,
+        "training_loop_seconds": sides.train_seconds,
+        "store_creation_seconds": sides.store_seconds,
+        "train_env": sides.train_env,
+        "overrides": ["site.max_workers=1", *(QUICK if args.quick else [])],
+    }
     write_report("orchestration", args, figures, details)
     return 0
 

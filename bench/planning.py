@@ -27,8 +27,10 @@ TARGET_S = 2.0
 def sweep_spec(root: Path, points: int) -> Path:
     side = max(1, math.isqrt(points))
     tree = quickstart_tree(root / "runs", ["train.min_lr=1e-6"])
-    tree["sweep"] = {"train.lr": [round(1e-4 * (i + 1), 6) for i in range(side)],
-                     "train.weight_decay": [round(1e-3 * i, 6) for i in range(points // side)]}
+    tree["sweep"] = {
+        "train.lr": [round(1e-4 * (i + 1), 6) for i in range(side)],
+        "train.weight_decay": [round(1e-3 * i, 6) for i in range(points // side)],
+    }
     return write_spec(root / "sweep.yaml", tree)
 
 
@@ -47,7 +49,9 @@ def validate_expand_plan(path: Path) -> tuple[float, float, int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = parser("planning", __doc__)
-    p.add_argument("--points", type=int, default=None, help="sweep points, a square grid (default 10,000; --quick: 900)")
+    p.add_argument(
+        "--points", type=int, default=None, help="sweep points, a square grid (default 10,000; --quick: 900)"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="print a cProfile of one more run")
     args = p.parse_args(argv)
@@ -64,14 +68,23 @@ def main(argv: list[str] | None = None) -> int:
     sec = statistics.median(total)
     runs, stages = rounds[0][2], rounds[0][3]
     figures = [  # the target is for 10,000 points: a --quick run has no verdict
-        figure(f"validate + expand + plan, {runs:,} points", sec, "s",
-               f"< {TARGET_S:g} s for 10,000", sec < TARGET_S if runs >= 10_000 else None),
+        figure(
+            f"validate + expand + plan, {runs:,} points",
+            sec,
+            "s",
+            f"< {TARGET_S:g} s for 10,000",
+            sec < TARGET_S if runs >= 10_000 else None,
+        ),
         figure("  of which validate + expand", statistics.median(a for a, _, _, _ in rounds), "s"),
         figure("  of which plan", statistics.median(b for _, b, _, _ in rounds), "s"),
         figure("per sweep point", 1e6 * sec / runs, "us"),
     ]
-    details = {"points": runs, "stages": stages, "repeats": args.repeats,
-               "rounds_s": [{"validate_expand": a, "plan": b} for a, b, _, _ in rounds]}
+    details = {
+        "points": runs,
+        "stages": stages,
+        "repeats": args.repeats,
+        "rounds_s": [{"validate_expand": a, "plan": b} for a, b, _, _ in rounds],
+    }
     write_report("planning", args, figures, details)
     return 0
 

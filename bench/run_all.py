@@ -30,8 +30,9 @@ def train_step_figures(report: dict) -> list[dict]:
     for r in report["results"]:
         ms = r["ms_per_step"]
         if r["case"].startswith("nanogpt-cpu"):
-            figures.append(figure(f"{r['case']} (median)", ms, "ms/step", f"<= {NANOGPT_MS:g} ms (nanoGPT)",
-                                  ms <= NANOGPT_MS))
+            figures.append(
+                figure(f"{r['case']} (median)", ms, "ms/step", f"<= {NANOGPT_MS:g} ms (nanoGPT)", ms <= NANOGPT_MS)
+            )
             figures.append(figure(f"{r['case']} (fastest step)", r["ms_per_step_min"], "ms/step"))
         else:
             figures.append(figure(f"{r['case']} (median)", ms, "ms/step"))
@@ -55,8 +56,12 @@ def run(name: str, quick: bool) -> dict:
     seconds = time.perf_counter() - t0
     report = json.loads(path.read_text())
     if name == "train_step":
-        report = {"benchmark": name, "command": " ".join(["python", "bench/train_step.py", *cmd[2:4]]),
-                  "figures": train_step_figures(report), "details": report}
+        report = {
+            "benchmark": name,
+            "command": " ".join(["python", "bench/train_step.py", *cmd[2:4]]),
+            "figures": train_step_figures(report),
+            "details": report,
+        }
     report["wall_s"] = seconds
     return report
 
@@ -68,10 +73,14 @@ def markdown(reports: list[dict], info: dict) -> str:
             v = f["value"]
             value = f"{v:,.3g}" if isinstance(v, float) and abs(v) < 100 else f"{v:,.0f}"
             met = "" if f["met"] is None else ("yes" if f["met"] else "**no**")
-            rows.append(f"| {rep['benchmark']} | {f['name'].strip()} | {value} {f['unit']} | {f['target'] or ''} | "
-                        f"{met} | `{rep['command']}` |")
-    head = (f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, Python {info['python']}, "
-            f"{info['date']} (1-minute load average at the start: {info['load_avg_1m']}).")
+            rows.append(
+                f"| {rep['benchmark']} | {f['name'].strip()} | {value} {f['unit']} | {f['target'] or ''} | "
+                f"{met} | `{rep['command']}` |"
+            )
+    head = (
+        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, Python {info['python']}, "
+        f"{info['date']} (1-minute load average at the start: {info['load_avg_1m']})."
+    )
     return head + "\n\n" + "\n".join(rows) + "\n"
 
 
@@ -82,15 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     info = machine()
     reports = [run(name, args.quick) for name in (args.only or BENCHMARKS)]
-    print(f"\nAll benchmarks ({'quick' if args.quick else 'full'}) on {info['cpu']}, {info['cores']} cores, "
-          f"torch {info['torch']}, {info['date']}:")
+    print(
+        f"\nAll benchmarks ({'quick' if args.quick else 'full'}) on {info['cpu']}, {info['cores']} cores, "
+        f"torch {info['torch']}, {info['date']}:"
+    )
     for rep in reports:
         print(f"{rep['benchmark']} ({rep['wall_s']:.0f} s; {rep['command']}):")
         for fig in rep["figures"]:
             print(show(fig))
     suffix = ".quick" if args.quick else ""
-    (RESULTS / f"summary{suffix}.json").write_text(json.dumps({"machine": info, "quick": args.quick,
-                                                               "reports": reports}, indent=1))
+    (RESULTS / f"summary{suffix}.json").write_text(
+        json.dumps({"machine": info, "quick": args.quick, "reports": reports}, indent=1)
+    )
     (RESULTS / f"summary{suffix}.md").write_text(markdown(reports, info))
     print(f"wrote {RESULTS / f'summary{suffix}.json'} and {RESULTS / f'summary{suffix}.md'}")
     return 0

@@ -39,26 +39,51 @@ def run_case(args) -> int:
     manifest = write_shards(data, args.tokenizer, args.out, seed=0)
     seconds = time.perf_counter() - t0
     splits = manifest["splits"].values()
-    print(json.dumps({
-        "seconds": seconds, "bytes": sum(s["bytes"] for s in splits), "tokens": sum(s["tokens"] for s in splits),
-        # ru_maxrss is in KiB on Linux; for children, the largest single encoder process that has exited
-        "maxrss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "maxrss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
-    }))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "bytes": sum(s["bytes"] for s in splits),
+                "tokens": sum(s["tokens"] for s in splits),
+                # ru_maxrss is in KiB on Linux; for children, the largest single encoder process that has exited
+                "maxrss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "maxrss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+            }
+        )
+    )
     return 0
 
 
 def measure(tmp: Path, tokenizer: Path, size: str, repeats: int, max_bytes: int | None, workers: int) -> dict:
     out, log = tmp / f"shards-{size}-{workers}", tmp / f"shards-{size}-{workers}.log"
-    cmd = [sys.executable, __file__, "--case", "--repeats", str(repeats), "--workers", str(workers),
-           "--tokenizer", str(tokenizer), "--out", str(out)] + (["--max-bytes", str(max_bytes)] if max_bytes else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--case",
+        "--repeats",
+        str(repeats),
+        "--workers",
+        str(workers),
+        "--tokenizer",
+        str(tokenizer),
+        "--out",
+        str(out),
+    ] + (["--max-bytes", str(max_bytes)] if max_bytes else [])
     ran = run_logged(cmd, log, rss=True)
     row = json.loads(log.read_text().strip().splitlines()[-1])
-    row.update(size=size, workers=workers, peak_rss_tree=ran.peak_rss, subprocess_seconds=ran.seconds,
-               mb_per_s=row["bytes"] / 1e6 / row["seconds"], tokens_per_s=row["tokens"] / row["seconds"])
-    print(f"    {size} corpus ({row['bytes'] / 1e6:.1f} MB), {workers} process(es): {row['seconds']:.1f} s, "
-          f"{row['mb_per_s']:.2f} MB/s, {row['tokens_per_s']:,.0f} tokens/s, peak RSS {ran.peak_rss / 2**20:.0f} MiB",
-          flush=True)
+    row.update(
+        size=size,
+        workers=workers,
+        peak_rss_tree=ran.peak_rss,
+        subprocess_seconds=ran.seconds,
+        mb_per_s=row["bytes"] / 1e6 / row["seconds"],
+        tokens_per_s=row["tokens"] / row["seconds"],
+    )
+    print(
+        f"    {size} corpus ({row['bytes'] / 1e6:.1f} MB), {workers} process(es): {row['seconds']:.1f} s, "
+        f"{row['mb_per_s']:.2f} MB/s, {row['tokens_per_s']:,.0f} tokens/s, peak RSS {ran.peak_rss / 2**20:.0f} MiB",
+        flush=True,
+    )
     for f in out.glob("*.bin"):  # keep /tmp small between cases
         f.unlink()
     return row
@@ -107,8 +132,13 @@ def report(args, rows: list[dict], cores: int, sizes: list) -> int:
         figure(f"encode {large} corpus, {cores} processes", many["mb_per_s"], "MB/s"),
         figure("  tokens/s, 1 process", one["tokens_per_s"], "tok/s"),
         figure(f"  tokens/s, {cores} processes", many["tokens_per_s"], "tok/s"),
-        figure(f"speed-up 1 -> {cores} processes", speedup, "x", f">= {SPEEDUP_TARGET}x",
-               speedup >= SPEEDUP_TARGET if cores >= 2 and not args.quick else None),
+        figure(
+            f"speed-up 1 -> {cores} processes",
+            speedup,
+            "x",
+            f">= {SPEEDUP_TARGET}x",
+            speedup >= SPEEDUP_TARGET if cores >= 2 and not args.quick else None,
+        ),
     ]
     for workers in (1, cores):
         lo, hi = get[(small, workers)]["peak_rss_tree"], get[(large, workers)]["peak_rss_tree"]
@@ -116,11 +146,20 @@ def report(args, rows: list[dict], cores: int, sizes: list) -> int:
         figures += [
             figure(f"peak RSS (process tree), {workers} process(es), {small} corpus", lo / 2**20, "MiB"),
             figure(f"peak RSS (process tree), {workers} process(es), {large} corpus", hi / 2**20, "MiB"),
-            figure(f"  growth from {small} to {large} corpus", growth, "%", f"<= {MEMORY_GROWTH_TARGET_PCT:g}%",
-                   growth <= MEMORY_GROWTH_TARGET_PCT),
+            figure(
+                f"  growth from {small} to {large} corpus",
+                growth,
+                "%",
+                f"<= {MEMORY_GROWTH_TARGET_PCT:g}%",
+                growth <= MEMORY_GROWTH_TARGET_PCT,
+            ),
         ]
-    details = {"cores": cores, "corpus_bytes": {s: corpus_bytes(stdlib_data(r, m)) for s, r, m in sizes},
-               "tokenizer": QUICKSTART_TOKENIZER, "cases": rows}
+    details = {
+        "cores": cores,
+        "corpus_bytes": {s: corpus_bytes(stdlib_data(r, m)) for s, r, m in sizes},
+        "tokenizer": QUICKSTART_TOKENIZER,
+        "cases": rows,
+    }
     write_report("shards", args, figures, details)
     return 0
 

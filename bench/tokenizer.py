@@ -50,22 +50,41 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             stats = train_tokenizer(data, cfg, Path(tmp) / f"tok{i}", seed=0)
             seconds = time.perf_counter() - t0
-            rows.append({"corpus_bytes": corpus_bytes(data), "lines": lines, "seconds": seconds,
-                         "stream_seconds": read_s, "vocab_size": stats["vocab_size"]})
-            print(f"    {rows[-1]['corpus_bytes'] / MB:5.1f} MB, {lines:,} lines: {seconds:.1f} s "
-                  f"(streaming the lines alone {read_s:.1f} s)", flush=True)
+            rows.append(
+                {
+                    "corpus_bytes": corpus_bytes(data),
+                    "lines": lines,
+                    "seconds": seconds,
+                    "stream_seconds": read_s,
+                    "vocab_size": stats["vocab_size"],
+                }
+            )
+            print(
+                f"    {rows[-1]['corpus_bytes'] / MB:5.1f} MB, {lines:,} lines: {seconds:.1f} s "
+                f"(streaming the lines alone {read_s:.1f} s)",
+                flush=True,
+            )
     first, last = rows[0], rows[-1]
-    figures = [figure(f"train on {r['corpus_bytes'] / MB:.1f} MB ({r['lines']:,} lines, sample {sample:,})",
-                      r["seconds"], "s") for r in rows]
-    figures += [
-        figure(f"time ratio {last['corpus_bytes'] / MB:.0f} MB / {first['corpus_bytes'] / MB:.0f} MB "
-               f"(corpus ratio {last['corpus_bytes'] / first['corpus_bytes']:.1f}x)",
-               last["seconds"] / first["seconds"], "x"),
-        figure(f"streaming share of the time on {last['corpus_bytes'] / MB:.0f} MB",
-               100 * last["stream_seconds"] / last["seconds"], "%"),
+    figures = [
+        figure(f"train on {r['corpus_bytes'] / MB:.1f} MB ({r['lines']:,} lines, sample {sample:,})", r["seconds"], "s")
+        for r in rows
     ]
-    write_report("tokenizer", args, figures, {"input_sentence_size": sample, "tokenizer": QUICKSTART_TOKENIZER,
-                                              "sizes": rows})
+    figures += [
+        figure(
+            f"time ratio {last['corpus_bytes'] / MB:.0f} MB / {first['corpus_bytes'] / MB:.0f} MB "
+            f"(corpus ratio {last['corpus_bytes'] / first['corpus_bytes']:.1f}x)",
+            last["seconds"] / first["seconds"],
+            "x",
+        ),
+        figure(
+            f"streaming share of the time on {last['corpus_bytes'] / MB:.0f} MB",
+            100 * last["stream_seconds"] / last["seconds"],
+            "%",
+        ),
+    ]
+    write_report(
+        "tokenizer", args, figures, {"input_sentence_size": sample, "tokenizer": QUICKSTART_TOKENIZER, "sizes": rows}
+    )
     return 0
 
 

@@ -22,8 +22,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (figure, interleaved, parser, prepare_data_stages, quickstart_tree, ratio_pct, run_logged,
-                    train_cmd, write_report, write_spec)
+from common import (
+    figure,
+    interleaved,
+    parser,
+    prepare_data_stages,
+    quickstart_tree,
+    ratio_pct,
+    run_logged,
+    train_cmd,
+    write_report,
+    write_spec,
+)
+
 from workflows.driver import FORWARD_EVERY  # common put this checkout first on sys.path
 
 TARGET_PCT = 1.0
@@ -102,8 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     steps = 20 if args.quick else 100
-    overrides = ["sweep={}", "train.log_interval=1", f"train.max_steps={steps}", "train.warmup_steps=5",
-                 f"train.eval_interval={steps}", f"train.checkpoint_interval={steps}"]
+    overrides = [
+        "sweep={}",
+        "train.log_interval=1",
+        f"train.max_steps={steps}",
+        "train.warmup_steps=5",
+        f"train.eval_interval={steps}",
+        f"train.checkpoint_interval={steps}",
+    ]
     if args.quick:
         overrides += ["data.sources.0.max_bytes=1000000", "tokenizer.vocab_size=512"]
     interval = driver_poll_interval()
@@ -124,16 +141,39 @@ def main(argv: list[str] | None = None) -> int:
     figures = [
         figure(f"training, {steps} steps, log_interval 1, no tracking", without, "s"),
         figure(f"the same, read every {interval:g} s, sent to MLflow (SQLite) every {FORWARD_EVERY:g} s", with_, "s"),
-        figure("tracking overhead (wall time)", overhead, "%", f"<= {TARGET_PCT:g}%",
-               overhead <= TARGET_PCT if full else None),
-        figure("forwarding CPU time / training wall time", cpu_share, "%", f"<= {TARGET_PCT:g}%",
-               cpu_share <= TARGET_PCT if full else None),
-        figure("  all CPU time tracking adds to the driver / training wall time", all_share, "%",
-               f"<= {TARGET_PCT:g}%", all_share <= TARGET_PCT if full else None),
+        figure(
+            "tracking overhead (wall time)",
+            overhead,
+            "%",
+            f"<= {TARGET_PCT:g}%",
+            overhead <= TARGET_PCT if full else None,
+        ),
+        figure(
+            "forwarding CPU time / training wall time",
+            cpu_share,
+            "%",
+            f"<= {TARGET_PCT:g}%",
+            cpu_share <= TARGET_PCT if full else None,
+        ),
+        figure(
+            "  all CPU time tracking adds to the driver / training wall time",
+            all_share,
+            "%",
+            f"<= {TARGET_PCT:g}%",
+            all_share <= TARGET_PCT if full else None,
+        ),
         figure("metric values forwarded per training", statistics.median(t.metrics_sent), "values"),
     ]
-    details = {"steps": steps, "poll_interval_s": interval, "repeats": repeats, "seconds": times,
-               "forward_cpu_s": t.forward_cpu, "driver_process_cpu_s": t.bench_cpu, "metrics_sent": t.metrics_sent, "polls": t.polls}
+    details = {
+        "steps": steps,
+        "poll_interval_s": interval,
+        "repeats": repeats,
+        "seconds": times,
+        "forward_cpu_s": t.forward_cpu,
+        "driver_process_cpu_s": t.bench_cpu,
+        "metrics_sent": t.metrics_sent,
+        "polls": t.polls,
+    }
     write_report("tracking", args, figures, details)
     return 0
 

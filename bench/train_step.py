@@ -44,14 +44,25 @@ def cases(steps: int) -> list[dict]:
     cpu = dict(device="cpu", precision="fp32", compile=False)
     out = [
         dict(name="nanogpt-cpu 4x128 T=64 B=12", model=spec.model, train=spec.train, steps=steps, warmup=10),
-        dict(name="baby-gpt 6x384 T=256 B=8 (cpu)", steps=max(5, steps // 10), warmup=3,
-             model=ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
-             train=TrainConfig(batch_size=8, beta2=0.99, **cpu)),
+        dict(
+            name="baby-gpt 6x384 T=256 B=8 (cpu)",
+            steps=max(5, steps // 10),
+            warmup=3,
+            model=ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2),
+            train=TrainConfig(batch_size=8, beta2=0.99, **cpu),
+        ),
     ]
     if torch.cuda.is_available():
-        out.append(dict(name="gpt2-small 12x768 T=1024 B=16 bf16 compile", steps=steps, warmup=15, vocab=50304,
-                        model=ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024),
-                        train=TrainConfig(batch_size=16, lr=6e-4, device="cuda", precision="bf16", compile=True)))
+        out.append(
+            dict(
+                name="gpt2-small 12x768 T=1024 B=16 bf16 compile",
+                steps=steps,
+                warmup=15,
+                vocab=50304,
+                model=ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024),
+                train=TrainConfig(batch_size=16, lr=6e-4, device="cuda", precision="bf16", compile=True),
+            )
+        )
     return out
 
 
@@ -96,9 +107,15 @@ def bench_case(case: dict, shards: Path, out_dir: Path) -> dict:
     sec = statistics.median(times)
     tok_s = trainer.tokens_per_step / sec
     return {
-        "case": case["name"], "device": str(trainer.device), "params": trainer.model.num_params(),
-        "tokens_per_step": trainer.tokens_per_step, "warmup_steps": case["warmup"], "timed_steps": len(times),
-        "ms_per_step": 1000 * sec, "ms_per_step_min": 1000 * min(times), "tokens_per_sec": tok_s,
+        "case": case["name"],
+        "device": str(trainer.device),
+        "params": trainer.model.num_params(),
+        "tokens_per_step": trainer.tokens_per_step,
+        "warmup_steps": case["warmup"],
+        "timed_steps": len(times),
+        "ms_per_step": 1000 * sec,
+        "ms_per_step_min": 1000 * min(times),
+        "tokens_per_sec": tok_s,
         "mfu": trainer.flops_per_token * tok_s / trainer.peak if trainer.peak else None,
         "final_loss": loss.item(),
     }
@@ -116,11 +133,21 @@ def main(argv: list[str] | None = None) -> int:
             src = with_vocab(shards, case["vocab"]) if case.get("vocab") else shards
             results.append(bench_case(case, src, Path(tmp) / f"run{k}"))
             r = results[-1]
-            print(f"{r['case']:<44} {r['ms_per_step']:9.2f} ms/step {r['tokens_per_sec']:11,.0f} tok/s"
-                  + (f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""), flush=True)
+            print(
+                f"{r['case']:<44} {r['ms_per_step']:9.2f} ms/step {r['tokens_per_sec']:11,.0f} tok/s"
+                + (f"  MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""),
+                flush=True,
+            )
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    report = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
-              "cpus": os.cpu_count(), "gpu": gpu, "corpus": corpus, "results": results}
+    report = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "gpu": gpu,
+        "corpus": corpus,
+        "results": results,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.json, report)
     print(f"wrote {args.json}")

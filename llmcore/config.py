@@ -1,21 +1,76 @@
 """Typed configuration for every llmcore step.
 
 Each section of an experiment spec is one of these models. Defaults live here and only here: code reads
-fields, never ``.get(key, default)``. Cross-field checks that involve more than one section live in
-``workflows.spec`` so that every problem in a spec is reported at once.
+fields, never ``.get(key, default)``. Rules between fields of one section live with the section (its
+``problems()``, checked on validation, every problem at once); only rules between sections live in
+``workflows.spec``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+#: Pydantic error type of a section whose fields break its rules; ``ctx["problems"]`` holds one
+#: ``field: message`` per broken rule (``workflows.spec`` prefixes each with the section's path).
+RULES_ERROR = "config_rules"
+
+
+class ConfigError(ValueError):
+    """A setting valid on its own that does not fit the model, data or machine it meets; the message names the
+    field (``train.freeze: 'x.*' matches no parameter``). Bad input: the same on every retry."""
+
+
+#: ``json_schema_extra`` of a field added after stage keys were first fixed: at its default value it is left out
+#: of stage keys (``StrictModel.key_dict``), so a new setting never invalidates stages that finished before it
+#: existed; set to anything else, it is part of the key like every other field.
+ADDED_LATER = {"added_later": True}
 
 
 class StrictModel(BaseModel):
     """Base for all configs: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def key_dict(self) -> dict[str, Any]:
+        """The JSON form stage keys hash: every field, except fields ``ADDED_LATER`` that hold their default."""
+        return _key_form(self, self.model_dump(mode="json"))
+
+
+def _key_form(model: Any, dumped: Any) -> Any:
+    if isinstance(model, BaseModel):
+        out = {}
+        for name, info in type(model).model_fields.items():
+            value = getattr(model, name)
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            if extra.get("added_later") and value == info.get_default(call_default_factory=True):
+                continue
+            out[name] = _key_form(value, dumped[name])
+        return out
+    if isinstance(model, list):
+        return [_key_form(m, d) for m, d in zip(model, dumped)]
+    return dumped
+
+
+class RuledModel(StrictModel):
+    """A config with rules between its fields: ``problems()`` lists what is wrong, validation raises them all."""
+
+    def problems(self) -> list[str]:
+        """Every broken rule as ``field: message``."""
+        return []
+
+    def _fill_defaults(self) -> None:
+        """Resolve defaults that depend on other fields (before the rules are checked)."""
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> Any:
+        self._fill_defaults()
+        problems = self.problems()
+        if problems:
+            raise PydanticCustomError(RULES_ERROR, "{summary}", {"summary": "; ".join(problems), "problems": problems})
+        return self
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -56,7 +111,7 @@ class PythonStdlibSource(StrictModel):
     include_tests: bool = Field(False, description="Include the `test/` and `*/tests/` packages.")
 
 
-Source = Annotated[Union[FilesSource, PythonStdlibSource], Field(discriminator="type")]
+Source = Annotated[FilesSource | PythonStdlibSource, Field(discriminator="type")]
 
 
 class DataConfig(StrictModel):
@@ -77,9 +132,7 @@ class DataConfig(StrictModel):
     token_dtype: Literal["auto", "uint16", "uint32"] = Field(
         "auto", description="Token dtype in shards; `auto` picks uint16 when the vocabulary fits, else uint32."
     )
-    shard_tokens: int = Field(
-        2**26, gt=0, description="Maximum tokens per shard file (bounded shard size)."
-    )
+    shard_tokens: int = Field(2**26, gt=0, description="Maximum tokens per shard file (bounded shard size).")
     num_workers: int = Field(
         0, ge=0, description="Processes that encode the corpus in parallel; 0 means one per CPU core."
     )
@@ -88,7 +141,7 @@ class DataConfig(StrictModel):
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
-class TokenizerConfig(StrictModel):
+class TokenizerConfig(RuledModel):
     """SentencePiece tokenizer training options."""
 
     model_type: Literal["bpe", "unigram", "char", "word"] = Field("bpe", description="SentencePiece model type.")
@@ -117,11 +170,25 @@ class TokenizerConfig(StrictModel):
     )
     num_threads: int = Field(0, ge=0, description="Trainer threads; 0 means one per CPU core.")
 
+    def reserved(self) -> int:
+        """Vocabulary entries that are not learned pieces: 4 specials, the newline and the user symbols, and
+        256 byte pieces with byte_fallback."""
+        symbols = len(dict.fromkeys(["\n", *self.user_defined_symbols]))
+        return 4 + symbols + (256 if self.byte_fallback else 0)
+
+    def problems(self) -> list[str]:
+        if self.vocab_size <= self.reserved():
+            return [
+                f"vocab_size: {self.vocab_size} leaves no room for pieces: {self.reserved()} entries are reserved "
+                "for special tokens, the newline, user-defined symbols and (with byte_fallback) 256 byte pieces"
+            ]
+        return []
+
 
 # ------------------------------------------------------------------------------------------------ model
 
 
-class ModelConfig(StrictModel):
+class ModelConfig(RuledModel):
     """GPT architecture. The vocabulary size comes from the tokenizer."""
 
     n_layer: int = Field(4, ge=1, description="Number of transformer blocks.")
@@ -142,11 +209,25 @@ class ModelConfig(StrictModel):
         "attention, for teaching; numerically the same.",
     )
 
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.n_embd % self.n_head:
+            p.append(f"n_head: must divide model.n_embd (n_embd={self.n_embd}, n_head={self.n_head})")
+        elif self.pos_encoding == "rope" and self.head_size % 2:
+            p.append(f"pos_encoding: rope needs an even head size (n_embd/n_head = {self.head_size})")
+        if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
+            p.append(f"n_embd: sinusoidal encoding needs an even width (got {self.n_embd})")
+        return p
+
 
 # --------------------------------------------------------------------------------------------- training
 
 
-class TrainConfig(StrictModel):
+class TrainConfig(RuledModel):
     """Optimisation and run-time options for training."""
 
     batch_size: int = Field(12, ge=1, description="Sequences per micro-batch per rank.")
@@ -154,7 +235,17 @@ class TrainConfig(StrictModel):
     max_steps: int = Field(2000, ge=1, description="Optimiser steps.")
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate.")
     min_lr: float = Field(1e-4, ge=0.0, description="Learning rate at the end of cosine decay.")
-    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to `lr`.")
+    warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="Linear warmup steps from 0 to `lr`; null: a tenth of `max_steps`, at most 100 "
+        "(so a 20-step debug run warms up for 2).",
+    )
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine",
+        description="After warmup: `cosine` decay to `min_lr`, or `constant` at `lr` (fine-tuning).",
+        json_schema_extra=ADDED_LATER,
+    )
     lr_decay_steps: int | None = Field(
         None, ge=1, description="Step at which cosine decay reaches `min_lr`; null means `max_steps`."
     )
@@ -167,7 +258,9 @@ class TrainConfig(StrictModel):
         "auto", description="Autocast dtype; `auto` is bf16 on GPUs that support it, else fp32."
     )
     compile: bool = Field(False, description="Wrap the model in torch.compile.")
-    eval_interval: int = Field(250, ge=1, description="Estimate validation loss every this many steps (and at the end).")
+    eval_interval: int = Field(
+        250, ge=1, description="Estimate validation loss every this many steps (and at the end)."
+    )
     eval_batches: int = Field(20, ge=1, description="Batches per validation estimate during training.")
     log_interval: int = Field(1, ge=1, description="Write a metrics line every this many steps.")
     checkpoint_interval: int = Field(500, ge=1, description="Save a checkpoint every this many steps (and at the end).")
@@ -178,12 +271,41 @@ class TrainConfig(StrictModel):
     time_budget_s: float | None = Field(
         None, gt=0, description="Save a checkpoint and stop cleanly before this many seconds; null: no limit."
     )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        description="Seed for initialisation, batch order and dropout; null: the spec's `seed`. A "
+        "seed sweep over `train.seed` shares the tokenizer and shard stages.",
+        json_schema_extra=ADDED_LATER,
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Parameters kept fixed: glob patterns over parameter names (`wte.*`, `blocks.0.*`, "
+        "`*.ln_*`); `gptlab plan` and the training log list the matches. Each pattern must match a parameter.",
+        json_schema_extra=ADDED_LATER,
+    )
+
+    def _fill_defaults(self) -> None:
+        if self.warmup_steps is None:  # the default follows max_steps; stored as a number (it is part of the key)
+            self.__dict__["warmup_steps"] = min(100, self.max_steps // 10)
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.min_lr > self.lr:
+            p.append(f"min_lr: must be <= train.lr ({self.min_lr} > {self.lr})")
+        if self.warmup_steps > self.max_steps:
+            p.append(f"warmup_steps: must be <= train.max_steps ({self.warmup_steps} > {self.max_steps})")
+        if self.lr_decay_steps is not None and self.lr_decay_steps < self.warmup_steps:
+            p.append(f"lr_decay_steps: must be >= train.warmup_steps ({self.lr_decay_steps} < {self.warmup_steps})")
+        if self.precision == "fp16" and self.device == "cpu":
+            p.append("precision: fp16 needs a CUDA device (use bf16 or fp32 on cpu)")
+        return p
 
 
 # ------------------------------------------------------------------------------------------- evaluation
 
 
-class EvalConfig(StrictModel):
+class EvalConfig(RuledModel):
     """Final evaluation of a trained model."""
 
     batches: int = Field(
@@ -195,3 +317,8 @@ class EvalConfig(StrictModel):
     temperature: float = Field(0.8, gt=0.0, description="Sampling temperature.")
     top_k: int | None = Field(200, ge=1, description="Sample from the k most likely tokens; null for all.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling threshold; null disables.")
+
+    def problems(self) -> list[str]:
+        if not self.prompts and self.max_new_tokens > 0:
+            return ["prompts: give at least one prompt, or set eval.max_new_tokens to 0"]
+        return []

@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import os
 import sysconfig
+from collections.abc import Iterator
 from glob import glob
 from pathlib import Path
-from typing import Iterator
 
 from llmcore.config import DataConfig, FilesSource, PythonStdlibSource
 
@@ -122,8 +122,10 @@ SNIFF_BYTES = 8192
 
 
 def _binary_error(i: int, path: Path, where: str) -> CorpusError:
-    return CorpusError(f"data.sources.{i}.path", f"{path} is binary, not text (a NUL byte {where}); "
-                                                 "remove it or narrow the path, glob or suffixes")
+    return CorpusError(
+        f"data.sources.{i}.path",
+        f"{path} is binary, not text (a NUL byte {where}); remove it or narrow the path, glob or suffixes",
+    )
 
 
 def _sniff_binary(i: int, path: Path) -> tuple[CorpusError | None, bool]:

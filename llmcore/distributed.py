@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import os
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -82,7 +83,8 @@ def read_launch_env(env: Mapping[str, str] | None = None) -> LaunchEnv:
         raise LaunchError(
             f"this training was launched as {expected} ranks but its process sees a world of {world} "
             f"({source or 'no RANK, PMI_RANK, OMPI_COMM_WORLD_RANK or SLURM_PROCID variable'}): the launcher "
-            "did not start one process per rank with its rank variables (check the site's MPI launcher)")
+            "did not start one process per rank with its rank variables (check the site's MPI launcher)"
+        )
     if not 0 <= rank < world:
         raise LaunchError(f"rank {rank} is outside world size {world}")
     # Under Parsl's MPIExecutor a task gets a subset of the job's nodes (PARSL_MPI_NODELIST, rank 0 on the first);

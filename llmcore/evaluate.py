@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
+from llmcore import exitcodes
 from llmcore.checkpoint import CheckpointError, load_model
 from llmcore.config import EvalConfig
 from llmcore.hardware import resolve_device, resolve_precision
@@ -52,14 +53,22 @@ def sample(model, tok: Tokenizer, cfg: EvalConfig, device: torch.device, seed: i
     for prompt in cfg.prompts:
         ids = tok.encode(prompt) or [tok.eos_id]
         idx = torch.tensor([ids], dtype=torch.long, device=device)
-        y = model.generate(idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                           generator=generator)
-        out.append({"prompt": prompt, "text": tok.decode(y[0, len(ids):].tolist())})
+        y = model.generate(
+            idx, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, generator=generator
+        )
+        out.append({"prompt": prompt, "text": tok.decode(y[0, len(ids) :].tolist())})
     return out
 
 
-def evaluate(train_dir: Path, shards_dir: Path, tokenizer_model: Path, cfg: EvalConfig, out_dir: Path, seed: int,
-             device: str = "auto") -> dict:
+def evaluate(
+    train_dir: Path,
+    shards_dir: Path,
+    tokenizer_model: Path,
+    cfg: EvalConfig,
+    out_dir: Path,
+    seed: int,
+    device: str = "auto",
+) -> dict:
     """Evaluate the newest committed checkpoint in train_dir; write eval.json and samples.txt to out_dir."""
     dev = resolve_device(device)
     model, meta = load_model(train_dir, dev)
@@ -102,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EvalConfig.model_validate_json(args.config.read_text(encoding="utf-8")) if args.config else EvalConfig()
     except (OSError, ValidationError) as e:
         print(f"invalid eval config {args.config}: {e}", file=sys.stderr)
-        return 2
+        return exitcodes.BAD_INPUT
     try:
         result = evaluate(args.train_dir, args.shards, args.tokenizer, cfg, args.out, args.seed, args.device)
     except (CheckpointError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return exitcodes.BAD_INPUT
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
-    return 0
+    return exitcodes.OK
 
 
 if __name__ == "__main__":

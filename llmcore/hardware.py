@@ -98,6 +98,46 @@ def enable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
+class GpuMonitor:
+    """Utilisation and memory of this process's GPU from NVML (``nvidia-ml-py``), for the metrics lines: what
+    MLflow's system-metrics thread would record, which cannot run on compute nodes that write no store.
+    ``sample()`` gives (None, None) on CPUs, without NVML, or when NVML fails."""
+
+    def __init__(self, device: torch.device):
+        self._handle = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(_physical_index(index))
+            self._nvml = pynvml
+        except Exception:  # no nvidia-ml-py, no driver library, a MIG slice: metrics without GPU figures
+            self._handle = None
+
+    def sample(self) -> tuple[float | None, float | None]:
+        if self._handle is None:
+            return None, None
+        try:
+            util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle).gpu
+            mem = self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used / 2**20
+        except Exception:
+            return None, None
+        return float(util), float(mem)
+
+
+def _physical_index(index: int) -> int:
+    """NVML counts every GPU of the node; CUDA_VISIBLE_DEVICES renumbers the ones torch sees."""
+    import os
+
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if index < len(visible) and visible[index].isdigit():
+        return int(visible[index])
+    return index
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -13,9 +13,10 @@ import os
 import socket
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 COMMIT_MARKER = "DONE.json"
 LOCK_FILE = ".lock"

@@ -149,11 +149,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
-        if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"model.n_head ({cfg.n_head}) must divide model.n_embd ({cfg.n_embd})")
-        head_dim = cfg.n_embd // cfg.n_head
-        if cfg.pos_encoding == "rope" and head_dim % 2:
-            raise ValueError(f"model.pos_encoding: rope needs an even head size, got {head_dim}")
+        head_dim = cfg.head_size  # a ModelConfig is valid by construction: n_head divides n_embd, and so on
         self.cfg, self.vocab_size = cfg, vocab_size
         self.wte = nn.Embedding(vocab_size, cfg.n_embd)  # token embedding, tied to lm_head below
         if cfg.pos_encoding == "learned":

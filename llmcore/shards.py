@@ -17,10 +17,10 @@ import multiprocessing
 import os
 import struct
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ import torch
 from llmcore.config import DataConfig
 from llmcore.corpus import CorpusError, iter_documents, resolve_files
 from llmcore.io import atomic_open, atomic_write_json, read_json
-from llmcore.tokenizer import Tokenizer, init_encode_worker, encode_chunk
+from llmcore.tokenizer import Tokenizer, encode_chunk, init_encode_worker
 
 MAGIC = b"GPTLTOK\x00"
 FORMAT_VERSION = 1
@@ -219,7 +219,7 @@ def _encoded(
         except BrokenProcessPool as exc:
             raise RuntimeError(
                 "a tokenizer worker process died. If write_shards is called from a script, put the call under "
-                "`if __name__ == \"__main__\":` (spawned workers re-import the main module), or set "
+                '`if __name__ == "__main__":` (spawned workers re-import the main module), or set '
                 "data.num_workers: 1"
             ) from exc
         finally:
@@ -242,8 +242,8 @@ def _check_splits(data: DataConfig, writers: dict[str, _SplitWriter]) -> None:
             f"{data.val_fraction}); use `data.split: tail` to hold out the end of every document instead",
         )
     raise CorpusError(
-        "data.val_fraction", f"the {' and '.join(empty)} split is empty: documents too short for val_fraction "
-        f"{data.val_fraction}",
+        "data.val_fraction",
+        f"the {' and '.join(empty)} split is empty: documents too short for val_fraction {data.val_fraction}",
     )
 
 
@@ -311,8 +311,10 @@ def _check_header(path: Path, head: bytes, dtype: str, tokens: int) -> None:
     if magic != MAGIC:
         raise ShardDamagedError(f"{path}: bad magic {magic!r}, not a gptlab token shard")
     if version != FORMAT_VERSION or code != DTYPE_CODES[dtype]:
-        raise ShardDamagedError(f"{path}: header version {version} / dtype code {code}, expected {FORMAT_VERSION} / "
-                         f"{DTYPE_CODES[dtype]} ({dtype})")
+        raise ShardDamagedError(
+            f"{path}: header version {version} / dtype code {code}, expected {FORMAT_VERSION} / "
+            f"{DTYPE_CODES[dtype]} ({dtype})"
+        )
     if count != tokens:
         raise ShardDamagedError(f"{path}: header says {count} tokens, manifest says {tokens}")
 
@@ -423,8 +425,9 @@ class BatchSampler:
     save and restore the stream, so a resumed run draws exactly the batches it would have drawn.
     """
 
-    def __init__(self, split: TokenSplit, batch_size: int, block_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self, split: TokenSplit, batch_size: int, block_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ):
         self.split, self.batch_size, self.block_size = split, batch_size, block_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self._usable = np.array([max(0, n - block_size) for n in split.shard_tokens], dtype=np.int64)

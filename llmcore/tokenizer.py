@@ -19,8 +19,8 @@ import io
 import os
 import re
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -96,11 +96,6 @@ def _symbols(cfg: TokenizerConfig) -> list[str]:
     return list(dict.fromkeys([NEWLINE, *cfg.user_defined_symbols]))
 
 
-def _reserved(cfg: TokenizerConfig) -> int:
-    """Vocabulary entries that are not learned pieces: 4 specials, user symbols, 256 byte pieces."""
-    return 4 + len(_symbols(cfg)) + (256 if cfg.byte_fallback else 0)
-
-
 def _trainer_options(cfg: TokenizerConfig) -> dict:
     """Keyword options for ``SentencePieceTrainer.train`` that make the tokenizer lossless."""
     return dict(
@@ -118,7 +113,10 @@ def _trainer_options(cfg: TokenizerConfig) -> dict:
         add_dummy_prefix=False,
         allow_whitespace_only_pieces=True,
         hard_vocab_limit=cfg.model_type in ("bpe", "unigram"),
-        unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
         minloglevel=2,
     )
 
@@ -145,7 +143,7 @@ def _check_char_vocab(cfg: TokenizerConfig, lines: _TrainingLines) -> None:
     """A `char` vocabulary must hold every character seen (at full coverage without byte fallback)."""
     if cfg.model_type != "char" or cfg.character_coverage < 1.0 or cfg.byte_fallback:
         return
-    needed = len(lines.chars - set(_symbols(cfg))) + _reserved(cfg)
+    needed = len(lines.chars - set(_symbols(cfg))) + cfg.reserved()
     if needed > cfg.vocab_size:
         raise TokenizerError(
             "tokenizer.vocab_size",
@@ -179,11 +177,6 @@ def train_tokenizer(data: DataConfig, cfg: TokenizerConfig, out_dir: Path, seed:
     ``seed`` seeds SentencePiece's global random generator (sentence sampling and shuffling).
     Raises TokenizerError for a vocab_size the corpus cannot support, CorpusError for an empty corpus.
     """
-    if cfg.vocab_size <= _reserved(cfg):
-        raise TokenizerError(
-            "tokenizer.vocab_size", f"{cfg.vocab_size} leaves no room for pieces: {_reserved(cfg)} entries are "
-            "reserved for special tokens, user-defined symbols and (with byte_fallback) 256 byte pieces",
-        )
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     lines = _TrainingLines(data, cfg.max_training_bytes, count_chars=cfg.model_type == "char")
@@ -220,12 +213,12 @@ class Tokenizer:
         self.sha256: str = hashlib.sha256(model_bytes).hexdigest()
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
         """Load ``tokenizer.model`` from disk."""
         return cls(Path(path).read_bytes())
 
     @classmethod
-    def from_bytes(cls, model_bytes: bytes) -> "Tokenizer":
+    def from_bytes(cls, model_bytes: bytes) -> Tokenizer:
         return cls(model_bytes)
 
     @property

@@ -4,10 +4,15 @@
     torchrun --nproc-per-node 4 -m llmcore.train ...      mpiexec -n 8 --ppn 4 python -m llmcore.train ...
 
 CONFIG.json is ``{"model": {...}, "train": {...}, "seed": 0}`` (ModelConfig, TrainConfig). OUT_DIR receives
-``metrics.jsonl`` (one JSON object per line, ``"kind": "train"`` or ``"eval"``), ``checkpoints/`` and, at the
-end, ``summary.json``. If OUT_DIR holds a committed checkpoint, training continues from it. Rank 0 holds
-``OUT_DIR/.lock`` (an ``flock``) for the whole run: a second training of the same OUT_DIR waits for the first
-to end (or die), then resumes from its checkpoint instead of writing beside it.
+``metrics.jsonl`` (records of ``llmcore.metrics``), ``checkpoints/`` and, at the end, ``summary.json``. If
+OUT_DIR holds a committed checkpoint, training continues from it. Rank 0 holds ``OUT_DIR/.lock`` (an
+``flock``) for the whole run: a second training of the same OUT_DIR waits for the first to end (or die), then
+resumes from its checkpoint instead of writing beside it.
+
+Stopping: SIGTERM or SIGINT (a scheduler's walltime, Ctrl-C), or a file ``OUT_DIR/STOP`` written after the
+training started (the driver's request: an interrupted submit, a pruned sweep point), make every rank save a
+checkpoint at the next step boundary and exit with ``exitcodes.STOP_REQUESTED``; a second signal stops at once.
+Exit codes are those of ``llmcore.exitcodes``.
 
 Data: every optimiser step consumes ``world_size * grad_accum`` micro-batches, micro-step m of rank r drawing
 from data stream ``r * grad_accum + m`` (its own seeded BatchSampler). So the curve depends on the global batch
@@ -17,9 +22,12 @@ only, not on how it is split between ranks and accumulation: 2 ranks x 1 micro-s
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import math
+import os
 import random
+import signal
 import sys
 import time
 import warnings
@@ -33,14 +41,18 @@ from pydantic import Field, ValidationError
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from llmcore import distributed as D
+from llmcore import exitcodes
 from llmcore.checkpoint import CheckpointError, checkpoints, load_checkpoint, rng_state, save_checkpoint
-from llmcore.config import ModelConfig, StrictModel, TrainConfig
-from llmcore.hardware import DeviceError, enable_tf32, peak_flops, peak_memory_mb, resolve_precision
-from llmcore.io import LOCK_FILE, atomic_write_bytes, atomic_write_json, file_lock, is_no_space
+from llmcore.config import ConfigError, ModelConfig, StrictModel, TrainConfig
+from llmcore.hardware import DeviceError, GpuMonitor, enable_tf32, peak_flops, peak_memory_mb, resolve_precision
+from llmcore.io import LOCK_FILE, atomic_write_json, file_lock, is_no_space
+from llmcore.metrics import METRICS_FILE, EvalLine, MetricsWriter, TrainLine, truncate_metrics
 from llmcore.model import GPT
 from llmcore.shards import BatchSampler, ShardDamagedError, ShardError, TokenSplit, fixed_batches
 
-METRICS, SUMMARY = "metrics.jsonl", "summary.json"
+SUMMARY = "summary.json"
+STOP_FILE = "STOP"  # written into OUT_DIR to ask a running training to checkpoint and stop
+BUDGET_CHECK_EVERY = 10  # steps between stop decisions when several ranks must agree (a collective each)
 _clock = time.perf_counter  # module-level so tests can drive the time budget with a fake clock
 
 
@@ -52,23 +64,14 @@ class RunConfig(StrictModel):
     seed: int = Field(0, ge=0, description="Seed for initialisation, data order and dropout.")
 
 
-def check_config(model: ModelConfig, train: TrainConfig) -> list[str]:
-    """Cross-field problems that pydantic cannot see field by field, all of them."""
-    problems = []
-    if model.n_embd % model.n_head:
-        problems.append(f"model.n_head: {model.n_head} does not divide model.n_embd ({model.n_embd})")
-    elif model.pos_encoding == "rope" and (model.n_embd // model.n_head) % 2:
-        problems.append(f"model.pos_encoding: rope needs an even head size, got {model.n_embd // model.n_head}")
-    if train.min_lr > train.lr:
-        problems.append(f"train.min_lr: {train.min_lr} is above train.lr ({train.lr})")
-    return problems
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for the update that follows `step` completed steps: linear warmup, cosine to min_lr."""
+    """Learning rate for the update that follows `step` completed steps: linear warmup, then cosine to min_lr
+    (or constant at lr)."""
     decay_steps = cfg.lr_decay_steps or cfg.max_steps
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
     if step >= decay_steps:
         return cfg.min_lr
     ratio = (step - cfg.warmup_steps) / (decay_steps - cfg.warmup_steps)
@@ -95,24 +98,78 @@ def estimate_loss(model, batches, ctx, device: torch.device) -> float:
     return (total[0] / total[1]).item()
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep only whole lines with step <= last_step (the rest will be written again after resuming)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue  # a line torn by a crash
-    atomic_write_bytes(path, "".join(kept).encode())
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def freeze_parameters(model: torch.nn.Module, patterns: list[str]) -> list[str]:
+    """Set requires_grad=False on every parameter whose name matches a glob pattern (tied parameters under any
+    of their names); returns the frozen names. A pattern that matches nothing is a ConfigError naming it."""
+    names = dict(model.named_parameters(remove_duplicate=False))
+    frozen = []
+    for pattern in patterns:
+        matched = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise ConfigError(
+                f"train.freeze: {pattern!r} matches no parameter (names look like {', '.join(list(names)[:4])}, ...)"
+            )
+        for n in matched:
+            names[n].requires_grad_(False)
+        frozen += matched
+    return sorted(set(frozen))
+
+
+class StopSignal:
+    """SIGTERM / SIGINT while training: the first asks for a checkpoint and a clean stop at the next step
+    boundary; a second one stops at once (the default action). A STOP file in the output directory newer than
+    the training's start asks the same."""
+
+    def __init__(self, out_dir: Path):
+        self.stop_file = Path(out_dir) / STOP_FILE
+        self.started = time.time()
+        self.signalled: str | None = None
+        self._previous: dict[int, Any] = {}
+        try:  # a request left from an earlier run (read before this one started) is void
+            if self.stop_file.stat().st_mtime < self.started - 1:
+                self.stop_file.unlink()
+        except FileNotFoundError:
+            pass
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (training called from a thread): file requests only
+                return
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signalled is not None:  # the second signal: stop now
+            self.uninstall()
+            os.kill(os.getpid(), signum)
+            return
+        self.signalled = signal.Signals(signum).name
+        print(
+            f"{self.signalled}: saving a checkpoint and stopping at the end of this step", file=sys.stderr, flush=True
+        )
+
+    @property
+    def requested(self) -> str | None:
+        """Why to stop (a signal's name, or the STOP file), or None."""
+        if self.signalled is not None:
+            return self.signalled
+        try:
+            if self.stop_file.stat().st_mtime >= self.started - 1:
+                return f"{self.stop_file} requested it"
+        except FileNotFoundError:
+            pass
+        return None
 
 
 class Trainer:
@@ -145,14 +202,18 @@ class Trainer:
         self.val_batches = fixed_batches(val_split, cfg.eval_batches, cfg.batch_size, T, seed)
         n_streams = self.world * cfg.grad_accum
         self.samplers = [
-            BatchSampler(self.train_split, cfg.batch_size, T, seed, rank=self.rank * cfg.grad_accum + m,
-                         world_size=n_streams)
+            BatchSampler(
+                self.train_split, cfg.batch_size, T, seed, rank=self.rank * cfg.grad_accum + m, world_size=n_streams
+            )
             for m in range(cfg.grad_accum)
         ]
         self.tokens_per_step = cfg.batch_size * T * n_streams
 
         _seed_everything(seed)  # identical initial weights on every rank
         self.model = GPT(model_cfg, self.train_split.vocab_size).to(self.device)
+        self.frozen = freeze_parameters(self.model, cfg.freeze)
+        if self.frozen and self.dist.is_main:
+            print(f"train.freeze: {len(self.frozen)} parameters kept fixed: {', '.join(self.frozen)}", file=sys.stderr)
         torch.manual_seed(seed + self.rank)  # dropout masks differ between ranks
         self.optimizer = self.model.configure_optimizer(
             cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), self.device.type
@@ -162,10 +223,20 @@ class Trainer:
         self.resumed = self._resume()
         self.fwd = torch.compile(self.model) if cfg.compile else self.model  # used for eval too
         # The model's buffers (RoPE and sinusoidal tables) are constants: nothing to broadcast every forward.
-        self.ddp = DDP(self.fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                       gradient_as_bucket_view=True, broadcast_buffers=False) if self.world > 1 else None
+        self.ddp = (
+            DDP(
+                self.fwd,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                gradient_as_bucket_view=True,
+                broadcast_buffers=False,
+            )
+            if self.world > 1
+            else None
+        )
         self.flops_per_token = self.model.flops_per_token()
         self.peak = peak_flops(self.device)
+        self.gpu = GpuMonitor(self.device) if self.dist.is_main else None
+        self.stop = StopSignal(self.out_dir)
 
     # ------------------------------------------------------------------------------------- resume
 
@@ -179,12 +250,12 @@ class Trainer:
                     path = str(candidate)
                     break
                 except CheckpointError as e:
-                    warnings.warn(f"skipping checkpoint: {e}")
+                    warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
         path = D.broadcast_object(path)
         if path is not None and not self.dist.is_main:
             self._load(Path(path))
         if self.dist.is_main:
-            _truncate_metrics(self.out_dir / METRICS, self.step)
+            truncate_metrics(self.out_dir / METRICS_FILE, self.step)
             if path is not None:
                 print(f"resuming from checkpoint {path} (step {self.step})", file=sys.stderr, flush=True)
         return path is not None
@@ -210,9 +281,14 @@ class Trainer:
         everyone = D.all_gather_objects(mine)
         if self.dist.is_main:
             save_checkpoint(
-                self.out_dir, self.step, self.model, self.optimizer, self.scaler,
+                self.out_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                self.scaler,
                 sampler_state=[s for r in everyone for s in r["samplers"]],
-                extra=self.extra, rng_states=[r["rng"] for r in everyone],
+                extra=self.extra,
+                rng_states=[r["rng"] for r in everyone],
             )
 
     # --------------------------------------------------------------------------------------- loop
@@ -227,7 +303,10 @@ class Trainer:
         for m, sampler in enumerate(self.samplers):
             x, y = sampler.next_batch()
             if self.device.type == "cuda":
-                x, y = x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+                x, y = (
+                    x.pin_memory().to(self.device, non_blocking=True),
+                    y.pin_memory().to(self.device, non_blocking=True),
+                )
             no_sync = self.ddp.no_sync() if self.ddp is not None and m < n - 1 else nullcontext()
             with no_sync:
                 with self.ctx:
@@ -242,40 +321,41 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / n, grad_norm
 
-    def _train_line(self, loss: float, grad_norm: torch.Tensor, tokens_per_sec: float) -> dict[str, Any]:
-        return {
-            "kind": "train", "step": self.step, "time": time.time(), "loss": loss, "lr": lr_at(self.step - 1, self.cfg),
-            "grad_norm": grad_norm.item(), "tokens_per_sec": tokens_per_sec,
-            "mfu": self.flops_per_token * tokens_per_sec / (self.peak * self.world) if self.peak else None,
-            "peak_mem_mb": peak_memory_mb(self.device), "elapsed_s": self.extra["elapsed_s"],
-            "tokens_seen": self.extra["tokens_seen"],
-        }
+    def _train_line(self, loss: float, grad_norm: torch.Tensor, tokens_per_sec: float) -> TrainLine:
+        util, mem = self.gpu.sample() if self.gpu is not None else (None, None)
+        return TrainLine(
+            step=self.step,
+            time=time.time(),
+            loss=loss,
+            lr=lr_at(self.step - 1, self.cfg),
+            grad_norm=grad_norm.item(),
+            tokens_per_sec=tokens_per_sec,
+            mfu=self.flops_per_token * tokens_per_sec / (self.peak * self.world) if self.peak else None,
+            peak_mem_mb=peak_memory_mb(self.device),
+            elapsed_s=self.extra["elapsed_s"],
+            tokens_seen=self.extra["tokens_seen"],
+            gpu_util=util,
+            gpu_mem_mb=mem,
+        )
 
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
-        metrics = open(self.out_dir / METRICS, "a", encoding="utf-8") if self.dist.is_main else None
-
-        def write(line: dict) -> None:
-            if metrics is not None:
-                metrics.write(json.dumps(line) + "\n")
-                metrics.flush()
+        metrics = MetricsWriter(self.out_dir / METRICS_FILE if self.dist.is_main else None)
 
         def elapsed() -> float:  # over all attempts of this run
             return elapsed0 + _clock() - self.t_start
 
         elapsed0, t_log, steps_logged = self.extra["elapsed_s"], _clock(), self.step
         saved_step = self.step if self.resumed else -1
-        step_time, save_time, stopped_early = 0.0, 0.0, False
+        step_time, save_time, stop_reason = 0.0, 0.0, None
         # Stop while the steps to the next check and a checkpoint still fit. Ranks must agree, which costs a
         # collective and a host sync: with several ranks, decide every BUDGET_CHECK_EVERY steps, not every step.
         every = 1 if self.world == 1 else BUDGET_CHECK_EVERY
+        self.stop.install()
         try:
             while self.step < cfg.max_steps:
-                if cfg.time_budget_s is not None and self.step % every == 0:
-                    late = _clock() - self.t_start + (every + 0.5) * step_time + save_time > cfg.time_budget_s
-                    if D.any_rank(late, self.device):
-                        stopped_early = True
-                        break
+                if self.step % every == 0 and (stop_reason := self._should_stop(every, step_time, save_time)):
+                    break
                 t0 = _clock()
                 loss, grad_norm = self.train_step(lr_at(self.step, cfg))
                 self.step += 1
@@ -286,12 +366,13 @@ class Trainer:
                     now = _clock()
                     tokens_per_sec = self.tokens_per_step * (self.step - steps_logged) / (now - t_log)
                     t_log, steps_logged, self.extra["elapsed_s"] = now, self.step, elapsed()
-                    write(self._train_line(self.extra["train_loss"], grad_norm, tokens_per_sec))
+                    metrics.write(self._train_line(self.extra["train_loss"], grad_norm, tokens_per_sec))
                 if self.step % cfg.eval_interval == 0 or last:
                     t_eval = _clock()
                     self.extra["val_loss"] = estimate_loss(self.fwd, self.val_batches, self.ctx, self.device)
-                    write({"kind": "eval", "step": self.step, "time": time.time(), "val_loss": self.extra["val_loss"],
-                           "elapsed_s": elapsed()})
+                    metrics.write(
+                        EvalLine(step=self.step, time=time.time(), val_loss=self.extra["val_loss"], elapsed_s=elapsed())
+                    )
                     t_log += _clock() - t_eval  # tokens/s and MFU measure training steps, not evaluation
                 if self.step % cfg.checkpoint_interval == 0 or last:
                     t_save = _clock()
@@ -299,15 +380,33 @@ class Trainer:
                     save_time, saved_step = _clock() - t_save, self.step
                     t_log += save_time
                 step_time = max(0.8 * step_time, _clock() - t0)  # decays slowly: a cautious estimate
-            if stopped_early and saved_step != self.step:
+            if stop_reason is not None and saved_step != self.step:
                 self.extra["elapsed_s"] = elapsed()
                 self.save()
         finally:
-            if metrics is not None:
-                metrics.close()
-        return self._summary(stopped_early)
+            self.stop.uninstall()
+            metrics.close()
+        if stop_reason is not None and self.dist.is_main:
+            print(
+                f"stopped at step {self.step} ({stop_reason}); the checkpoint is committed: run again to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+        return self._summary(stop_reason)
 
-    def _summary(self, stopped_early: bool) -> dict[str, Any]:
+    def _should_stop(self, every: int, step_time: float, save_time: float) -> str | None:
+        """Why every rank stops before this step ("time_budget" or "requested"), or None. With several ranks
+        this is a collective: all ranks call it at the same steps."""
+        cfg = self.cfg
+        late = cfg.time_budget_s is not None and (
+            _clock() - self.t_start + (every + 0.5) * step_time + save_time > cfg.time_budget_s
+        )
+        requested = self.stop.requested is not None
+        if self.world > 1:
+            late, requested = D.any_rank(late, self.device), D.any_rank(requested, self.device)
+        return "requested" if requested else "time_budget" if late else None
+
+    def _summary(self, stop_reason: str | None) -> dict[str, Any]:
         summary = {
             "steps": self.step,
             "final_train_loss": self.extra["train_loss"],
@@ -315,7 +414,9 @@ class Trainer:
             "params": self.model.num_params(),
             "tokens_seen": self.extra["tokens_seen"],
             "seconds": self.extra["elapsed_s"],
-            "stopped_early": stopped_early,
+            "stopped_early": stop_reason is not None,
+            "stop_reason": stop_reason,
+            "frozen": len(self.frozen),
         }
         if self.dist.is_main:
             atomic_write_json(self.out_dir / SUMMARY, summary)
@@ -324,14 +425,14 @@ class Trainer:
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, shards_dir: Path, out_dir: Path, seed: int) -> dict:
     """Train (or continue training) in out_dir; returns the summary also written to out_dir/summary.json."""
-    problems = check_config(model_cfg, train_cfg)
-    if problems:
-        raise ValueError("; ".join(problems))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     # One training per out_dir at a time: rank 0 holds the lock from before it reads a checkpoint until the
     # summary is written (the other ranks wait for rank 0 at the rendezvous).
-    lock = file_lock(Path(out_dir) / LOCK_FILE, f"training in {out_dir}") if D.read_launch_env().rank == 0 \
+    lock = (
+        file_lock(Path(out_dir) / LOCK_FILE, f"training in {out_dir}")
+        if D.read_launch_env().rank == 0
         else nullcontext()
+    )
     with lock:
         try:
             return Trainer(model_cfg, train_cfg, shards_dir, out_dir, seed).run()
@@ -353,18 +454,22 @@ def load_run_config(path: Path) -> tuple[RunConfig | None, list[str]]:
     try:
         run = RunConfig.model_validate(raw)
     except ValidationError as e:
-        return None, [f"{path}: {'.'.join(map(str, err['loc'])) or '(top level)'}: {err['msg']}" for err in e.errors()]
-    return run, [f"{path}: {p}" for p in check_config(run.model, run.train)]
+        return None, [f"{path}: {p}" for p in config_error_lines(e)]
+    return run, []
 
 
-# Exit codes: 0 finished; 2 bad config or data (retrying cannot help); 74 (EX_IOERR) the output directory's
-# file system is full, over quota or read-only (retrying cannot help until someone frees space; the last
-# committed checkpoint stays usable); 75 (EX_TEMPFAIL) stopped at the time budget after a committed
-# checkpoint, so running the same command again resumes it.
-BUDGET_CHECK_EVERY = 10  # steps between time-budget decisions when several ranks must agree
-EXIT_BAD_INPUT = 2
-EXIT_NO_SPACE = 74
-EXIT_STOPPED_EARLY = 75
+def config_error_lines(err: ValidationError) -> list[str]:
+    """``field.path: message`` per problem (a section's broken rules one line each)."""
+    from llmcore.config import RULES_ERROR
+
+    lines = []
+    for e in err.errors():
+        loc = ".".join(map(str, e["loc"]))
+        if e["type"] == RULES_ERROR:
+            lines += [f"{loc + '.' if loc else ''}{p}" for p in e["ctx"]["problems"]]
+        else:
+            lines.append(f"{loc or '(top level)'}: {e['msg']}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,32 +481,37 @@ def main(argv: list[str] | None = None) -> int:
     run, problems = load_run_config(args.config)
     if problems:
         print("invalid training config:\n  " + "\n  ".join(problems), file=sys.stderr)
-        return 2
+        return exitcodes.BAD_INPUT
     try:
         summary = train(run.model, run.train, args.shards, args.out, run.seed)
     except ShardError as e:
-        hint = (f"\nthe shards directory is damaged or incomplete: delete {args.shards} and submit again to "
-                "rebuild it" if isinstance(e, ShardDamagedError) else "")
+        hint = (
+            f"\nthe shards directory is damaged or incomplete: delete {args.shards} and submit again to rebuild it"
+            if isinstance(e, ShardDamagedError)
+            else ""
+        )
         print(f"error: {e}{hint}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exitcodes.BAD_INPUT
     except DeviceError as e:  # a spec asking for hardware this machine lacks: the same on every retry
         print(f"error: train.device / train.precision: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except D.LaunchError as e:
+        return exitcodes.BAD_INPUT
+    except (CheckpointError, D.LaunchError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exitcodes.BAD_INPUT
     except OSError as e:
         if not is_no_space(e):
             raise
-        print(f"error: cannot write {e.filename or args.out}: {e.strerror} (free space or raise the quota, then "
-              "submit again: training resumes from its last committed checkpoint)", file=sys.stderr)
-        return EXIT_NO_SPACE
+        print(
+            f"error: cannot write {e.filename or args.out}: {e.strerror} (free space or raise the quota, then "
+            "submit again: training resumes from its last committed checkpoint)",
+            file=sys.stderr,
+        )
+        return exitcodes.NO_SPACE
     if D.read_launch_env().rank == 0:
         print(json.dumps(summary))
-    return EXIT_STOPPED_EARLY if summary["stopped_early"] else 0
+    return {None: exitcodes.OK, "time_budget": exitcodes.STOPPED_EARLY, "requested": exitcodes.STOP_REQUESTED}[
+        summary["stop_reason"]
+    ]
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ import os
 import re
 import shutil
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from parsl.config import Config
 
@@ -44,20 +45,24 @@ def resolve(site: Any, environ: Mapping[str, str] | None = None) -> Any:
     """The site section with null fields filled from the environment, then from the site's defaults."""
     env = os.environ if environ is None else environ
     updates = {k: env[v] for k, v in FROM_ENV.items() if getattr(site, k) is None and env.get(v)}
-    updates.update({k: v for k, v in DEFAULTS.get(site.name, {}).items()
-                    if getattr(site, k) is None and k not in updates})
+    updates.update(
+        {k: v for k, v in DEFAULTS.get(site.name, {}).items() if getattr(site, k) is None and k not in updates}
+    )
     return site.model_copy(update=updates)
 
 
-def site_problems(site: Any, trains: list[Any], environ: Mapping[str, str] | None = None,
-                  submitting: bool = False) -> list[str]:
+def site_problems(
+    site: Any, trains: list[Any], environ: Mapping[str, str] | None = None, submitting: bool = False
+) -> list[str]:
     """Every problem with running these training configs on this site, as `field: message`.
     ``submitting`` adds the checks that only hold where the driver runs (the network interface)."""
     s = resolve(site, environ)
     p: list[str] = []
     if submitting and s.interface and s.interface not in {name for _, name in socket.if_nameindex()}:
-        p.append(f"site.interface: this machine has no network interface {s.interface!r} (submit from the "
-                 "cluster's login node, or set site.interface to one of this machine's interfaces)")
+        p.append(
+            f"site.interface: this machine has no network interface {s.interface!r} (submit from the "
+            "cluster's login node, or set site.interface to one of this machine's interfaces)"
+        )
     if s.name == "polaris":
         if s.account is None:
             p.append("site.account: Polaris needs an allocation (set site.account or GPTLAB_ACCOUNT)")
@@ -70,16 +75,21 @@ def site_problems(site: Any, trains: list[Any], environ: Mapping[str, str] | Non
         if s.name not in BATCH_SITES and t.nodes > 1:
             p.append(f"train.nodes: site '{s.name}' is one machine; multi-node training needs polaris or slurm")
         elif s.name not in BATCH_SITES and ranks > 1 and shutil.which("mpiexec") is None:
-            p.append("train.ranks_per_node: several ranks on a local site are launched with mpiexec, which is not "
-                     "on PATH (install MPICH, e.g. apt-get install mpich)")
+            p.append(
+                "train.ranks_per_node: several ranks on a local site are launched with mpiexec, which is not "
+                "on PATH (install MPICH, e.g. apt-get install mpich)"
+            )
         if s.gpus_per_node and t.ranks_per_node > s.gpus_per_node and t.device != "cpu":
-            p.append(f"train.ranks_per_node: {t.ranks_per_node} ranks per node but site '{s.name}' has "
-                     f"{s.gpus_per_node} GPUs per node (one rank per GPU)")
+            p.append(
+                f"train.ranks_per_node: {t.ranks_per_node} ranks per node but site '{s.name}' has "
+                f"{s.gpus_per_node} GPUs per node (one rank per GPU)"
+            )
     return sorted(set(p), key=p.index)
 
 
-def build_site(site: Any, run_dir: Path, trains: list[Any], concurrent_trainings: int = 1,
-               resolve_address: bool = True) -> Site:
+def build_site(
+    site: Any, run_dir: Path, trains: list[Any], concurrent_trainings: int = 1, resolve_address: bool = True
+) -> Site:
     """Build the Parsl config for a spec's site section; ``trains`` are the training configs to run.
     ``resolve_address=False`` builds it on any machine (to render job scripts), not only on the cluster."""
     from workflows.retry import retry_cost

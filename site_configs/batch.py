@@ -3,7 +3,8 @@ and, when some training spans several ranks, an MPIExecutor whose jobs hold whol
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from parsl.addresses import address_by_interface
 from parsl.config import Config
@@ -32,14 +33,32 @@ def batch_config(
     scripts elsewhere (``gptlab plan``) passes ``resolve_address=False``.
     """
     address = address_by_interface(site.interface) if site.interface and resolve_address else None
-    executors: list[Any] = [HighThroughputExecutor(
-        label=f"{name}-htex", address=address, prefetch_capacity=0, encrypted=True,
-        provider=provider(site, site.nodes_per_job, htex_launcher), **htex_options,
-    )]
+    executors: list[Any] = [
+        HighThroughputExecutor(
+            label=f"{name}-htex",
+            address=address,
+            prefetch_capacity=0,
+            encrypted=True,
+            provider=provider(site, site.nodes_per_job, htex_launcher),
+            **htex_options,
+        )
+    ]
     if mpi_nodes:
-        executors.append(MPIExecutor(
-            label=f"{name}-mpi", address=address, mpi_launcher=mpi_launcher, max_workers_per_block=1, encrypted=True,
-            provider=provider(site, mpi_nodes, SimpleLauncher(), mpi_ranks_per_node),
-        ))
-    return Config(executors=executors, run_dir=run_dir, retries=retries, retry_handler=retry_handler, usage_tracking=0,
-                  max_idletime=site.idle_timeout_s)
+        executors.append(
+            MPIExecutor(
+                label=f"{name}-mpi",
+                address=address,
+                mpi_launcher=mpi_launcher,
+                max_workers_per_block=1,
+                encrypted=True,
+                provider=provider(site, mpi_nodes, SimpleLauncher(), mpi_ranks_per_node),
+            )
+        )
+    return Config(
+        executors=executors,
+        run_dir=run_dir,
+        retries=retries,
+        retry_handler=retry_handler,
+        usage_tracking=0,
+        max_idletime=site.idle_timeout_s,
+    )

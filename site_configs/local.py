@@ -5,7 +5,8 @@ Training always runs as its own process (a bash app), so a crash in training nev
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from parsl.config import Config
 from parsl.executors import HighThroughputExecutor
@@ -13,7 +14,9 @@ from parsl.executors.threads import ThreadPoolExecutor
 from parsl.providers import LocalProvider
 
 
-def local_threads(max_threads: int, run_dir: str, retries: int = 0, retry_handler: Callable[..., float] | None = None) -> Config:
+def local_threads(
+    max_threads: int, run_dir: str, retries: int = 0, retry_handler: Callable[..., float] | None = None
+) -> Config:
     """A thread pool of ``max_threads`` workers; Parsl's logs and run info go under ``run_dir``."""
     return Config(
         executors=[ThreadPoolExecutor(label="local", max_threads=max_threads)],
@@ -25,8 +28,9 @@ def local_threads(max_threads: int, run_dir: str, retries: int = 0, retry_handle
     )
 
 
-def local_processes(max_workers: int, run_dir: str, retries: int = 0,
-                    retry_handler: Callable[..., float] | None = None) -> Config:
+def local_processes(
+    max_workers: int, run_dir: str, retries: int = 0, retry_handler: Callable[..., float] | None = None
+) -> Config:
     """Parsl's HighThroughputExecutor with ``max_workers`` worker processes on this machine (one per core).
 
     Stages run in worker processes, so CPU stages of different sweep points run in parallel, and a worker
@@ -40,5 +44,11 @@ def local_processes(max_workers: int, run_dir: str, retries: int = 0,
         encrypted=False,  # loopback only
         provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),
     )
-    return Config(executors=[executor], run_dir=run_dir, retries=retries, retry_handler=retry_handler,
-                  strategy="none", usage_tracking=0)
+    return Config(
+        executors=[executor],
+        run_dir=run_dir,
+        retries=retries,
+        retry_handler=retry_handler,
+        strategy="none",
+        usage_tracking=0,
+    )

@@ -32,7 +32,9 @@ def _provider(site: Any, nodes: int, launcher: Any, tasks_per_node: int = 1) -> 
         nodes_per_block=nodes,
         cpus_per_node=site.cores_per_node,
         select_options=f"ngpus={site.gpus_per_node}",
-        scheduler_options="\n".join(x for x in (f"#PBS -l filesystems={site.filesystems}", site.scheduler_options) if x),
+        scheduler_options="\n".join(
+            x for x in (f"#PBS -l filesystems={site.filesystems}", site.scheduler_options) if x
+        ),
         worker_init="\n".join(x for x in (site.worker_init or "", "export TMPDIR=/tmp") if x),
         launcher=launcher,
         init_blocks=0,
@@ -48,9 +50,16 @@ def polaris(site: Any, run_dir: str, **options: Any) -> Config:
     makes AF_UNIX socket paths longer than the kernel allows.
     """
     return batch_config(
-        "polaris", site, _provider,
+        "polaris",
+        site,
+        _provider,
         htex_launcher=MpiExecLauncher(bind_cmd="--cpu-bind", overrides="--depth=64 --ppn 1"),
-        htex_options={"available_accelerators": site.gpus_per_node, "max_workers_per_node": site.gpus_per_node,
-                      "cpu_affinity": GPU_AFFINITY},
-        mpi_launcher="mpiexec", run_dir=run_dir, **options,
+        htex_options={
+            "available_accelerators": site.gpus_per_node,
+            "max_workers_per_node": site.gpus_per_node,
+            "cpu_affinity": GPU_AFFINITY,
+        },
+        mpi_launcher="mpiexec",
+        run_dir=run_dir,
+        **options,
     )

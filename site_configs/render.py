@@ -40,15 +40,26 @@ class _Placeholders(dict):
 def worker_command(executor: Any) -> str:
     """The executor's worker-pool command as Parsl formats it, with start-time values as placeholders."""
     fields = _Placeholders(
-        debug="", block_id="0", prefetch_capacity=executor.prefetch_capacity,
-        address_probe_timeout_string="", cores_per_worker=executor.cores_per_worker,
-        mem_per_worker=executor.mem_per_worker, nodes_per_block=executor.provider.nodes_per_block,
-        heartbeat_period=executor.heartbeat_period, heartbeat_threshold=executor.heartbeat_threshold,
-        drain_period=executor.drain_period, poll_period=executor.poll_period, cpu_affinity=executor.cpu_affinity,
-        max_workers_per_node=("" if executor.max_workers_per_node == float("inf")
-                              else f"--max_workers_per_node={executor.max_workers_per_node}"),
+        debug="",
+        block_id="0",
+        prefetch_capacity=executor.prefetch_capacity,
+        address_probe_timeout_string="",
+        cores_per_worker=executor.cores_per_worker,
+        mem_per_worker=executor.mem_per_worker,
+        nodes_per_block=executor.provider.nodes_per_block,
+        heartbeat_period=executor.heartbeat_period,
+        heartbeat_threshold=executor.heartbeat_threshold,
+        drain_period=executor.drain_period,
+        poll_period=executor.poll_period,
+        cpu_affinity=executor.cpu_affinity,
+        max_workers_per_node=(
+            ""
+            if executor.max_workers_per_node == float("inf")
+            else f"--max_workers_per_node={executor.max_workers_per_node}"
+        ),
         enable_mpi_mode="--enable_mpi_mode " if executor.enable_mpi_mode else "",
-        mpi_launcher=executor.mpi_launcher, accelerators=" ".join(executor.available_accelerators),
+        mpi_launcher=executor.mpi_launcher,
+        accelerators=" ".join(executor.available_accelerators),
     )
     command = executor.launch_cmd.format_map(fields).replace("{block_id}", "0")  # Parsl fills it per block
     return re.sub(r"\s+", " ", command).strip()
@@ -65,7 +76,9 @@ def render_jobs(config: Any, script_dir: Path) -> list[JobScript]:
             continue
         submitted: list[str] = []
 
-        def fake_execute_wait(cmd: str, timeout: int | None = None, _out=FAKE_SUBMIT_OUTPUT[kind]) -> tuple[int, str, str]:
+        def fake_execute_wait(
+            cmd: str, timeout: int | None = None, _out=FAKE_SUBMIT_OUTPUT[kind]
+        ) -> tuple[int, str, str]:
             submitted.append(cmd)
             return 0, _out, ""
 
@@ -73,6 +86,14 @@ def render_jobs(config: Any, script_dir: Path) -> list[JobScript]:
         provider.execute_wait = fake_execute_wait
         provider.submit(worker_command(executor), 1, f"parsl.{executor.label}.block-0")
         script_path = submitted[0].split()[-1]
-        jobs.append(JobScript(executor.label, submitted[0], Path(script_path).read_text(), provider.nodes_per_block,
-                              provider.walltime, provider.max_blocks))
+        jobs.append(
+            JobScript(
+                executor.label,
+                submitted[0],
+                Path(script_path).read_text(),
+                provider.nodes_per_block,
+                provider.walltime,
+                provider.max_blocks,
+            )
+        )
     return jobs

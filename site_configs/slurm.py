@@ -43,8 +43,15 @@ def slurm(site: Any, run_dir: str, **options: Any) -> Config:
     """Config for a Slurm cluster from a resolved site section (``options``: see ``batch_config``)."""
     gpus = site.gpus_per_node or 0
     return batch_config(
-        "slurm", site, _provider, htex_launcher=SrunLauncher(),
-        htex_options={"available_accelerators": gpus if gpus else (),
-                      "max_workers_per_node": gpus or site.cores_per_node or None},
-        mpi_launcher="srun", run_dir=run_dir, **options,
+        "slurm",
+        site,
+        _provider,
+        htex_launcher=SrunLauncher(),
+        htex_options={
+            "available_accelerators": gpus if gpus else (),
+            "max_workers_per_node": gpus or site.cores_per_node or None,
+        },
+        mpi_launcher="srun",
+        run_dir=run_dir,
+        **options,
     )

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-LLM_WORDS = ("the cat sat on a mat and the dog ran to the old red barn while birds sang in tall green trees "
-             "near a quiet river").split()
+LLM_WORDS = (
+    "the cat sat on a mat and the dog ran to the old red barn while birds sang in tall green trees near a quiet river"
+).split()
 
 
 def llm_make_text(n_lines: int = 1500, seed: int = 0) -> str:

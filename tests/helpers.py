@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wise owls watch quietly from old oak trees "
-         "and every river runs to the sea under a pale moon").split()
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven wise owls watch quietly from old oak trees "
+    "and every river runs to the sea under a pale moon"
+).split()
 
 
 def make_corpus(directory: Path, n_docs: int = 40, seed: int = 0) -> Path:
@@ -17,8 +20,10 @@ def make_corpus(directory: Path, n_docs: int = 40, seed: int = 0) -> Path:
     rng = random.Random(seed)
     directory.mkdir(parents=True, exist_ok=True)
     for i in range(n_docs):
-        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
-                 for _ in range(rng.randint(8, 16))]
+        lines = [
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "."
+            for _ in range(rng.randint(8, 16))
+        ]
         (directory / f"doc{i:03d}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return directory
 
@@ -32,8 +37,17 @@ def tiny_spec(corpus: Path, runs_root: Path, **sections: Any) -> dict[str, Any]:
         "data": {"sources": [{"type": "files", "path": str(corpus)}], "val_fraction": 0.2, "num_workers": 1},
         "tokenizer": {"model_type": "char", "vocab_size": 64, "num_threads": 1},
         "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
-        "train": {"batch_size": 8, "max_steps": 30, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5,
-                  "eval_interval": 10, "eval_batches": 2, "checkpoint_interval": 15, "device": "cpu"},
+        "train": {
+            "batch_size": 8,
+            "max_steps": 30,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 5,
+            "eval_interval": 10,
+            "eval_batches": 2,
+            "checkpoint_interval": 15,
+            "device": "cpu",
+        },
         "eval": {"batches": 4, "batch_size": 8, "prompts": ["The "], "max_new_tokens": 20},
     }
     for key, value in sections.items():

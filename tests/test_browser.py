@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import free_port, make_corpus, stop_group, tiny_spec, wait_for_json, write_spec
 from mlflow.tracking import MlflowClient
 
-from helpers import free_port, make_corpus, stop_group, tiny_spec, wait_for_json, write_spec
 from workflows import submit
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -28,9 +28,18 @@ RUN_NAME_CELL = '[col-id="attributes.`Run Name`"]'  # the runs table's "Run Name
 
 # Chromium on a machine with no outside network: without the background-networking flags it keeps retrying
 # (component updates, sync, QUIC probes) and floods the log with refused connections.
-CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1600,1600"]
+CHROMIUM_FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1600,1600",
+]
 
 # True when `el` is on screen and is what a click at its centre would hit: not clipped away by a scroll
 # container, not covered, not outside the viewport. This is "visible" as a user means it.
@@ -87,9 +96,13 @@ def ui(tmp_path_factory):
     # take two to three times longer to answer, and one browser needs one.
     env = dict(os.environ, MLFLOW_WORKERS="1")
     log = (tmp / "ui.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "ui", "--runs-root", str(tmp / "runs"),
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workflows.cli", "ui", "--runs-root", str(tmp / "runs"), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     driver = None
     try:
         driver = chromium_driver(tmp / "chromium-profile")  # starts while the UI is still importing
@@ -112,9 +125,9 @@ def shot(ui, name: str) -> Path:
 
 
 def test_compare_view_shows_the_sweep_in_chromium(ui):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver import ActionChains
     from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
-    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -130,12 +143,20 @@ def test_compare_view_shows_the_sweep_in_chromium(ui):
 
     def run_row(name: str):
         """The runs-table row (its pinned-left part, which holds the checkbox) whose run-name link reads `name`."""
-        return wait.until(EC.presence_of_element_located(
-            (By.XPATH, f"//div[@role='row'][.//a[normalize-space()='{name}']][.//input[contains(@class,'ag-checkbox-input')]]")))
+        return wait.until(
+            EC.presence_of_element_located(
+                (
+                    By.XPATH,
+                    f"//div[@role='row'][.//a[normalize-space()='{name}']][.//input[contains(@class,'ag-checkbox-input')]]",
+                )
+            )
+        )
 
     # Home page: the experiment list. MLflow 3 opens in its GenAI mode (traces); sweeps are model training.
     d.get(ui["base"])
-    wait.until(EC.element_to_be_clickable((By.XPATH, "//div[@role='button'][normalize-space()='Model training']"))).click()
+    wait.until(
+        EC.element_to_be_clickable((By.XPATH, "//div[@role='button'][normalize-space()='Model training']"))
+    ).click()
     wait.until(EC.element_to_be_clickable((By.LINK_TEXT, "tiny"))).click()
     wait.until(EC.url_contains(f"/experiments/{ui['result'].experiment_id}/runs"))
 
@@ -186,19 +207,24 @@ def test_compare_view_shows_the_sweep_in_chromium(ui):
     # Scroll the values column with the mouse wheel until the val/bpb row is in view.
     name = wait.until(EC.presence_of_element_located((By.XPATH, "//a[normalize-space()='val/bpb']")))
     name_cell = name.find_element(By.XPATH, "./..")
-    names_grid = name.find_element(By.XPATH, "./ancestor::div[contains(@class,'ReactVirtualized__Grid')][@role='grid'][1]")
+    names_grid = name.find_element(
+        By.XPATH, "./ancestor::div[contains(@class,'ReactVirtualized__Grid')][@role='grid'][1]"
+    )
     grids = names_grid.find_elements(By.XPATH, "./ancestor::div[count(.//div[@role='grid']) = 2][1]//div[@role='grid']")
     assert len(grids) == 2 and grids[0] == names_grid, "metrics table layout changed"
     values_grid = grids[1]
     d.execute_script("arguments[0].scrollIntoView({block: 'center'})", values_grid)
     if not user_visible(name_cell):
-        scroll_top = lambda grid: d.execute_script("return arguments[0].scrollTop", grid)  # noqa: E731
+        scroll_top = lambda grid: d.execute_script("return arguments[0].scrollTop", grid)
         target = d.execute_script(
             "const [cell, names, values] = arguments;"
             "const row = cell.getBoundingClientRect().top - names.getBoundingClientRect().top + names.scrollTop;"
             "const want = row - (values.clientHeight - cell.offsetHeight) / 2;"
             "return Math.round(Math.max(1, Math.min(want, values.scrollHeight - values.clientHeight)));",
-            name_cell, names_grid, values_grid)
+            name_cell,
+            names_grid,
+            values_grid,
+        )
         wheel = ScrollOrigin.from_element(values_grid)
         ActionChains(d).scroll_from_origin(wheel, 0, target - scroll_top(values_grid)).perform()
         wait.until(lambda _: abs(scroll_top(values_grid) - target) <= 2, "the metrics table did not scroll")
@@ -212,9 +238,14 @@ def test_compare_view_shows_the_sweep_in_chromium(ui):
     def bpb_row_values():
         """The value cells that sit on the val/bpb row on screen, left to right."""
         top, bottom = name_cell.rect["y"], name_cell.rect["y"] + name_cell.rect["height"]
-        on_row = [c for c in values_grid.find_elements(By.XPATH, "./div/div")
-                  if top <= c.rect["y"] + c.rect["height"] / 2 <= bottom]
-        return sorted(on_row, key=lambda c: c.rect["x"]) if len(on_row) == 2 and all(map(user_visible, on_row)) else False
+        on_row = [
+            c
+            for c in values_grid.find_elements(By.XPATH, "./div/div")
+            if top <= c.rect["y"] + c.rect["height"] / 2 <= bottom
+        ]
+        return (
+            sorted(on_row, key=lambda c: c.rect["x"]) if len(on_row) == 2 and all(map(user_visible, on_row)) else False
+        )
 
     bpb_cells = wait.until(lambda _: bpb_row_values(), "val/bpb values not visible on its row")
     shown = [c.text.strip() for c in bpb_cells]
@@ -224,8 +255,10 @@ def test_compare_view_shows_the_sweep_in_chromium(ui):
 
     # Run names last: scroll the page back to "Run details", so one screenshot holds all three checks.
     name_cells = cells("Run Name:")
-    d.execute_script("arguments[0].scrollIntoView({block: 'start'})",
-                     d.find_element(By.XPATH, "//div[@role='button'][normalize-space()='Run details']"))
+    d.execute_script(
+        "arguments[0].scrollIntoView({block: 'start'})",
+        d.find_element(By.XPATH, "//div[@role='button'][normalize-space()='Run details']"),
+    )
     assert [c.text.strip() for c in name_cells] == [r.info.run_name for r in columns]
     wait.until(lambda _: all(user_visible(c) for c in name_cells), "run names not visible")
     # The window is tall enough for run names, the swept param and val/bpb to share one screen: the screenshot

@@ -39,7 +39,10 @@ def test_file_glob_and_directory_resolve_sorted_with_formats(tree: Path):
 
     listed = resolve_files(files(str(tree)))
     assert [p.relative_to(tree.resolve()).as_posix() for _, p, _ in listed] == [
-        "a.txt", "recs.jsonl", "sub/b.md", "sub/deep/c.txt"
+        "a.txt",
+        "recs.jsonl",
+        "sub/b.md",
+        "sub/deep/c.txt",
     ]
     assert {p.name: fmt for _, p, fmt in listed}["recs.jsonl"] == "jsonl"
     assert all(p.is_absolute() for _, p, _ in listed)
@@ -91,7 +94,7 @@ def test_check_corpus_flags_empty_corpus_and_bad_first_jsonl_record(tmp_path: Pa
 
 
 def test_text_documents_are_exact_and_invalid_utf8_is_replaced(tmp_path: Path):
-    (tmp_path / "a.txt").write_bytes("line one\r\n\tindented  twice\n".encode())
+    (tmp_path / "a.txt").write_bytes(b"line one\r\n\tindented  twice\n")
     (tmp_path / "b.txt").write_bytes(b"caf\xe9 ok")  # Latin-1 byte, invalid UTF-8
     docs = list(iter_documents(files(str(tmp_path / "*.txt"))))
     assert docs == ["line one\r\n\tindented  twice\n", "caf\ufffd ok"]

@@ -18,8 +18,22 @@ MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, pos_encoding=
 @pytest.fixture(scope="module")
 def llm_trained(llm_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
-    train(MODEL, TrainConfig(batch_size=8, max_steps=30, warmup_steps=3, lr=3e-3, eval_interval=30, eval_batches=2,
-                             checkpoint_interval=30, device="cpu"), llm_shards, out, seed=0)
+    train(
+        MODEL,
+        TrainConfig(
+            batch_size=8,
+            max_steps=30,
+            warmup_steps=3,
+            lr=3e-3,
+            eval_interval=30,
+            eval_batches=2,
+            checkpoint_interval=30,
+            device="cpu",
+        ),
+        llm_shards,
+        out,
+        seed=0,
+    )
     return out
 
 
@@ -54,15 +68,37 @@ def test_evaluate_whole_split(llm_trained, llm_shards, llm_tokenizer_model, tmp_
 def test_evaluate_without_checkpoint_is_an_error(llm_shards, llm_tokenizer_model, tmp_path, capsys):
     with pytest.raises(CheckpointError, match="no committed checkpoint"):
         evaluate(tmp_path, llm_shards, llm_tokenizer_model, EvalConfig(), tmp_path / "e", seed=0, device="cpu")
-    args = ["--train-dir", str(tmp_path), "--shards", str(llm_shards), "--tokenizer", str(llm_tokenizer_model),
-            "--out", str(tmp_path / "e"), "--device", "cpu"]
-    assert main(args) == 1 and "no committed checkpoint" in capsys.readouterr().err
+    args = [
+        "--train-dir",
+        str(tmp_path),
+        "--shards",
+        str(llm_shards),
+        "--tokenizer",
+        str(llm_tokenizer_model),
+        "--out",
+        str(tmp_path / "e"),
+        "--device",
+        "cpu",
+    ]
+    assert main(args) == 2 and "no committed checkpoint" in capsys.readouterr().err  # bad input, as train says
 
 
 def test_evaluate_cli(llm_trained, llm_shards, llm_tokenizer_model, tmp_path, capsys):
     (tmp_path / "eval.json").write_text(json.dumps({"batches": 2, "batch_size": 4, "max_new_tokens": 5}))
-    args = ["--train-dir", str(llm_trained), "--shards", str(llm_shards), "--tokenizer", str(llm_tokenizer_model),
-            "--out", str(tmp_path / "e"), "--config", str(tmp_path / "eval.json"), "--device", "cpu"]
+    args = [
+        "--train-dir",
+        str(llm_trained),
+        "--shards",
+        str(llm_shards),
+        "--tokenizer",
+        str(llm_tokenizer_model),
+        "--out",
+        str(tmp_path / "e"),
+        "--config",
+        str(tmp_path / "eval.json"),
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["tokens_evaluated"] == 2 * 4 * 16 and (tmp_path / "e" / "samples.txt").exists()

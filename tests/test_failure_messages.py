@@ -15,17 +15,18 @@ import subprocess
 import sys
 
 import pytest
+from helpers import make_corpus, tiny_spec, write_spec
 from mlflow.tracking import MlflowClient
 
-from helpers import make_corpus, tiny_spec, write_spec
 from workflows.trainlog import exit_meaning, failure_cause, last_try, lines_before
 
 BROKEN, TOO_LONG = "block_size=16", "block_size=100000"
 
 
 def gptlab(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "workflows.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "workflows.cli", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,16 +35,25 @@ def failed(tmp_path_factory):
     from workflows.spec import load_spec
 
     tmp = tmp_path_factory.mktemp("failing")
-    tree = tiny_spec(make_corpus(tmp / "corpus"), tmp / "runs", site={"retries": 1},
-                     train={"max_steps": 4, "warmup_steps": 1, "eval_interval": 4, "checkpoint_interval": 4},
-                     sweep={"model.block_size": [16, 100000]})
+    tree = tiny_spec(
+        make_corpus(tmp / "corpus"),
+        tmp / "runs",
+        site={"retries": 1},
+        train={"max_steps": 4, "warmup_steps": 1, "eval_interval": 4, "checkpoint_interval": 4},
+        sweep={"model.block_size": [16, 100000]},
+    )
     spec = write_spec(tmp / "s.yaml", tree)
     train_dir = next(r for r in plan(load_spec(spec)).runs if r.name == BROKEN).stages["train"].dir
     train_dir.mkdir(parents=True)
     (train_dir / "checkpoints").write_text("a file where training makes its checkpoint directories\n")
     submit = gptlab("submit", spec, "--lines")
-    return {"spec": spec, "submit": submit, "status": gptlab("status", spec), "train_dir": train_dir,
-            "runs_root": tmp / "runs"}
+    return {
+        "spec": spec,
+        "submit": submit,
+        "status": gptlab("status", spec),
+        "train_dir": train_dir,
+        "runs_root": tmp / "runs",
+    }
 
 
 def exception_line(train_dir) -> str:
@@ -66,7 +76,7 @@ def test_submit_names_the_cause_once_with_the_log_path_then_the_log_tail(failed)
     at = lines.index(line)
     assert re.fullmatch(rf"--- {re.escape(str(log))}: the last \d+ lines before that error ---", lines[at + 1]), lines
     assert lines[at + 2] == "Traceback (most recent call last):"
-    tail = lines[at + 2:lines.index(next(x for x in lines[at + 2:] if x.startswith(f"[{TOO_LONG}]")))]
+    tail = lines[at + 2 : lines.index(next(x for x in lines[at + 2 :] if x.startswith(f"[{TOO_LONG}]")))]
     assert 5 < len(tail) <= 30 and any("save_checkpoint" in x for x in tail), tail
     assert out.count("Traceback (most recent call last):") == 1, out  # one try's traceback, once
     assert "--- end of" not in out and "BashExitFailure" not in out and "executable follows" not in out
@@ -80,7 +90,7 @@ def test_an_error_training_handles_is_one_line_with_the_meaning_of_its_exit_code
     assert "split 'val' has too few tokens for block_size 100000" in line and line.endswith("/train.log)")
     assert ": error:" not in line and "; tried" not in line
     assert (r.stdout + r.stderr).count("has too few tokens") == 1
-    after = r.stderr.splitlines()[r.stderr.splitlines().index(line) + 1:]
+    after = r.stderr.splitlines()[r.stderr.splitlines().index(line) + 1 :]
     assert not after or not after[0].startswith("---"), "no empty tail under a header"
 
 
@@ -89,8 +99,10 @@ def test_mlflow_records_the_one_line_cause_and_status_shows_it(failed):
     runs = {x.info.run_name: x for x in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])}
     log = failed["train_dir"] / "train.log"
     recorded = runs[BROKEN].data.tags["gptlab.error"]
-    assert recorded == f"stage train failed (exit code 1; tried 2 times): {exception_line(failed['train_dir'])} " \
-                       f"(full log: {log})"
+    assert (
+        recorded == f"stage train failed (exit code 1; tried 2 times): {exception_line(failed['train_dir'])} "
+        f"(full log: {log})"
+    )
     assert runs[TOO_LONG].data.tags["gptlab.error"].count("\n") == 0
     parent = runs["tiny"].data.tags["gptlab.error"]
     assert "\n" not in parent and exception_line(failed["train_dir"]) in parent and "has too few tokens" in parent
@@ -109,13 +121,17 @@ def test_status_reads_the_cause_from_an_error_recorded_by_an_older_gptlab(failed
     exp = client.get_experiment_by_name("tiny").experiment_id
     run = next(x for x in client.search_runs([exp]) if x.info.run_name == BROKEN)
     log = failed["train_dir"] / "train.log"
-    old = (f"stage train failed: BashExitFailure: bash_app train_app failed with unix exit code 1\n"
-           f"--- end of {log} ---\n{log.read_text()[-2000:].strip()}")
+    old = (
+        f"stage train failed: BashExitFailure: bash_app train_app failed with unix exit code 1\n"
+        f"--- end of {log} ---\n{log.read_text()[-2000:].strip()}"
+    )
     client.set_tag(run.info.run_id, "gptlab.error", old)
     s = gptlab("status", failed["spec"])
     assert s.returncode == 0, s.stderr
-    assert f"[{BROKEN}] stage train failed (exit code 1): {exception_line(failed['train_dir'])} (full log: {log})" \
-        in s.stdout, s.stdout
+    assert (
+        f"[{BROKEN}] stage train failed (exit code 1): {exception_line(failed['train_dir'])} (full log: {log})"
+        in s.stdout
+    ), s.stdout
 
 
 # ---------------------------------------------------------------------------- reading a training's log
@@ -126,10 +142,12 @@ PARSL = "--> executable follows <--\nenv python -m llmcore.train ...\n--> end ex
 
 def test_the_last_try_and_its_final_exception_are_found_after_a_chained_traceback():
     first = PARSL + "Traceback (most recent call last):\n  File \"a.py\", line 1\nKeyError: 'first try'\n"
-    last = (PARSL + "warming up\nTraceback (most recent call last):\n  File \"a.py\", line 1, in f\n    g()\n"
-            "KeyError: 'x'\n\nDuring handling of the above exception, another exception occurred:\n\n"
-            "Traceback (most recent call last):\n  File \"a.py\", line 3, in h\n    raise RuntimeError('y')\n"
-            "RuntimeError: y\n\n")
+    last = (
+        PARSL + 'warming up\nTraceback (most recent call last):\n  File "a.py", line 1, in f\n    g()\n'
+        "KeyError: 'x'\n\nDuring handling of the above exception, another exception occurred:\n\n"
+        "Traceback (most recent call last):\n  File \"a.py\", line 3, in h\n    raise RuntimeError('y')\n"
+        "RuntimeError: y\n\n"
+    )
     lines = last_try(first + last)
     assert "KeyError: 'first try'" not in lines and lines[0] == "warming up"
     cause, at = failure_cause(lines)
@@ -137,8 +155,12 @@ def test_the_last_try_and_its_final_exception_are_found_after_a_chained_tracebac
     tail = lines_before(lines, at, 18)
     assert tail[0] == "warming up" and tail[-1] == "    raise RuntimeError('y')"
     assert lines_before(lines, at, 2)[0] == "Traceback (most recent call last):"  # a short one is shown whole
-    deep = last_try(PARSL + "Traceback (most recent call last):\n" + "".join(
-        f"  File \"a.py\", line {i}, in f{i}\n    f{i + 1}()\n" for i in range(20)) + "RecursionError: deep\n")
+    deep = last_try(
+        PARSL
+        + "Traceback (most recent call last):\n"
+        + "".join(f'  File "a.py", line {i}, in f{i}\n    f{i + 1}()\n' for i in range(20))
+        + "RecursionError: deep\n"
+    )
     cause, at = failure_cause(deep)
     assert cause == "RecursionError: deep"
     for n in (5, 6):  # a long one is cut at a frame, never inside one

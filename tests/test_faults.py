@@ -15,8 +15,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from helpers import make_corpus, tiny_spec, write_spec
+
 from llmcore.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
 from llmcore.io import LOCK_FILE, file_lock, write_commit_marker
 from workflows.plan import plan
@@ -108,37 +108,47 @@ def test_driver_killed_mid_sweep_resubmit_reruns_nothing_resumes_and_duplicates_
     MLflow with each step once; no run is duplicated or left RUNNING."""
     corpus = make_corpus(tmp_path / "corpus")
     runs_root = tmp_path / "runs"
-    tree = tiny_spec(corpus, runs_root, train={"checkpoint_interval": 10, "eval_interval": 20},
-                     sweep={"train.max_steps": [20, 200]})
+    tree = tiny_spec(
+        corpus, runs_root, train={"checkpoint_interval": 10, "eval_interval": 20}, sweep={"train.max_steps": [20, 200]}
+    )
     spec = write_spec(tmp_path / "sweep.yaml", tree)
     p = plan(load_spec(spec))
     short, long = (r.stages for r in p.runs)
     submit_cmd = [sys.executable, "-m", "workflows.cli", "submit", str(spec)]
     procs: list[subprocess.Popen] = []
     try:
-        first = subprocess.Popen(submit_cmd, cwd=tmp_path, env=env(), stdout=open(tmp_path / "first.log", "w"),
-                                 stderr=subprocess.STDOUT)
+        first = subprocess.Popen(
+            submit_cmd, cwd=tmp_path, env=env(), stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT
+        )
         procs.append(first)
         # Freeze the long training once it has a committed checkpoint, so it is mid-run whatever the speed.
         wait_for(lambda: latest_checkpoint(long["train"].dir) is not None, 240, "the long training's checkpoint")
         orphan = wait_for(lambda: trainings(long["train"].dir), 30, "the long training's process")
         assert len(orphan) == 1
         orphan[0].suspend()
-        wait_for(lambda: getattr(mlflow_runs(runs_root).get("max_steps=20"), "info", None) is not None
-                 and mlflow_runs(runs_root)["max_steps=20"].info.status == "FINISHED", 240,
-                 "the short point to finish in MLflow")
+        wait_for(
+            lambda: (
+                getattr(mlflow_runs(runs_root).get("max_steps=20"), "info", None) is not None
+                and mlflow_runs(runs_root)["max_steps=20"].info.status == "FINISHED"
+            ),
+            240,
+            "the short point to finish in MLflow",
+        )
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
         assert trainings(long["train"].dir) == orphan, "the killed driver's training outlives it"
         assert mlflow_runs(runs_root)["max_steps=200"].info.status == "RUNNING"
-        finished = {s.label: marker_identity(s.dir) for s in (short["tokenizer"], short["shards"], short["train"],
-                                                              short["eval"])}
+        finished = {
+            s.label: marker_identity(s.dir)
+            for s in (short["tokenizer"], short["shards"], short["train"], short["eval"])
+        }
         assert all(finished.values()) and not long["train"].done
         short_log = (short["train"].dir / "train.log").read_text()
         resumed_at = int(json.loads((latest_checkpoint(long["train"].dir) / "meta.json").read_text())["step"])
 
-        second = subprocess.Popen(submit_cmd, cwd=tmp_path, env=env(), stdout=open(tmp_path / "second.log", "w"),
-                                  stderr=subprocess.STDOUT)
+        second = subprocess.Popen(
+            submit_cmd, cwd=tmp_path, env=env(), stdout=open(tmp_path / "second.log", "w"), stderr=subprocess.STDOUT
+        )
         procs.append(second)
         log = long["train"].dir / "train.log"
         wait_for(lambda: "waiting for training in" in log.read_text(), 240, "the new training to wait for the lock")
@@ -148,8 +158,9 @@ def test_driver_killed_mid_sweep_resubmit_reruns_nothing_resumes_and_duplicates_
         kill_everything_under(tmp_path, procs)
 
     # Nothing finished before the kill ran again.
-    assert {s.label: marker_identity(s.dir) for s in (short["tokenizer"], short["shards"], short["train"],
-                                                      short["eval"])} == finished
+    assert {
+        s.label: marker_identity(s.dir) for s in (short["tokenizer"], short["shards"], short["train"], short["eval"])
+    } == finished
     assert (short["train"].dir / "train.log").read_text() == short_log
     # The interrupted training resumed from the orphan's last checkpoint and every step is there once.
     text = log.read_text()
@@ -177,8 +188,8 @@ SUBMIT = """
 import json, sys
 from workflows import submit
 r = submit(sys.argv[1], quiet=True, poll_interval=0.3)
-print("RESULT " + json.dumps({"parent": r.parent_run_id, "runs": [[x.name, x.run_id, x.status, x.metrics.get("val/loss")]
-                                                                  for x in r.runs]}))
+runs = [[x.name, x.run_id, x.status, x.metrics.get("val/loss")] for x in r.runs]
+print("RESULT " + json.dumps({"parent": r.parent_run_id, "runs": runs}))
 """
 
 
@@ -207,10 +218,20 @@ def test_two_submits_of_one_spec_at_once_run_each_stage_once_and_agree(tmp_path)
     try:
         with file_lock(stages["tokenizer"].dir / LOCK_FILE):
             for log in logs:
-                procs.append(subprocess.Popen([sys.executable, "-c", SUBMIT, str(spec)], cwd=tmp_path, env=env(),
-                                              stdout=open(log, "w"), stderr=subprocess.STDOUT))
-            wait_for(lambda: all(f"waiting for stage {stages['tokenizer'].dir.name}" in log.read_text()
-                                 for log in logs), 240, "both submits to wait at the tokenizer stage")
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", SUBMIT, str(spec)],
+                        cwd=tmp_path,
+                        env=env(),
+                        stdout=open(log, "w"),
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+            wait_for(
+                lambda: all(f"waiting for stage {stages['tokenizer'].dir.name}" in log.read_text() for log in logs),
+                240,
+                "both submits to wait at the tokenizer stage",
+            )
         codes = [proc.wait(timeout=400) for proc in procs]
     finally:
         stop.set()
@@ -275,9 +296,16 @@ def test_eight_concurrent_writers_on_one_new_sqlite_store(tmp_path):
     steps, n = 60, 8
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     script = WRITER.replace("STEPS", str(steps))
-    procs = [subprocess.Popen([sys.executable, "-c", script, uri, str(tmp_path), str(i), str(tmp_path / "go")],
-                              env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, uri, str(tmp_path), str(i), str(tmp_path / "go")],
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(n)
+    ]
     try:
         wait_for(lambda: all((tmp_path / f"ready{i}").exists() for i in range(n)), 120, "the writers to start")
         (tmp_path / "go").touch()  # all of them race for the new store now
@@ -319,8 +347,10 @@ def tmpfs(tmp_path):
             pytest.fail("the disk-full tests mount a small tmpfs and need root (run them as .ci/run does)")
         path = tmp_path / name
         path.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (f",{options}" if options else ""), "tmpfs",
-                        str(path)], check=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}" + (f",{options}" if options else ""), "tmpfs", str(path)],
+            check=True,
+        )
         mounted.append(path)
         return path
 
@@ -369,14 +399,34 @@ def test_disk_full_mid_training_exits_74_commits_nothing_torn_and_resumes_once_f
     disk = tmpfs("out", "4m")
     out = disk / "run"
     out.mkdir()
-    cfg = {"model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16},
-           "train": {"batch_size": 4, "max_steps": 60, "warmup_steps": 2, "eval_interval": 10, "eval_batches": 2,
-                     "checkpoint_interval": 10, "device": "cpu"}, "seed": 1}
+    cfg = {
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16},
+        "train": {
+            "batch_size": 4,
+            "max_steps": 60,
+            "warmup_steps": 2,
+            "eval_interval": 10,
+            "eval_batches": 2,
+            "checkpoint_interval": 10,
+            "device": "cpu",
+        },
+        "seed": 1,
+    }
     (disk.parent / "train.json").write_text(json.dumps(cfg))
-    cmd = [sys.executable, "-m", "llmcore.train", "--config", str(disk.parent / "train.json"), "--shards",
-           str(llm_shards), "--out", str(out)]
-    proc = subprocess.Popen(cmd, env={**env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmcore.train",
+        "--config",
+        str(disk.parent / "train.json"),
+        "--shards",
+        str(llm_shards),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, env={**env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         wait_for(lambda: (out / "checkpoints" / "step_00000010" / "DONE.json").exists(), 120, "a checkpoint", 0.02)
         psutil.Process(proc.pid).suspend()
@@ -445,8 +495,9 @@ def test_full_runs_root_at_submit_is_one_clear_paragraph_and_nothing_runs(tmp_pa
     result = CliRunner().invoke(app, ["submit", str(spec)])
     assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
-    assert ("runs_root" in result.output or str(disk / "runs" / "mlflow.db") in result.output) and \
-        ("full" in result.output or "No space left" in result.output), result.output
+    assert ("runs_root" in result.output or str(disk / "runs" / "mlflow.db") in result.output) and (
+        "full" in result.output or "No space left" in result.output
+    ), result.output
     assert not (disk / "runs" / "stages").exists()
 
 
@@ -462,11 +513,26 @@ def test_training_on_a_damaged_shard_exits_2_naming_it_and_how_to_rebuild(llm_sh
     raw = bytearray(shard.read_bytes())
     raw[len(raw) // 2] ^= 1
     shard.write_bytes(bytes(raw))
-    (tmp_path / "train.json").write_text(json.dumps({"model": {"n_layer": 1, "n_head": 2, "n_embd": 32,
-                                                               "block_size": 16}, "train": {"device": "cpu"}}))
-    r = subprocess.run([sys.executable, "-m", "llmcore.train", "--config", str(tmp_path / "train.json"), "--shards",
-                        str(shards), "--out", str(tmp_path / "out")], env=env(), capture_output=True, text=True,
-                       timeout=120)
+    (tmp_path / "train.json").write_text(
+        json.dumps({"model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 16}, "train": {"device": "cpu"}})
+    )
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmcore.train",
+            "--config",
+            str(tmp_path / "train.json"),
+            "--shards",
+            str(shards),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr
     assert "train-00000.bin" in r.stderr and "sha256" in r.stderr and f"delete {shards}" in r.stderr
     assert "Traceback" not in r.stderr

@@ -17,18 +17,22 @@ from typing import Any, Literal, Union, get_args, get_origin
 import annotated_types as at
 import pytest
 import yaml
+from helpers import make_corpus, tiny_spec, write_spec
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from helpers import make_corpus, tiny_spec, write_spec
 from llmcore.config import FilesSource
 from workflows.cli import app
 from workflows.spec import ExperimentSpec, set_dotted
 
-FUZZ = settings(max_examples=120, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=120,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 # ----------------------------------------------------------------------------- invalid values per field
@@ -60,8 +64,12 @@ def invalid_values(ann: Any, metadata: list[Any]) -> list[Any]:
         return ["just a string", {"k": "v"}, [{"k": "v"}]]
     if origin is dict:
         return ["text", [1], {"model.n_layer": []}]
-    values: list[Any] = {bool: ["maybe", 7, [True]], int: ["abc", 1.5, [1], {"a": 1}],
-                         float: ["fast", [1.0], {"a": 1.0}], str: [12, [1], {"a": 1}]}[ann]
+    values: list[Any] = {
+        bool: ["maybe", 7, [True]],
+        int: ["abc", 1.5, [1], {"a": 1}],
+        float: ["fast", [1.0], {"a": 1.0}],
+        str: [12, [1], {"a": 1}],
+    }[ann]
     for m in metadata:
         if isinstance(m, at.Ge):
             values.append(m.ge - 1)
@@ -165,8 +173,12 @@ SECTIONS = ["", "data.", "data.sources.0.", "tokenizer.", "model.", "train.", "e
 
 
 @FUZZ
-@given(section=st.sampled_from(SECTIONS), key=IDENT, value=st.sampled_from([1, "x", [1], {"a": 1}, None]),
-       as_override=st.booleans())
+@given(
+    section=st.sampled_from(SECTIONS),
+    key=IDENT,
+    value=st.sampled_from([1, "x", [1], {"a": 1}, None]),
+    as_override=st.booleans(),
+)
 def test_unknown_keys_are_named(base, section, key, value, as_override):
     assume(f"{section}{key}" not in FIELDS and key not in ("type",))
     if as_override:
@@ -182,8 +194,9 @@ TEXT = st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max
 
 
 @FUZZ
-@given(kind=st.sampled_from(["no equals", "bad key", "bad yaml", "no such item"]), text=TEXT,
-       index=st.integers(1, 10**6))
+@given(
+    kind=st.sampled_from(["no equals", "bad key", "bad yaml", "no such item"]), text=TEXT, index=st.integers(1, 10**6)
+)
 def test_malformed_overrides_are_named(base, kind, text, index):
     if kind == "no equals":
         assume("=" not in text)
@@ -268,10 +281,15 @@ def corpus_case(tmp: Path, case: str) -> str:
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case, words", [("missing", "no such file or directory"),
-                                         ("glob matches nothing", "matches no files"),
-                                         ("empty files", "corpus is empty"),
-                                         ("binary file", "image.txt is binary, not text")])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("missing", "no such file or directory"),
+        ("glob matches nothing", "matches no files"),
+        ("empty files", "corpus is empty"),
+        ("binary file", "image.txt is binary, not text"),
+    ],
+)
 def test_corpus_problems_are_named_before_anything_runs(base, tmp_path, case, words):
     tree = yaml.safe_load(yaml.safe_dump(base["tree"]))
     tree["data"]["sources"][0]["path"] = corpus_case(tmp_path, case)
@@ -304,15 +322,23 @@ def test_non_utf8_bytes_and_one_huge_line_are_handled(tmp_path):
 # -------------------------------------------------------------------------------- the real command
 
 
-@pytest.mark.parametrize("contents, args, field", [
-    ("model:\n  n_layr: 2\n", [], "model.n_layr: unknown field"),
-    ("train:\n  lr: 1e-3\n", ["--set", "train.lr=fast"], "train.lr: Input should be a valid number"),
-    ("model: {n_layer: [1, 2\n", [], "(YAML) at line"),
-])
+@pytest.mark.parametrize(
+    "contents, args, field",
+    [
+        ("model:\n  n_layr: 2\n", [], "model.n_layr: unknown field"),
+        ("train:\n  lr: 1e-3\n", ["--set", "train.lr=fast"], "train.lr: Input should be a valid number"),
+        ("model: {n_layer: [1, 2\n", [], "(YAML) at line"),
+    ],
+)
 def test_real_gptlab_process_exits_2_naming_the_field(tmp_path, contents, args, field):
     spec = tmp_path / "bad.yaml"
     spec.write_text(contents + f"runs_root: {tmp_path / 'runs'}\n")
-    r = subprocess.run([sys.executable, "-m", "workflows.cli", "submit", str(spec), *args], capture_output=True,
-                       text=True, timeout=120, cwd=tmp_path)
+    r = subprocess.run(
+        [sys.executable, "-m", "workflows.cli", "submit", str(spec), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert r.returncode == 2 and field in r.stderr, r.stderr
     assert "Traceback" not in r.stderr + r.stdout and not (tmp_path / "runs").exists()

@@ -37,8 +37,9 @@ def test_plain_attention_equals_sdpa(pos):
     outs = []
     for model in (sdpa, plain):
         cache = KVCache(2)
-        outs.append([model(idx[:, :5], cache=cache)[0], model(idx[:, 5:6], cache=cache)[0],
-                     model(idx[:, 6:10], cache=cache)[0]])
+        outs.append(
+            [model(idx[:, :5], cache=cache)[0], model(idx[:, 5:6], cache=cache)[0], model(idx[:, 6:10], cache=cache)[0]]
+        )
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     torch.testing.assert_close(outs[0][2][:, -1], logits_s[:, 9], atol=1e-5, rtol=0)
@@ -53,7 +54,7 @@ def test_each_position_encoding_trains(pos):
     stream = pattern.repeat(20)
     opt = model.configure_optimizer(0.0, 1e-2, (0.9, 0.99), "cpu")
     losses = []
-    for step in range(60):
+    for _step in range(60):
         starts = torch.randint(0, len(stream) - 17, (8,))
         x = torch.stack([stream[s : s + 16] for s in starts])
         y = torch.stack([stream[s + 1 : s + 17] for s in starts])
@@ -74,8 +75,9 @@ def test_kv_cache_generation_equals_recomputation(pos):
     greedy = [model.generate(prompt, 20, temperature=0, use_cache=c) for c in (True, False)]
     assert torch.equal(greedy[0], greedy[1])
     sampled = [
-        model.generate(prompt, 20, temperature=1.0, top_k=10, top_p=0.9, use_cache=c,
-                       generator=torch.Generator().manual_seed(7))
+        model.generate(
+            prompt, 20, temperature=1.0, top_k=10, top_p=0.9, use_cache=c, generator=torch.Generator().manual_seed(7)
+        )
         for c in (True, False)
     ]
     assert torch.equal(sampled[0], sampled[1])

@@ -18,29 +18,56 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import free_port
+
 from llmcore.config import ModelConfig, TrainConfig
 from llmcore.distributed import mpiexec_prefix, read_launch_env
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)
 STEPS = 12
-TRAIN = dict(batch_size=4, max_steps=STEPS, lr_decay_steps=STEPS, warmup_steps=5, lr=3e-3, min_lr=3e-4,
-             eval_interval=6, eval_batches=2, checkpoint_interval=6, device="cpu")
+TRAIN = dict(
+    batch_size=4,
+    max_steps=STEPS,
+    lr_decay_steps=STEPS,
+    warmup_steps=5,
+    lr=3e-3,
+    min_lr=3e-4,
+    eval_interval=6,
+    eval_batches=2,
+    checkpoint_interval=6,
+    device="cpu",
+)
 REL_TOL = 1e-5  # 2 ranks (gloo all-reduce) vs 2 micro-batches (accumulation): float summation order only
 
 # every launcher's rank variables: none may leak from the environment pytest runs in (RANK would win over PMI_RANK)
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK",
-               "PMI_SIZE", "PMI_LOCAL_RANK", "PMI_FD", "PMI_PORT", "PMI_ID", "MPI_LOCALRANKID", "MPI_LOCALNRANKS",
-               "PALS_RANKID", "PALS_LOCAL_RANKID", "PBS_NODEFILE")
+LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "PMI_RANK",
+    "PMI_SIZE",
+    "PMI_LOCAL_RANK",
+    "PMI_FD",
+    "PMI_PORT",
+    "PMI_ID",
+    "MPI_LOCALRANKID",
+    "MPI_LOCALNRANKS",
+    "PALS_RANKID",
+    "PALS_LOCAL_RANKID",
+    "PBS_NODEFILE",
+)
 
 
 def require_mpiexec() -> str:
     path = shutil.which("mpiexec")
     if path is None:
-        pytest.fail("mpiexec is not on PATH: run .ci/mpi-up.sh (installs Debian's mpich) before the MPI tests",
-                    pytrace=False)
+        pytest.fail(
+            "mpiexec is not on PATH: run .ci/mpi-up.sh (installs Debian's mpich) before the MPI tests", pytrace=False
+        )
     return path
 
 
@@ -53,8 +80,15 @@ def clean_env(**extra: str) -> dict[str, str]:
 def run_shell(command: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a shell command line as a Parsl bash app would; on timeout kill its whole process group (mpiexec and
     its ranks), not just the shell."""
-    proc = subprocess.Popen(["bash", "-c", command], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", "-c", command],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -65,8 +99,9 @@ def run_shell(command: str, env: dict[str, str], timeout: float = 120) -> subpro
 
 
 def train_command(config: Path, shards: Path, out: Path) -> str:
-    return shlex.join([sys.executable, "-m", "llmcore.train", "--config", str(config), "--shards", str(shards),
-                       "--out", str(out)])
+    return shlex.join(
+        [sys.executable, "-m", "llmcore.train", "--config", str(config), "--shards", str(shards), "--out", str(out)]
+    )
 
 
 def rows(out: Path, kind: str) -> list[dict]:
@@ -94,8 +129,9 @@ def test_mpiexec_prefix_is_the_polaris_command_line():
 
 def test_launch_env_of_hydra_and_pals():
     # MPICH Hydra (Debian's mpich) sets no PMI_LOCAL_RANK, but MPI_LOCALRANKID
-    hydra = read_launch_env({"PMI_RANK": "5", "PMI_SIZE": "8", "PMI_FD": "6", "MPI_LOCALRANKID": "1",
-                             "MPI_LOCALNRANKS": "4"})
+    hydra = read_launch_env(
+        {"PMI_RANK": "5", "PMI_SIZE": "8", "PMI_FD": "6", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "4"}
+    )
     assert (hydra.rank, hydra.local_rank, hydra.world_size) == (5, 1, 8)
     pals = read_launch_env({"PMI_RANK": "5", "PMI_SIZE": "8", "PMI_LOCAL_RANK": "1", "PALS_LOCAL_RANKID": "1"})
     assert (pals.rank, pals.local_rank, pals.world_size) == (5, 1, 8)
@@ -107,18 +143,27 @@ def test_launch_env_of_hydra_and_pals():
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("ppn, extra, local_ranks", [
-    (2, "", [0, 1]),  # one node, two ranks on it
-    # two "nodes" (Hydra forks both locally) with one rank each: rank 1 is local rank 0 (MPI_LOCALRANKID)
-    (1, "-launcher fork -hosts localhost,127.0.0.1", [0, 0]),
-], ids=["one-node", "two-nodes"])
+@pytest.mark.parametrize(
+    "ppn, extra, local_ranks",
+    [
+        (2, "", [0, 1]),  # one node, two ranks on it
+        # two "nodes" (Hydra forks both locally) with one rank each: rank 1 is local rank 0 (MPI_LOCALRANKID)
+        (1, "-launcher fork -hosts localhost,127.0.0.1", [0, 0]),
+    ],
+    ids=["one-node", "two-nodes"],
+)
 def test_mpiexec_ranks_see_their_launch_env(ppn, extra, local_ranks):
     """What `mpiexec -n 2 --ppn P` gives each rank is read as ranks 0 and 1 of 2 with the right local ranks."""
     require_mpiexec()
-    probe = ("import json; from llmcore.distributed import read_launch_env as r; e = r(); "
-             "print(json.dumps([e.rank, e.local_rank, e.world_size, e.master_addr, e.master_port]))")
-    proc = run_shell(f"{mpiexec_prefix(2, ppn, extra)} {shlex.join([sys.executable, '-c', probe])}",
-                     clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT="4321"), timeout=60)
+    probe = (
+        "import json; from llmcore.distributed import read_launch_env as r; e = r(); "
+        "print(json.dumps([e.rank, e.local_rank, e.world_size, e.master_addr, e.master_port]))"
+    )
+    proc = run_shell(
+        f"{mpiexec_prefix(2, ppn, extra)} {shlex.join([sys.executable, '-c', probe])}",
+        clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT="4321"),
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     seen = sorted(json.loads(line) for line in proc.stdout.splitlines() if line.startswith("["))
     assert seen == [[r, local_ranks[r], 2, "127.0.0.1", 4321] for r in range(2)], proc.stdout + proc.stderr
@@ -130,13 +175,18 @@ def test_mpiexec_two_ranks_equal_one_rank_with_twice_the_micro_batches(llm_shard
     same averaged gradient, so the same loss curve up to float summation order; rank 0 alone writes."""
     require_mpiexec()
     for name, ga in (("mpi", 1), ("one", 2)):
-        (tmp_path / f"{name}.json").write_text(json.dumps(
-            {"model": MODEL.model_dump(), "train": TrainConfig(**TRAIN, grad_accum=ga).model_dump(), "seed": 5}))
+        (tmp_path / f"{name}.json").write_text(
+            json.dumps(
+                {"model": MODEL.model_dump(), "train": TrainConfig(**TRAIN, grad_accum=ga).model_dump(), "seed": 5}
+            )
+        )
 
     # the launch path used on Polaris: the prefix, then the training command, as one shell command line; the
     # rendezvous address reaches the ranks through mpiexec's inherited environment
-    mpi = run_shell(f"{mpiexec_prefix(2, 2)} {train_command(tmp_path / 'mpi.json', llm_shards, tmp_path / 'mpi')}",
-                    clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
+    mpi = run_shell(
+        f"{mpiexec_prefix(2, 2)} {train_command(tmp_path / 'mpi.json', llm_shards, tmp_path / 'mpi')}",
+        clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())),
+    )
     assert mpi.returncode == 0, f"mpiexec run failed ({mpi.returncode}):\n{mpi.stderr}"
     one = run_shell(train_command(tmp_path / "one.json", llm_shards, tmp_path / "one"), clean_env())
     assert one.returncode == 0, one.stderr
@@ -157,7 +207,7 @@ def test_mpiexec_two_ranks_equal_one_rank_with_twice_the_micro_batches(llm_shard
     assert summaries[0]["steps"] == STEPS and summaries[0]["tokens_seen"] == STEPS * 2 * 4 * 16
     metric_lines = (tmp_path / "mpi" / "metrics.jsonl").read_text().splitlines()
     assert len(metric_lines) == len(set(metric_lines)) == STEPS + 2
-    listing = lambda out: sorted(str(p.relative_to(out)) for p in out.rglob("*"))  # noqa: E731
+    listing = lambda out: sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     assert listing(tmp_path / "mpi") == listing(tmp_path / "one")
 
 
@@ -203,9 +253,14 @@ def test_mpiexec_damaged_shard_stops_every_rank_with_exit_2(llm_shards, tmp_path
     else:
         data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))
-    (tmp_path / "c.json").write_text(json.dumps({"model": MODEL.model_dump(), "train": TrainConfig(**TRAIN).model_dump()}))
-    proc = run_shell(f"{mpiexec_prefix(2, 2)} {train_command(tmp_path / 'c.json', shards, tmp_path / 'out')}",
-                     clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2"), timeout=90)
+    (tmp_path / "c.json").write_text(
+        json.dumps({"model": MODEL.model_dump(), "train": TrainConfig(**TRAIN).model_dump()})
+    )
+    proc = run_shell(
+        f"{mpiexec_prefix(2, 2)} {train_command(tmp_path / 'c.json', shards, tmp_path / 'out')}",
+        clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2"),
+        timeout=90,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     # One error per rank, each naming the shards (counted, not split into lines: the two ranks' stderr can
     # interleave mid-line through mpiexec).

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import make_corpus, tiny_spec
+
 from llmcore.io import write_commit_marker
 from workflows.plan import STAGE_VERSIONS, canonical_hash, plan
 from workflows.spec import load_spec_tree
@@ -56,11 +56,17 @@ def test_keys_are_stable_and_track_exactly_what_a_stage_uses(corpus, tmp_path):
 def test_a_key_hashes_kind_version_config_and_inputs_and_shared_stages_are_one_object(corpus, tmp_path):
     # Tokenizer and shards stages are keyed once per distinct data/tokenizer/seed: the keys must stay exactly
     # the hash of each stage's identity, so stage directories of earlier versions are still found.
-    p = planned(tiny_spec(corpus, tmp_path / "runs", sweep={"tokenizer.vocab_size": [40, 64], "train.lr": [1e-3, 2e-3],
-                                                           "data.num_workers": [1, 2]}))
+    p = planned(
+        tiny_spec(
+            corpus,
+            tmp_path / "runs",
+            sweep={"tokenizer.vocab_size": [40, 64], "train.lr": [1e-3, 2e-3], "data.num_workers": [1, 2]},
+        )
+    )
     for key, s in p.stages.items():
-        assert key == canonical_hash({"kind": s.kind, "version": STAGE_VERSIONS[s.kind], "config": s.config,
-                                      "inputs": s.deps})
+        assert key == canonical_hash(
+            {"kind": s.kind, "version": STAGE_VERSIONS[s.kind], "config": s.config, "inputs": s.deps}
+        )
         assert s.dir.name == f"{s.kind}-{key}"
     assert [len(distinct(p, k)) for k in ("tokenizer", "shards", "train", "eval")] == [2, 2, 4, 4]
     by_vocab = {}

@@ -16,7 +16,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from helpers import Evil, free_port, make_corpus, tiny_spec, write_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,11 +32,27 @@ def test_train_command_quotes_every_spec_derived_argument():
 
     stage, shards = "/runs/" + "/".join(HOSTILE) + "/train-1", "/runs/" + HOSTILE[1] + "/shards-2"
     argv = shlex.split(train_command(stage, shards, {"OMP_NUM_THREADS": "2"}))
-    assert argv == ["env", "OMP_NUM_THREADS=2", sys.executable, "-m", "llmcore.train", "--config",
-                    f"{stage}/train.json", "--shards", shards, "--out", stage]
+    assert argv == [
+        "env",
+        "OMP_NUM_THREADS=2",
+        sys.executable,
+        "-m",
+        "llmcore.train",
+        "--config",
+        f"{stage}/train.json",
+        "--shards",
+        shards,
+        "--out",
+        stage,
+    ]
     # only the launcher (built by gptlab, never from a spec) stays shell text
-    assert shlex.split(train_command(stage, shards, {}, launcher="mpiexec -n 2 --ppn 2"))[:5] == \
-        ["mpiexec", "-n", "2", "--ppn", "2"]
+    assert shlex.split(train_command(stage, shards, {}, launcher="mpiexec -n 2 --ppn 2"))[:5] == [
+        "mpiexec",
+        "-n",
+        "2",
+        "--ppn",
+        "2",
+    ]
 
 
 @pytest.mark.slow
@@ -50,8 +65,10 @@ def test_hostile_paths_reach_the_training_shell_command_as_data(tmp_path, monkey
     monkeypatch.chdir(tmp_path)  # a shell that ran `touch pwned1` would create tmp_path/pwned1
     corpus = make_corpus(tmp_path / "corpus $(touch pwned6) `touch pwned7`", n_docs=20)
     runs_root = tmp_path.joinpath(*HOSTILE)
-    spec = write_spec(tmp_path / "s.yaml", tiny_spec(corpus, runs_root, train={"max_steps": 8, "eval_interval": 4,
-                                                                               "checkpoint_interval": 4}))
+    spec = write_spec(
+        tmp_path / "s.yaml",
+        tiny_spec(corpus, runs_root, train={"max_steps": 8, "eval_interval": 4, "checkpoint_interval": 4}),
+    )
     before = {p for p in tmp_path.rglob("*") if p.is_file()}
     result = submit(spec, quiet=True, poll_interval=0.3)
     assert result.ok, result.runs[0].error
@@ -70,9 +87,13 @@ def test_spec_paths_cannot_steer_outputs_outside_runs_root(tmp_path):
 
     corpus = make_corpus(tmp_path / "corpus", n_docs=5)
     runs_root = tmp_path / "a" / ".." / "runs"
-    tree = tiny_spec(corpus, runs_root, eval={"prompts": ["../../../../etc/passwd"]},
-                     sweep={"eval.prompts": [["../../x"], ["/etc/shadow"]]},
-                     tracking={"experiment": "../../../etc"})
+    tree = tiny_spec(
+        corpus,
+        runs_root,
+        eval={"prompts": ["../../../../etc/passwd"]},
+        sweep={"eval.prompts": [["../../x"], ["/etc/shadow"]]},
+        tracking={"experiment": "../../../etc"},
+    )
     p = plan(load_spec_tree(tree, "s.yaml"))
     root = (tmp_path / "runs").resolve()
     assert p.runs_root == root
@@ -97,8 +118,19 @@ def test_specs_hold_data_only_no_python_objects_or_import_paths(tmp_path):
         if obj.get("type") == "object" and "properties" in obj and obj is not schema["properties"].get("sweep"):
             assert obj.get("additionalProperties") is False, obj.get("title")
     names = {n for obj in objects for n in obj.get("properties", {})}
-    assert not names & {"_target_", "target", "class_path", "callable", "function", "module", "import", "factory",
-                        "hook", "command", "cmd"}
+    assert not names & {
+        "_target_",
+        "target",
+        "class_path",
+        "callable",
+        "function",
+        "module",
+        "import",
+        "factory",
+        "hook",
+        "command",
+        "cmd",
+    }
     corpus = make_corpus(tmp_path / "corpus", n_docs=5)
     cases = {
         "model._target_": {**tiny_spec(corpus, tmp_path / "runs"), "model": {"_target_": "os.system"}},
@@ -108,8 +140,11 @@ def test_specs_hold_data_only_no_python_objects_or_import_paths(tmp_path):
         result = CliRunner().invoke(app, ["submit", str(write_spec(tmp_path / "s.yaml", tree))])
         assert result.exit_code == 2 and f"{field}: unknown field" in result.output, result.output
     evil = tmp_path / "evil.yaml"
-    for payload in ("!!python/object/apply:os.system ['touch pwned8']", "!!python/name:os.system",
-                    "!!python/object/new:subprocess.Popen [['touch', 'pwned9']]"):
+    for payload in (
+        "!!python/object/apply:os.system ['touch pwned8']",
+        "!!python/name:os.system",
+        "!!python/object/new:subprocess.Popen [['touch', 'pwned9']]",
+    ):
         evil.write_text(f"name: {payload}\n")
         result = CliRunner().invoke(app, ["submit", str(evil)])
         assert result.exit_code == 2 and "(YAML)" in result.output and "Traceback" not in result.output
@@ -145,12 +180,19 @@ def test_ui_listens_on_loopback_only_by_default(tmp_path):
 
     Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "ui", tmp_path / "mlartifacts")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "ui", "--runs-root", str(tmp_path), "--port",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workflows.cli", "ui", "--runs-root", str(tmp_path), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
-        while not (listening := [c for c in psutil.net_connections("inet")
-                                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]):
+        while not (
+            listening := [
+                c for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+            ]
+        ):
             assert proc.poll() is None and time.time() < deadline, "the UI did not start listening"
             time.sleep(0.5)
         assert {c.laddr.ip for c in listening} == {"127.0.0.1"}

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import make_corpus, tiny_spec, write_spec
+
 from llmcore.config import TrainConfig
 from site_configs import build_site, site_problems
 from site_configs.render import render_jobs
@@ -21,14 +21,27 @@ def jobs_for(tmp_path, trains, **site):
 
 
 def test_polaris_job_script_directives(tmp_path):
-    site, jobs = jobs_for(tmp_path, [TrainConfig()], name="polaris", account="LLMlab", queue="prod",
-                          walltime="02:30:00", nodes_per_job=2, filesystems="home:eagle:grand",
-                          worker_init="module load conda; conda activate base")
+    site, jobs = jobs_for(
+        tmp_path,
+        [TrainConfig()],
+        name="polaris",
+        account="LLMlab",
+        queue="prod",
+        walltime="02:30:00",
+        nodes_per_job=2,
+        filesystems="home:eagle:grand",
+        worker_init="module load conda; conda activate base",
+    )
     assert list(jobs) == ["polaris-htex"] and site.mpi_executor is None  # no multi-rank training: no MPI executor
     job = jobs["polaris-htex"]
     assert job.submit_command.split()[:5] == ["qsub", "-q", "prod", "-A", "LLMlab"]
-    for line in ("#PBS -l walltime=02:30:00", "#PBS -l select=2:ncpus=64:ngpus=4", "#PBS -l filesystems=home:eagle:grand",
-                 "module load conda; conda activate base", "export TMPDIR=/tmp"):
+    for line in (
+        "#PBS -l walltime=02:30:00",
+        "#PBS -l select=2:ncpus=64:ngpus=4",
+        "#PBS -l filesystems=home:eagle:grand",
+        "module load conda; conda activate base",
+        "export TMPDIR=/tmp",
+    ):
         assert line in job.script.splitlines(), line
     assert "mpiexec --cpu-bind none --depth=64 --ppn 1 -n $WORKERCOUNT" in job.script
     assert "process_worker_pool.py" in job.script and "--available-accelerators 0 1 2 3" in job.script
@@ -39,8 +52,9 @@ def test_polaris_job_script_directives(tmp_path):
 
 
 def test_polaris_multi_node_training_gets_an_mpi_executor(tmp_path):
-    site, jobs = jobs_for(tmp_path, [TrainConfig(nodes=2, ranks_per_node=4, device="cuda")], name="polaris",
-                          account="LLMlab")
+    site, jobs = jobs_for(
+        tmp_path, [TrainConfig(nodes=2, ranks_per_node=4, device="cuda")], name="polaris", account="LLMlab"
+    )
     assert site.mpi_executor == "polaris-mpi" and set(jobs) == {"polaris-htex", "polaris-mpi"}
     mpi = jobs["polaris-mpi"]
     assert "#PBS -l select=2:ncpus=64:ngpus=4" in mpi.script and "--enable_mpi_mode" in mpi.script
@@ -50,11 +64,24 @@ def test_polaris_multi_node_training_gets_an_mpi_executor(tmp_path):
 
 
 def test_slurm_job_script_directives(tmp_path):
-    site, jobs = jobs_for(tmp_path, [TrainConfig(nodes=2, ranks_per_node=2)], name="slurm", account="proj",
-                          queue="gpu", walltime="00:45:00", gpus_per_node=4, cores_per_node=32)
+    site, jobs = jobs_for(
+        tmp_path,
+        [TrainConfig(nodes=2, ranks_per_node=2)],
+        name="slurm",
+        account="proj",
+        queue="gpu",
+        walltime="00:45:00",
+        gpus_per_node=4,
+        cores_per_node=32,
+    )
     htex = jobs["slurm-htex"]
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=proj", "#SBATCH --time=45", "#SBATCH --nodes=1",
-                 "#SBATCH --gpus-per-node=4"):
+    for line in (
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=proj",
+        "#SBATCH --time=45",
+        "#SBATCH --nodes=1",
+        "#SBATCH --gpus-per-node=4",
+    ):
         assert line in htex.script, line
     assert "srun --ntasks" in htex.script and htex.submit_command.startswith("sbatch")
     assert site.config.executors[1].mpi_launcher == "srun" and "#SBATCH --nodes=2" in jobs["slurm-mpi"].script
@@ -105,8 +132,13 @@ def test_cli_plan_shows_polaris_job_scripts_without_submitting(tmp_path, monkeyp
 
     scratch = tmp_path / "tmp"
     scratch.mkdir()
-    r = subprocess.run([sys.executable, "-m", "workflows.cli", "plan", str(spec), "--site", "polaris"],
-                       capture_output=True, text=True, timeout=120, env={**os.environ, **env, "TMPDIR": str(scratch)})
+    r = subprocess.run(
+        [sys.executable, "-m", "workflows.cli", "plan", str(spec), "--site", "polaris"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env, "TMPDIR": str(scratch)},
+    )
     assert r.returncode == 0, r.stderr
     assert "#PBS -l select=1:ncpus=64:ngpus=4" in r.stdout and "qsub -q debug -A LLMlab" in r.stdout
     assert "1 node-hours" in r.stdout and "tokenizer, shards, eval -> polaris-htex" in r.stdout

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from helpers import make_corpus, tiny_spec, write_spec
+
 from workflows import submit
 
 pytestmark = pytest.mark.slow
@@ -35,8 +35,12 @@ def wait_for(predicate, seconds: float, what: str):
 
 def test_killed_training_on_local_processes_is_retried_and_resumes(tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
-    tree = tiny_spec(corpus, tmp_path / "runs", site={"name": "local-processes", "max_workers": 2},
-                     train={"max_steps": 400, "checkpoint_interval": 40, "eval_interval": 100})
+    tree = tiny_spec(
+        corpus,
+        tmp_path / "runs",
+        site={"name": "local-processes", "max_workers": 2},
+        train={"max_steps": 400, "checkpoint_interval": 40, "eval_interval": 100},
+    )
     spec = write_spec(tmp_path / "s.yaml", tree)
     out: dict = {}
     driver = threading.Thread(target=lambda: out.update(result=submit(spec, quiet=True, poll_interval=0.5)))
@@ -45,8 +49,11 @@ def test_killed_training_on_local_processes_is_retried_and_resumes(tmp_path):
     stage = wait_for(lambda: next(stages.glob("train-*"), None) if stages.exists() else None, 120, "the train stage")
     wait_for(lambda: (stage / "checkpoints" / "step_00000080" / "DONE.json").exists(), 180, "a checkpoint")
     before = {r["step"]: r for r in metrics(stage)}
-    victims = [p for p in psutil.process_iter(["cmdline"])
-               if "llmcore.train" in (p.info["cmdline"] or []) and str(stage) in " ".join(p.info["cmdline"])]
+    victims = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "llmcore.train" in (p.info["cmdline"] or []) and str(stage) in " ".join(p.info["cmdline"])
+    ]
     assert victims, "the training process is running"
     for p in victims:
         p.send_signal(signal.SIGKILL)
@@ -63,9 +70,23 @@ def test_killed_training_on_local_processes_is_retried_and_resumes(tmp_path):
     shards = command[command.index("--shards") + 1]
     threads = next(x.split("=")[1] for x in command if x.startswith("OMP_NUM_THREADS="))
     ref = tmp_path / "uninterrupted"
-    subprocess.run([sys.executable, "-m", "llmcore.train", "--config", str(stage / "train.json"), "--shards", shards,
-                    "--out", str(ref)], check=True, capture_output=True, timeout=600,
-                   env={**os.environ, "OMP_NUM_THREADS": threads, "PYTHONPATH": str(Path(__file__).parents[1])})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmcore.train",
+            "--config",
+            str(stage / "train.json"),
+            "--shards",
+            shards,
+            "--out",
+            str(ref),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": threads, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
     resumed, uninterrupted = (json.loads((d / "summary.json").read_text()) for d in (stage, ref))
     assert resumed["final_train_loss"] == pytest.approx(uninterrupted["final_train_loss"], abs=1e-3)
     assert resumed["final_val_loss"] == pytest.approx(uninterrupted["final_val_loss"], abs=1e-3)
@@ -78,8 +99,12 @@ def test_two_ranks_through_mpiexec_equal_one_rank_with_twice_the_micro_batches(t
         tree = tiny_spec(corpus, tmp_path / "runs", name=name, train={**train, "max_steps": 12, "eval_interval": 6})
         result = submit(write_spec(tmp_path / f"{name}.yaml", tree), quiet=True, poll_interval=0.5)
         assert result.ok, result.runs[0].error
-        stage = next(d for d in (tmp_path / "runs" / "stages").glob("train-*")
-                     if json.loads((d / "train.json").read_text())["train"]["ranks_per_node"] == (2 if name == "two-ranks" else 1))
+        stage = next(
+            d
+            for d in (tmp_path / "runs" / "stages").glob("train-*")
+            if json.loads((d / "train.json").read_text())["train"]["ranks_per_node"]
+            == (2 if name == "two-ranks" else 1)
+        )
         curves.append([r["loss"] for r in metrics(stage)])
     assert len(curves[0]) == 12
     assert curves[0] == pytest.approx(curves[1], rel=1e-5)

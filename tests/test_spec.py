@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import make_corpus, tiny_spec, write_spec
-from workflows.spec import SpecError, gc_paused, load_spec, load_spec_tree, run_name, sweep_points
+
 from workflows.driver import load_and_check
+from workflows.spec import SpecError, gc_paused, load_spec, load_spec_tree, run_name, sweep_points
 
 REPO = Path(__file__).resolve().parents[1]
 SPECS = sorted((REPO / "specs").glob("*.yaml"))
@@ -30,8 +30,11 @@ def test_every_shipped_spec_validates(path, tmp_path, monkeypatch):
     loaded = load_spec(path)
     assert loaded.runs, "a spec expands to at least one run"
     # Corpus files are checked too: point file sources at a small corpus the test makes.
-    overrides = [f"data.sources.{i}.path={make_corpus(tmp_path / 'corpus', n_docs=3)}"
-                 for i, s in enumerate(loaded.spec.data.sources) if s.type == "files"]
+    overrides = [
+        f"data.sources.{i}.path={make_corpus(tmp_path / 'corpus', n_docs=3)}"
+        for i, s in enumerate(loaded.spec.data.sources)
+        if s.type == "files"
+    ]
     load_and_check(path, overrides)
 
 
@@ -57,8 +60,12 @@ def test_unknown_key_wrong_type_and_bad_range_reported_together():
 
 
 def test_cross_field_problems_reported_together():
-    problems, _ = problems_of({"model": {"n_embd": 100, "n_head": 3},
-                               "train": {"lr": 1e-4, "min_lr": 1e-3, "warmup_steps": 50, "max_steps": 10}})
+    problems, _ = problems_of(
+        {
+            "model": {"n_embd": 100, "n_head": 3},
+            "train": {"lr": 1e-4, "min_lr": 1e-3, "warmup_steps": 50, "max_steps": 10},
+        }
+    )
     joined = " | ".join(problems)
     assert "model.n_head: must divide model.n_embd" in joined
     assert "train.min_lr: must be <= train.lr" in joined
@@ -69,10 +76,11 @@ def test_schema_and_cross_field_problems_reported_together():
     """A schema error elsewhere does not hide a cross-field problem of a section that is valid on its own; a
     section a sweep changes is left to the per-point check (the sweep may fix it)."""
     problems, text = problems_of({"model": {"n_embd": 100, "n_head": 3}}, ["train.lr=fast"])
-    assert [p.split(":")[0] for p in problems] == ["train.lr", "model.n_head"]
+    assert [p.split(":")[0] for p in problems] == ["model.n_head", "train.lr"]  # in the order of the sections
     assert text.startswith("Invalid experiment spec spec.yaml (2 problems)")
-    problems, _ = problems_of({"model": {"n_embd": 100, "n_head": 3}, "sweep": {"model.n_head": [4]}},
-                              ["train.lr=fast"])
+    problems, _ = problems_of(
+        {"model": {"n_embd": 100, "n_head": 3}, "sweep": {"model.n_head": [4]}}, ["train.lr=fast"]
+    )
     assert [p.split(":")[0] for p in problems] == ["train.lr"]
 
 
@@ -94,8 +102,11 @@ def test_bad_overrides_are_named():
 
 
 def test_overrides_apply_with_yaml_types_and_list_indices():
-    loaded = load_spec_tree({"data": {"sources": [{"type": "files", "path": "a.txt"}]}}, "s.yaml",
-                            ["train.lr=3e-4", "model.bias=true", "data.sources.0.path=b.txt", "eval.prompts=[x, y]"])
+    loaded = load_spec_tree(
+        {"data": {"sources": [{"type": "files", "path": "a.txt"}]}},
+        "s.yaml",
+        ["train.lr=3e-4", "model.bias=true", "data.sources.0.path=b.txt", "eval.prompts=[x, y]"],
+    )
     s = loaded.spec
     assert (s.train.lr, s.model.bias, s.data.sources[0].path, s.eval.prompts) == (3e-4, True, "b.txt", ["x", "y"])
 
@@ -109,10 +120,15 @@ def test_sweep_expands_to_named_runs():
 
 def test_sweep_points_are_independent_and_leave_the_tree_unchanged():
     # Expansion copies only the containers on each swept path: points must not see each other's values.
-    tree = {"data": {"sources": [{"type": "python_stdlib", "max_bytes": 100}], "val_fraction": 0.2},
-            "eval": {"prompts": ["a"]},
-            "sweep": {"data.sources.0.max_bytes": [1000, 2000], "eval.prompts": [["x"], ["y", "z"]],
-                      "model.dropout": [0.0, 0.1]}}
+    tree = {
+        "data": {"sources": [{"type": "python_stdlib", "max_bytes": 100}], "val_fraction": 0.2},
+        "eval": {"prompts": ["a"]},
+        "sweep": {
+            "data.sources.0.max_bytes": [1000, 2000],
+            "eval.prompts": [["x"], ["y", "z"]],
+            "model.dropout": [0.0, 0.1],
+        },
+    }
     before = copy.deepcopy(tree)
     runs = load_spec_tree(tree, "s.yaml").runs
     assert tree == before
@@ -144,8 +160,10 @@ def test_sweep_point_names_use_full_keys_when_leaves_clash():
 
 def test_sweep_errors_name_the_key_and_point():
     problems, _ = problems_of({"sweep": {"model.n_heads": [1], "site.name": ["local"]}})
-    assert any(p.startswith("sweep.model.n_heads: 'n_heads' is not a field of 'model' (its fields: n_layer, n_head,")
-               for p in problems)
+    assert any(
+        p.startswith("sweep.model.n_heads: 'n_heads' is not a field of 'model' (its fields: n_layer, n_head,")
+        for p in problems
+    )
     assert any(p.startswith("sweep.site.name:") for p in problems)
     problems, _ = problems_of({"model": {"n_embd": 96}, "sweep": {"model.n_head": [4, 5, 7]}})
     assert [p.split(":")[0] for p in problems] == ["sweep point n_head=5", "sweep point n_head=7"]
@@ -186,8 +204,9 @@ def test_missing_and_empty_corpus_are_spec_errors(tmp_path):
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "workflows.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def test_cli_validate_bad_spec_exits_2_without_traceback(tmp_path):
@@ -212,6 +231,17 @@ def test_cli_schema_is_json_schema_of_every_section():
     r = run_cli("schema")
     assert r.returncode == 0
     schema = json.loads(r.stdout)
-    assert set(schema["properties"]) >= {"name", "seed", "runs_root", "data", "tokenizer", "model", "train", "eval",
-                                         "sweep", "site", "tracking"}
+    assert set(schema["properties"]) >= {
+        "name",
+        "seed",
+        "runs_root",
+        "data",
+        "tokenizer",
+        "model",
+        "train",
+        "eval",
+        "sweep",
+        "site",
+        "tracking",
+    }
     assert all("description" in v for v in schema["properties"].values())

@@ -9,11 +9,11 @@ import sys
 import time
 
 import pytest
+from helpers import free_port, make_corpus, tiny_spec, wait_for_json, write_spec
 from mlflow.tracking import MlflowClient
 from rich.console import Console
 from typer.testing import CliRunner
 
-from helpers import free_port, make_corpus, tiny_spec, wait_for_json, write_spec
 from workflows import submit
 from workflows.cli import app
 from workflows.progress import LiveDisplay
@@ -26,7 +26,9 @@ def sweep(tmp_path_factory):
     """A two-point sweep submitted once, shared by the tests below (each asserts a different promise)."""
     tmp = tmp_path_factory.mktemp("e2e")
     corpus = make_corpus(tmp / "corpus")
-    spec = write_spec(tmp / "tiny.yaml", tiny_spec(corpus, tmp / "runs", sweep={"model.pos_encoding": ["learned", "rope"]}))
+    spec = write_spec(
+        tmp / "tiny.yaml", tiny_spec(corpus, tmp / "runs", sweep={"model.pos_encoding": ["learned", "rope"]})
+    )
     display = RecordingLive(Console(file=io.StringIO(), force_terminal=True, width=200))
     t0 = time.time()
     result = submit(spec, poll_interval=0.5, display=display)
@@ -91,7 +93,10 @@ def test_params_tags_and_artifacts(sweep):
     assert {"spec.yaml", "tokenizer", "eval"} <= files
     evals = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/eval.json", "eval/samples.txt"} <= evals
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/model.safetensors", "model/meta.json"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {
+        "model/model.safetensors",
+        "model/meta.json",
+    }
     plot = client.download_artifacts(run.info.run_id, "plots/loss_curve.png", str(sweep["runs_root"].parent))
     assert open(plot, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     tags = run.data.tags
@@ -118,7 +123,9 @@ def test_runs_left_running_by_a_dead_driver_become_killed_and_resubmit_resumes_t
 
 def test_live_display_shows_each_runs_stage_step_tokens_per_second_and_loss(sweep):
     display = sweep["display"]
-    training = [(name, row) for snap in display.snapshots for name, row in snap.items() if row[0].get("train") == "running"]
+    training = [
+        (name, row) for snap in display.snapshots for name, row in snap.items() if row[0].get("train") == "running"
+    ]
     assert training, "some redraw shows a training running"
     assert any(step is not None and 0 < step <= 30 and loss > 0 and tps > 0 for _, (_, step, loss, tps) in training)
     final = display.snapshots[-1]
@@ -198,16 +205,23 @@ def test_compare_tables_and_plots_val_bpb_against_the_swept_parameter(sweep, tmp
 def test_table_numbers_are_formatted_for_reading():
     from workflows.compare import fmt
 
-    assert [fmt(3.57281), fmt(53.42, "stage/train_seconds"), fmt(10773.2), fmt(None), fmt(float("nan"))] == \
-        ["3.5728", "53.4", "10,773", "-", "-"]
+    assert [fmt(3.57281), fmt(53.42, "stage/train_seconds"), fmt(10773.2), fmt(None), fmt(float("nan"))] == [
+        "3.5728",
+        "53.4",
+        "10,773",
+        "-",
+        "-",
+    ]
 
 
 def test_the_parent_run_holds_a_sweep_summary(sweep):
     result = sweep["result"]
     client = MlflowClient(result.tracking_uri)
     parent = client.get_run(result.parent_run_id)
-    assert {a.path for a in client.list_artifacts(result.parent_run_id, "summary")} == {"summary/sweep.csv",
-                                                                                      "summary/val_bpb.png"}
+    assert {a.path for a in client.list_artifacts(result.parent_run_id, "summary")} == {
+        "summary/sweep.csv",
+        "summary/val_bpb.png",
+    }
     best = min(result.runs, key=lambda x: x.metrics["val/bpb"])
     assert parent.data.tags["gptlab.best_run"] == best.name
     assert parent.data.metrics["best/bpb"] == pytest.approx(best.metrics["val/bpb"])
@@ -215,7 +229,16 @@ def test_the_parent_run_holds_a_sweep_summary(sweep):
 
 def test_sample_generates_from_a_runs_weights(sweep):
     rope = next(r for r in sweep["result"].runs if r.name == "pos_encoding=rope")
-    args = ["sample", "pos_encoding=rope", "--runs-root", sweep["runs_root"], "--prompt", "The ", "--max-new-tokens", "25"]
+    args = [
+        "sample",
+        "pos_encoding=rope",
+        "--runs-root",
+        sweep["runs_root"],
+        "--prompt",
+        "The ",
+        "--max-new-tokens",
+        "25",
+    ]
     first, again = cli(*args), cli(*args)
     assert first.exit_code == 0, first.output
     assert first.stdout.startswith("The ") and len(first.stdout) > len("The \n")
@@ -256,9 +279,15 @@ def test_resubmit_reuses_everything_and_duplicates_nothing(sweep):
 def test_a_failing_point_is_failed_and_the_others_finish(tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
     # A context longer than the validation split cannot be sampled: that point's training fails.
-    spec = write_spec(tmp_path / "s.yaml", tiny_spec(corpus, tmp_path / "runs", sweep={"model.block_size": [16, 100000]}))
-    r = subprocess.run([sys.executable, "-m", "workflows.cli", "submit", str(spec), "--quiet"], capture_output=True,
-                       text=True, timeout=300)
+    spec = write_spec(
+        tmp_path / "s.yaml", tiny_spec(corpus, tmp_path / "runs", sweep={"model.block_size": [16, 100000]})
+    )
+    r = subprocess.run(
+        [sys.executable, "-m", "workflows.cli", "submit", str(spec), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1, r.stdout + r.stderr
     assert "Traceback" not in r.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
@@ -269,8 +298,9 @@ def test_a_failing_point_is_failed_and_the_others_finish(tmp_path):
     assert failed.info.status == "FAILED"
     assert "stage train failed" in failed.data.tags["gptlab.error"]
     assert runs["tiny"].info.status == "FAILED"  # the parent tells the truth too
-    status = subprocess.run([sys.executable, "-m", "workflows.cli", "status", str(spec)], capture_output=True, text=True,
-                            timeout=120)
+    status = subprocess.run(
+        [sys.executable, "-m", "workflows.cli", "status", str(spec)], capture_output=True, text=True, timeout=120
+    )
     assert status.returncode == 0, status.stderr
     line = next(x for x in status.stdout.splitlines() if "block_size=100000" in x)
     assert re.search(r"FAILED\s*│\s*done\s*│\s*done\s*│\s*failed\s*│\s*not run", line), line
@@ -281,8 +311,12 @@ def test_ui_serves_the_store_on_loopback(sweep):
     import urllib.request
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "ui", "--runs-root", str(sweep["runs_root"]),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workflows.cli", "ui", "--runs-root", str(sweep["runs_root"]), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny"
         body = wait_for_json(url, proc, 90, lambda: proc.stdout.read())
@@ -295,16 +329,24 @@ def test_ui_serves_the_store_on_loopback(sweep):
 
 
 def test_ui_without_a_store_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "workflows.cli", "ui", "--runs-root", str(tmp_path / "none")],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "workflows.cli", "ui", "--runs-root", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "no MLflow store" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_fail_fast_cancels_the_other_points(tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
     # The long-context point fails at once; the other would train for minutes without --fail-fast.
-    tree = tiny_spec(corpus, tmp_path / "runs", train={"max_steps": 100000, "checkpoint_interval": 100000},
-                     sweep={"model.block_size": [100000, 16]})
+    tree = tiny_spec(
+        corpus,
+        tmp_path / "runs",
+        train={"max_steps": 100000, "checkpoint_interval": 100000},
+        sweep={"model.block_size": [100000, 16]},
+    )
     t0 = time.time()
     result = submit(write_spec(tmp_path / "s.yaml", tree), quiet=True, poll_interval=0.5, fail_fast=True)
     assert time.time() - t0 < 120

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from llmcore.config import DataConfig, FilesSource, TokenizerConfig
 from llmcore.corpus import CorpusError, iter_documents
@@ -122,9 +123,9 @@ def test_too_large_vocab_is_a_tokenizer_error(corpus, tmp_path):
     assert not (tmp_path / "tokenizer.model").exists()
 
 
-def test_vocab_without_room_for_pieces_is_a_tokenizer_error(corpus, tmp_path):
-    with pytest.raises(TokenizerError, match="tokenizer.vocab_size: 200 leaves no room"):
-        train_tokenizer(corpus, TokenizerConfig(vocab_size=200, byte_fallback=True), tmp_path, seed=0)
+def test_vocab_without_room_for_pieces_is_a_config_error():
+    with pytest.raises(ValidationError, match="vocab_size: 200 leaves no room for pieces: 261 entries"):
+        TokenizerConfig(vocab_size=200, byte_fallback=True)
 
 
 def test_long_lines_train_and_round_trip(tmp_path):

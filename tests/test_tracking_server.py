@@ -14,17 +14,18 @@ import sys
 import threading
 
 import pytest
+from helpers import free_port, make_corpus, stop_group, tiny_spec, wait_for_json, write_spec
 from mlflow.tracking import MlflowClient
 
-from helpers import free_port, make_corpus, stop_group, tiny_spec, wait_for_json, write_spec
 from workflows import submit
 
 
 def gptlab(*args) -> subprocess.CompletedProcess:
     # The timeout only keeps a regression (MLflow retrying for minutes) from hanging the suite; the assertions
     # are on the exit code and the message.
-    return subprocess.run([sys.executable, "-m", "workflows.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=90)
+    return subprocess.run(
+        [sys.executable, "-m", "workflows.cli", *map(str, args)], capture_output=True, text=True, timeout=90
+    )
 
 
 def assert_one_paragraph_naming(r: subprocess.CompletedProcess, uri: str, *words: str) -> None:
@@ -44,13 +45,33 @@ def server(tmp_path_factory):
     port = free_port()
     log = (tmp / "server.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--artifacts-destination", str(tmp / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, MLFLOW_WORKERS="1"), start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp / "artifacts"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, MLFLOW_WORKERS="1"),
+        start_new_session=True,
+    )
     try:
         uri = f"http://127.0.0.1:{port}"
-        wait_for_json(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1", proc, 120,
-                      lambda: (tmp / "server.log").read_text())
+        wait_for_json(
+            f"{uri}/api/2.0/mlflow/experiments/search?max_results=1",
+            proc,
+            120,
+            lambda: (tmp / "server.log").read_text(),
+        )
         yield {"uri": uri, "dir": tmp}
     finally:
         stop_group(proc)
@@ -105,6 +126,7 @@ def test_status_of_a_tracking_uri_where_nothing_listens_fails_at_once(tmp_path):
 def not_mlflow(tmp_path):
     """A plain HTTP file server on loopback (of an empty folder): it answers, with HTML 404s, but it is no MLflow
     server."""
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, directory=str(tmp_path / "www"), **kwargs)

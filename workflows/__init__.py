@@ -20,8 +20,8 @@ def submit(*args, **kwargs):
 
 def plan(spec, overrides=None, site=None):
     """Load, check and plan a spec without running anything; see :func:`workflows.plan.plan`."""
-    from workflows.plan import plan as _plan
     from workflows.driver import load_and_check
+    from workflows.plan import plan as _plan
 
     return _plan(load_and_check(spec, overrides, site))
 

@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -20,20 +21,33 @@ from rich.table import Table
 
 from workflows.spec import InputError, SpecError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="gptlab: experiment specs -> Parsl task graphs -> MLflow runs.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="gptlab: experiment specs -> Parsl task graphs -> MLflow runs.",
+)
 out = Console(width=None if sys.stdout.isatty() else 160)  # no wrapping when piped to a file
 
 SpecArg = typer.Argument(..., help="Experiment spec (YAML).", show_default=False)
 SetOpt = typer.Option(None, "--set", "-s", help="Override a field: --set train.lr=3e-4 (repeatable).")
 SiteOpt = typer.Option(None, "--site", help="Site to run on (overrides the spec's site.name).")
-OptSpecArg = typer.Argument(None, help="Experiment spec (YAML); without it, every run in the store under --runs-root.",
-                            show_default=False)
-RunsRootOpt = typer.Option(None, "--runs-root", show_default=False,
-                           help="runs_root of the experiments (holds mlflow.db) \\[default: runs; with a spec: the "
-                           "spec's runs_root]. With a spec it overrides the spec's runs_root.")
-UriOpt = typer.Option(None, "--uri", help="Tracking URI \\[default: sqlite:///<runs_root>/mlflow.db, or the spec's "
-                      "tracking.uri]. With a spec it overrides tracking.uri.")
+OptSpecArg = typer.Argument(
+    None, help="Experiment spec (YAML); without it, every run in the store under --runs-root.", show_default=False
+)
+RunsRootOpt = typer.Option(
+    None,
+    "--runs-root",
+    show_default=False,
+    help="runs_root of the experiments (holds mlflow.db) \\[default: runs; with a spec: the "
+    "spec's runs_root]. With a spec it overrides the spec's runs_root.",
+)
+UriOpt = typer.Option(
+    None,
+    "--uri",
+    help="Tracking URI \\[default: sqlite:///<runs_root>/mlflow.db, or the spec's "
+    "tracking.uri]. With a spec it overrides tracking.uri.",
+)
 ExperimentOpt = typer.Option(None, "--experiment", "-e", help="Only this MLflow experiment.")
 
 
@@ -69,7 +83,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @app.command()
 @user_errors
-def validate(spec: Path = SpecArg, set_: Optional[list[str]] = SetOpt, site: Optional[str] = SiteOpt) -> None:
+def validate(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | None = SiteOpt) -> None:
     """Check a spec (schema, cross-field rules, sweep, corpus files) without running anything."""
     from workflows.driver import load_and_check
 
@@ -80,27 +94,32 @@ def validate(spec: Path = SpecArg, set_: Optional[list[str]] = SetOpt, site: Opt
 
 @app.command("plan")
 @user_errors
-def plan_cmd(spec: Path = SpecArg, set_: Optional[list[str]] = SetOpt, site: Optional[str] = SiteOpt) -> None:
+def plan_cmd(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | None = SiteOpt) -> None:
     """Show the runs, their stages (done or to run, shared or not) and model sizes; submits nothing."""
-    from workflows.plan import param_count, plan
     from workflows.driver import load_and_check
+    from workflows.plan import param_count, plan
 
     p = plan(load_and_check(spec, set_, site))
     users: dict[str, int] = {}
     for r in p.runs:
         for s in r.stages.values():
             users[s.key] = users.get(s.key, 0) + 1
-    table = make_table(f"{p.spec.name}: {len(p.runs)} runs, {len(p.stages)} stages under {p.runs_root}",
-                       ["run", "params", "tokenizer", "shards", "train", "eval"])
+    table = make_table(
+        f"{p.spec.name}: {len(p.runs)} runs, {len(p.stages)} stages under {p.runs_root}",
+        ["run", "params", "tokenizer", "shards", "train", "eval"],
+    )
     for r in p.runs:
         vocab = _vocab_size(r)
-        cells = [f"{s.key[:8]} {'done' if s.done else 'to run'}" + (f" (shared x{users[s.key]})" if users[s.key] > 1 else "")
-                 for s in r.stages.values()]
+        cells = [
+            f"{s.key[:8]} {'done' if s.done else 'to run'}" + (f" (shared x{users[s.key]})" if users[s.key] > 1 else "")
+            for s in r.stages.values()
+        ]
         table.add_row(r.name, f"{param_count(r.spec, vocab) / 1e6:.2f}M", *cells)
     out.print(table)
     todo = [s for s in p.stages.values() if not s.done]
-    typer.echo(f"{len(p.stages) - len(todo)} of {len(p.stages)} stages done; {len(todo)} to run on site "
-               f"'{p.spec.site.name}'.")
+    typer.echo(
+        f"{len(p.stages) - len(todo)} of {len(p.stages)} stages done; {len(todo)} to run on site '{p.spec.site.name}'."
+    )
     _show_site(p)
 
 
@@ -115,15 +134,19 @@ def _show_site(p: Any) -> None:
     site = build_site(p.spec.site, p.runs_root / "parsl", trains, resolve_address=False)
     multi = [r for r in p.runs if r.spec.train.nodes * r.spec.train.ranks_per_node > 1]
     mpi = site.mpi_executor or ("mpiexec on this machine" if multi else None)
-    typer.echo(f"Executors: tokenizer, shards, eval -> {site.cpu_executor}; single-rank training -> "
-               f"{site.train_executor}" + (f"; multi-rank training ({', '.join(r.name for r in multi)}) -> {mpi}"
-                                           if multi else ""))
+    typer.echo(
+        f"Executors: tokenizer, shards, eval -> {site.cpu_executor}; single-rank training -> "
+        f"{site.train_executor}"
+        + (f"; multi-rank training ({', '.join(r.name for r in multi)}) -> {mpi}" if multi else "")
+    )
     with tempfile.TemporaryDirectory(prefix="gptlab-plan-") as tmp:
         jobs = render_jobs(site.config, Path(tmp))
     real = str(p.runs_root / "parsl" / "<NNN>" / "submit_scripts")  # where Parsl writes them on submit
     for job in jobs:
-        typer.echo(f"\n--- {job.executor}: up to {job.max_jobs} job(s) of {job.nodes} node(s) x {job.walltime} "
-                   f"= {job.node_hours:g} node-hours; submitted with: {' '.join(job.submit_command.split()[:-1])} <script>")
+        typer.echo(
+            f"\n--- {job.executor}: up to {job.max_jobs} job(s) of {job.nodes} node(s) x {job.walltime} "
+            f"= {job.node_hours:g} node-hours; submitted with: {' '.join(job.submit_command.split()[:-1])} <script>"
+        )
         typer.echo(job.script.replace(tmp, real).rstrip())
     if jobs:
         typer.echo(f"\nAt most {sum(j.node_hours for j in jobs):g} node-hours requested in all.")
@@ -141,12 +164,13 @@ def _vocab_size(run: Any) -> int:
 @user_errors
 def submit(
     spec: Path = SpecArg,
-    set_: Optional[list[str]] = SetOpt,
-    site: Optional[str] = SiteOpt,
+    set_: list[str] | None = SetOpt,
+    site: str | None = SiteOpt,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final summary (batch jobs)."),
     fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop every sweep point when one fails."),
-    live: Optional[bool] = typer.Option(None, "--live/--lines",
-                                        help="Progress as a live table or as plain lines \\[default: live on a terminal]."),
+    live: bool | None = typer.Option(
+        None, "--live/--lines", help="Progress as a live table or as plain lines \\[default: live on a terminal]."
+    ),
 ) -> None:
     """Run every stage of every sweep point that is not done yet, and record the runs in MLflow."""
     from workflows.driver import submit as run_submit
@@ -154,12 +178,14 @@ def submit(
 
     display = LiveDisplay(out) if not quiet and (live if live is not None else sys.stdout.isatty()) else None
     result = run_submit(spec, set_, site=site, quiet=quiet, fail_fast=fail_fast, display=display)
-    table = make_table(f"{result.experiment}: {sum(r.status == 'FINISHED' for r in result.runs)}/{len(result.runs)} "
-                       f"runs finished in {result.seconds:.0f}s",
-                       ["run", "status", "val/loss", "val/ppl", "val/bpb", "stages cached", "MLflow run"])
+    table = make_table(
+        f"{result.experiment}: {sum(r.status == 'FINISHED' for r in result.runs)}/{len(result.runs)} "
+        f"runs finished in {result.seconds:.0f}s",
+        ["run", "status", "val/loss", "val/ppl", "val/bpb", "stages cached", "MLflow run"],
+    )
     for r in result.runs:
         m = r.metrics
-        fmt = lambda k: f"{m[k]:.4f}" if k in m else "-"  # noqa: E731
+        fmt = lambda k: f"{m[k]:.4f}" if k in m else "-"
         cached = ",".join(k for k, v in r.stages.items() if v == "cached") or "-"
         table.add_row(r.name, r.status, fmt("val/loss"), fmt("val/ppl"), fmt("val/bpb"), cached, r.run_id[:12])
     out.print(table)
@@ -173,8 +199,13 @@ def submit(
 
 @app.command()
 @user_errors
-def status(spec: Optional[Path] = OptSpecArg, set_: Optional[list[str]] = SetOpt, runs_root: Optional[Path] = RunsRootOpt,
-           uri: Optional[str] = UriOpt, experiment: Optional[str] = ExperimentOpt) -> None:
+def status(
+    spec: Path | None = OptSpecArg,
+    set_: list[str] | None = SetOpt,
+    runs_root: Path | None = RunsRootOpt,
+    uri: str | None = UriOpt,
+    experiment: str | None = ExperimentOpt,
+) -> None:
     """Each run's stages, training step, last metrics and MLflow run id.
 
     Stages are done, cached, running, queued, waiting, failed, not run (after a failed stage) or to run. Runs
@@ -187,13 +218,34 @@ def status(spec: Optional[Path] = OptSpecArg, set_: Optional[list[str]] = SetOpt
     for run_id in killed:
         typer.echo(f"run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
     several = len({r.experiment for r in rows}) > 1
-    table = make_table(f"{store.source}: {len(rows)} run{'s' if len(rows) != 1 else ''} (store {store.uri})",
-                       ["experiment"] * several + ["run", "status", "tokenizer", "shards", "train", "eval", "step",
-                                                   "train/loss", "val/loss", "val/bpb", "MLflow run"])
+    table = make_table(
+        f"{store.source}: {len(rows)} run{'s' if len(rows) != 1 else ''} (store {store.uri})",
+        ["experiment"] * several
+        + [
+            "run",
+            "status",
+            "tokenizer",
+            "shards",
+            "train",
+            "eval",
+            "step",
+            "train/loss",
+            "val/loss",
+            "val/bpb",
+            "MLflow run",
+        ],
+    )
     for r in rows:
         m = r.metrics
-        table.add_row(*[r.experiment] * several, r.name, r.status, *(r.stages[k] for k in ("tokenizer", "shards", "train", "eval")),
-                      r.step, *(fmt(m.get(k)) for k in ("train/loss", "val/loss", "val/bpb")), r.run_id or "-")
+        table.add_row(
+            *[r.experiment] * several,
+            r.name,
+            r.status,
+            *(r.stages[k] for k in ("tokenizer", "shards", "train", "eval")),
+            r.step,
+            *(fmt(m.get(k)) for k in ("train/loss", "val/loss", "val/bpb")),
+            r.run_id or "-",
+        )
     out.print(table)
     for r in rows:
         if r.error:
@@ -203,14 +255,17 @@ def status(spec: Optional[Path] = OptSpecArg, set_: Optional[list[str]] = SetOpt
 @app.command()
 @user_errors
 def compare(
-    spec: Optional[Path] = OptSpecArg,
-    set_: Optional[list[str]] = SetOpt,
-    runs_root: Optional[Path] = RunsRootOpt,
-    uri: Optional[str] = UriOpt,
-    experiment: Optional[str] = ExperimentOpt,
-    metric: str = typer.Option("val/bpb", help="Metric to rank and plot (bits per byte: comparable across tokenizers)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Where sweep.csv and the plot go "
-                                           "\\[default: <runs_root>/reports/compare-<experiment>]."),
+    spec: Path | None = OptSpecArg,
+    set_: list[str] | None = SetOpt,
+    runs_root: Path | None = RunsRootOpt,
+    uri: str | None = UriOpt,
+    experiment: str | None = ExperimentOpt,
+    metric: str = typer.Option(
+        "val/bpb", help="Metric to rank and plot (bits per byte: comparable across tokenizers)."
+    ),
+    out_dir: Path | None = typer.Option(
+        None, "--out", help="Where sweep.csv and the plot go \\[default: <runs_root>/reports/compare-<experiment>]."
+    ),
 ) -> None:
     """Table and plot of the latest submit's sweep points: swept values against results.
 
@@ -223,14 +278,17 @@ def compare(
     rows, sweep = rows_from_store(store.client, parent)
     known = sorted({k for r in rows for k in r.metrics})
     if known and metric not in known:
-        raise InputError(store.source, [f"--metric: no run of {parent.info.run_name} has a metric '{metric}' "
-                                       f"(it has: {', '.join(known)})"])
+        raise InputError(
+            store.source,
+            [f"--metric: no run of {parent.info.run_name} has a metric '{metric}' (it has: {', '.join(known)})"],
+        )
     keys = list(sweep)
     top = best(rows, metric)
     name = store.experiment or parent.info.run_name
     columns = list(dict.fromkeys((metric, *METRICS)))
-    table = make_table(f"{name}: {len(rows)} sweep points, parent run {parent.info.run_id}",
-                       ["run", *keys, "status", *columns])
+    table = make_table(
+        f"{name}: {len(rows)} sweep points, parent run {parent.info.run_id}", ["run", *keys, "status", *columns]
+    )
     for r in rows:
         cells = [r.name, *(str(r.point.get(k)) for k in keys), r.status, *(fmt(r.metrics.get(m), m) for m in columns)]
         table.add_row(*cells, style="bold green" if r is top else None)
@@ -246,27 +304,35 @@ def compare(
         files = write_report(rows, keys, metric, target, f"{name}: {metric}")
     except OSError as exc:
         raise InputError("gptlab compare", [f"{option}: cannot write to {target} ({exc.strerror or exc})"]) from None
-    typer.echo("Wrote " + ", ".join(str(f) for f in files) + ("" if len(files) > 1 else f" (nothing to plot: no "
-                                                              f"finished sweep point has {metric} or nothing was swept)"))
+    typer.echo(
+        "Wrote "
+        + ", ".join(str(f) for f in files)
+        + ("" if len(files) > 1 else f" (nothing to plot: no finished sweep point has {metric} or nothing was swept)")
+    )
 
 
 @app.command()
 @user_errors
 def sample(
-    run: str = typer.Argument(..., help="Run name of a sweep point, MLflow run id, or a unique prefix of a run id "
-                              "(6 characters or more).", show_default=False),
-    prompt: str = typer.Option("\\n", "--prompt", "-p", help="Text to continue; \\n and \\t are read as newline and tab."),
+    run: str = typer.Argument(
+        ...,
+        help="Run name of a sweep point, MLflow run id, or a unique prefix of a run id (6 characters or more).",
+        show_default=False,
+    ),
+    prompt: str = typer.Option(
+        "\\n", "--prompt", "-p", help="Text to continue; \\n and \\t are read as newline and tab."
+    ),
     num_samples: int = typer.Option(1, "--num-samples", "-n", min=1, help="Continuations to draw."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Tokens to generate."),
     temperature: float = typer.Option(0.8, help="Sampling temperature (> 0)."),
-    top_k: Optional[int] = typer.Option(200, "--top-k", help="Sample from the k most likely tokens."),
-    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling threshold in (0, 1]."),
+    top_k: int | None = typer.Option(200, "--top-k", help="Sample from the k most likely tokens."),
+    top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling threshold in (0, 1]."),
     seed: int = typer.Option(1337, help="Sampling seed (same seed, same text)."),
     device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
-    spec: Optional[Path] = typer.Option(None, "--spec", help="Find the run in this spec's store."),
-    runs_root: Optional[Path] = RunsRootOpt,
-    uri: Optional[str] = UriOpt,
-    experiment: Optional[str] = ExperimentOpt,
+    spec: Path | None = typer.Option(None, "--spec", help="Find the run in this spec's store."),
+    runs_root: Path | None = RunsRootOpt,
+    uri: str | None = UriOpt,
+    experiment: str | None = ExperimentOpt,
 ) -> None:
     """Generate text from a run's trained weights (its newest committed checkpoint)."""
     from llmcore.hardware import resolve_device
@@ -278,8 +344,9 @@ def sample(
         raise InputError("gptlab sample", [f"--device: {exc}"]) from None
     store = open_store(spec, None, runs_root, uri, experiment)
     text = prompt.replace("\\n", "\n").replace("\\t", "\t")  # typed escapes, as in "def f():\n"
-    found, meta, texts = sample_run(store, run, text, num_samples, max_new_tokens, temperature, top_k, top_p, seed,
-                                    device)
+    found, meta, texts = sample_run(
+        store, run, text, num_samples, max_new_tokens, temperature, top_k, top_p, seed, device
+    )
     typer.echo(f"# {found.info.run_name} (run {found.info.run_id}), checkpoint step {meta['step']}", err=True)
     for i, t in enumerate(texts):
         if i:
@@ -290,14 +357,17 @@ def sample(
 @app.command()
 def ui(
     runs_root: Path = typer.Option(Path("runs"), help="runs_root of the experiments (holds mlflow.db)."),
-    uri: Optional[str] = typer.Option(None, help="Backend store URI; default sqlite:///<runs_root>/mlflow.db."),
+    uri: str | None = typer.Option(None, help="Backend store URI; default sqlite:///<runs_root>/mlflow.db."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind; loopback unless you opt in to another."),
     port: int = typer.Option(5000, help="Port."),
 ) -> None:
     """Start the MLflow UI on this store (loopback only by default)."""
     store = uri or f"sqlite:///{runs_root.resolve() / 'mlflow.db'}"
     if uri is None and not (runs_root / "mlflow.db").is_file():
-        typer.echo(f"ui: no MLflow store at {runs_root / 'mlflow.db'}: run `gptlab submit` first or pass --runs-root.", err=True)
+        typer.echo(
+            f"ui: no MLflow store at {runs_root / 'mlflow.db'}: run `gptlab submit` first or pass --runs-root.",
+            err=True,
+        )
         raise typer.Exit(2)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     typer.echo(f"MLflow UI on http://{host}:{port} (store {store}); Ctrl-C stops it.")

@@ -42,13 +42,16 @@ def rows_from_store(client: Any, parent: Any) -> tuple[list[SweepRow], dict[str,
     The swept keys come from the parent's ``sweep`` param, each point's values from the child's params (the
     full resolved spec, flattened with dotted names)."""
     sweep = yaml.safe_load(parent.data.params.get("sweep", "{}")) or {}
-    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
-                                  max_results=50000)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=50000
+    )
     rows = []
     for child in children:
         params = child.data.params
         point = {k: yaml.safe_load(params[k]) if k in params else None for k in sweep}
-        rows.append(SweepRow(child.info.run_name, child.info.status, point, dict(child.data.metrics), child.info.run_id))
+        rows.append(
+            SweepRow(child.info.run_name, child.info.status, point, dict(child.data.metrics), child.info.run_id)
+        )
 
     def order(row: SweepRow) -> tuple:
         return tuple(_index(sweep[k], row.point[k]) for k in sweep)
@@ -73,13 +76,24 @@ def csv_text(rows: list[SweepRow], keys: list[str]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["run", *keys, "status", *METRICS, "run_id"])
     for r in rows:
-        w.writerow([r.name, *(_cell(r.point.get(k)) for k in keys), r.status,
-                    *(r.metrics.get(m, "") for m in METRICS), r.run_id])
+        w.writerow(
+            [
+                r.name,
+                *(_cell(r.point.get(k)) for k in keys),
+                r.status,
+                *(r.metrics.get(m, "") for m in METRICS),
+                r.run_id,
+            ]
+        )
     return buf.getvalue()
 
 
 def _cell(value: Any) -> str:
-    return value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    return (
+        value
+        if isinstance(value, str)
+        else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    )
 
 
 def _numeric(values: list[Any]) -> bool:
@@ -156,7 +170,9 @@ def log_sweep_summary(tracker: Any, parent_id: str, p: Any, runs: list[Any], met
     """On the parent run: summary/sweep.csv, summary/val_bpb.png, and the best point's name and metric."""
     rows = rows_from_results(runs)
     keys = list(p.spec.sweep)
-    files = write_report(rows, keys, metric, p.runs_root / "reports" / f"sweep-{p.spec_hash}", f"{p.spec.name}: {metric}")
+    files = write_report(
+        rows, keys, metric, p.runs_root / "reports" / f"sweep-{p.spec_hash}", f"{p.spec.name}: {metric}"
+    )
     tracker.log_artifacts(parent_id, [(f, "summary") for f in files])
     top = best(rows, metric)
     if top is not None:

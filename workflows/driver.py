@@ -12,10 +12,11 @@ import os
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -76,7 +77,7 @@ def preflight(loaded: LoadedSpec, submitting: bool = False) -> None:
 
     problems: list[str] = []
     seen: set[str] = set()
-    for name, _, spec in loaded.runs:
+    for _name, _, spec in loaded.runs:
         key = spec.data.model_dump_json()
         if key in seen:
             continue
@@ -99,8 +100,9 @@ def preflight(loaded: LoadedSpec, submitting: bool = False) -> None:
         raise SpecError(loaded.source, problems)
 
 
-def load_and_check(spec: str | Path | LoadedSpec, overrides: list[str] | None = None, site: str | None = None,
-                   submitting: bool = False) -> LoadedSpec:
+def load_and_check(
+    spec: str | Path | LoadedSpec, overrides: list[str] | None = None, site: str | None = None, submitting: bool = False
+) -> LoadedSpec:
     if isinstance(spec, LoadedSpec):
         loaded = spec
     else:
@@ -142,8 +144,16 @@ class Driver:
             self._write_train_config(stage, run)
             app, launcher, extra, env = self._train_launch(run, stage, apps, train_env)
             # Keyword arguments only past the first three: Parsl merges the function's defaults into the call.
-            proc = app(d["train"], d["shards"], env, launcher=launcher, inputs=deps, stdout=str(stage.dir / "train.log"),
-                       stderr=str(stage.dir / "train.log"), **extra)
+            proc = app(
+                d["train"],
+                d["shards"],
+                env,
+                launcher=launcher,
+                inputs=deps,
+                stdout=str(stage.dir / "train.log"),
+                stderr=str(stage.dir / "train.log"),
+                **extra,
+            )
             self.train_proc[stage.key] = proc
             return apps["commit_train"](d["train"], inputs=[proc])
         return apps["eval"](d["eval"], spec, d["train"], d["shards"], d["tokenizer"], inputs=deps)
@@ -171,8 +181,10 @@ class Driver:
         from llmcore.io import atomic_write_json
 
         s = run.spec
-        atomic_write_json(stage.dir / "train.json", {"model": s.model.model_dump(mode="json"),
-                                                    "train": s.train.model_dump(mode="json"), "seed": s.seed})
+        atomic_write_json(
+            stage.dir / "train.json",
+            {"model": s.model.model_dump(mode="json"), "train": s.train.model_dump(mode="json"), "seed": s.seed},
+        )
 
     # ---- monitoring
 
@@ -190,7 +202,9 @@ class Driver:
         from concurrent.futures import wait as wait_any
 
         keys = {s.key for r in runs for s in r.stages.values()}
-        running = [f for k in keys for f in (self.futures.get(k), self.train_proc.get(k)) if f is not None and not f.done()]
+        running = [
+            f for k in keys for f in (self.futures.get(k), self.train_proc.get(k)) if f is not None and not f.done()
+        ]
         if running:
             wait_any(running, timeout=seconds, return_when=FIRST_COMPLETED)
         else:
@@ -210,13 +224,15 @@ class Driver:
                 elif proc is not None and not proc.done():
                     state = PARSL_STATES.get(proc.task_status(), "waiting")
                     # launched to an executor is not yet running: the process writes train.log from its start
-                    row.stages[kind] = "queued" if state == "running" and not (stage.dir / "train.log").is_file() else state
+                    row.stages[kind] = (
+                        "queued" if state == "running" and not (stage.dir / "train.log").is_file() else state
+                    )
                 else:
                     row.stages[kind] = PARSL_STATES.get(f.task_status(), "waiting")
             fw = next((fw for (_, key), fw in self.forwarders.items() if key == run.stages["train"].key), None)
             if fw is not None and fw.latest is not None:
                 rec = fw.latest
-                row.step, row.loss, row.tokens_per_sec = rec["step"], rec.get("loss"), rec.get("tokens_per_sec")
+                row.step, row.loss, row.tokens_per_sec = rec.step, rec.loss, rec.tokens_per_sec
 
     def run_done(self, run: RunPlan) -> bool:
         f = self.futures[run.stages["eval"].key]
@@ -320,21 +336,28 @@ def submit(
         display.close()
 
 
-def _submit(p: Plan, display: LineDisplay | LiveDisplay, poll_interval: float, fail_fast: bool,
-            started: float) -> SubmitResult:
+def _submit(
+    p: Plan, display: LineDisplay | LiveDisplay, poll_interval: float, fail_fast: bool, started: float
+) -> SubmitResult:
     say = display.say
     tracker = _tracker_for(p)
     for run_id in tracker.mark_dead_runs_killed():
         say(f"run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
-    parent_id, _ = tracker.start_run(p.spec.name, {"spec_hash": p.spec_hash, "role": "parent", **_driver_tags(p),
-                                                  "spec_file": str(p.loaded.source)})
-    tracker.log_params(parent_id, {"sweep": yaml.safe_dump(p.spec.sweep, sort_keys=False).strip() or "{}",
-                                   "runs": str(len(p.runs))})
+    parent_id, _ = tracker.start_run(
+        p.spec.name, {"spec_hash": p.spec_hash, "role": "parent", **_driver_tags(p), "spec_file": str(p.loaded.source)}
+    )
+    tracker.log_params(
+        parent_id, {"sweep": yaml.safe_dump(p.spec.sweep, sort_keys=False).strip() or "{}", "runs": str(len(p.runs))}
+    )
     children = _start_children(p, tracker, parent_id)
     todo = [r for r in p.runs if children[r.run_hash][1] != "FINISHED" or not r.stages["eval"].done]
     results = {r.run_hash: _finished_result(tracker, r, children[r.run_hash][0]) for r in p.runs if r not in todo}
-    board = Board([RunRow(r.name, r.spec.train.max_steps, {k: "cached" if s.done else "waiting" for k, s in r.stages.items()})
-                   for r in p.runs])
+    board = Board(
+        [
+            RunRow(r.name, r.spec.train.max_steps, {k: "cached" if s.done else "waiting" for k, s in r.stages.items()})
+            for r in p.runs
+        ]
+    )
     for r in p.runs:
         if r.run_hash in results:
             _close_row(board, r, results[r.run_hash])
@@ -349,15 +372,25 @@ def _submit(p: Plan, display: LineDisplay | LiveDisplay, poll_interval: float, f
     if p.spec.sweep:
         log_sweep_summary(tracker, parent_id, p, runs)
     tracker.finish(parent_id, ok, None if ok else "; ".join(f"{r.name}: {r.cause}" for r in runs if r.error)[:4000])
-    return SubmitResult(p.spec.tracking.experiment or p.spec.name, tracker.experiment_id, parent_id, tracker.uri, runs,
-                        time.time() - started)
+    return SubmitResult(
+        p.spec.tracking.experiment or p.spec.name,
+        tracker.experiment_id,
+        parent_id,
+        tracker.uri,
+        runs,
+        time.time() - started,
+    )
 
 
 def _driver_tags(p: Plan) -> dict[str, str]:
     """Where and by whom a run is driven: host, site, this driver's pid (to detect a killed driver later)
     and the git commit of the spec file's directory, when it is in a git work tree."""
-    tags = {"host": socket.gethostname(), "site": p.spec.site.name, "driver_pid": str(os.getpid()),
-            "runs_root": str(p.runs_root)}
+    tags = {
+        "host": socket.gethostname(),
+        "site": p.spec.site.name,
+        "driver_pid": str(os.getpid()),
+        "runs_root": str(p.runs_root),
+    }
     commit = _git_commit(Path(p.loaded.source))
     if commit:
         tags["git_commit"] = commit
@@ -368,12 +401,17 @@ def _git_commit(path: Path) -> str | None:
     import subprocess
 
     try:
-        head = subprocess.run(["git", "-C", str(path.parent), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10)
+        head = subprocess.run(
+            ["git", "-C", str(path.parent), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if head.returncode:
             return None
-        dirty = subprocess.run(["git", "-C", str(path.parent), "status", "--porcelain", "--", path.name],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(path.parent), "status", "--porcelain", "--", path.name],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("-dirty" if dirty else "")
@@ -382,8 +420,13 @@ def _git_commit(path: Path) -> str | None:
 def _start_children(p: Plan, tracker: Tracker, parent_id: str) -> dict[str, tuple[str, str]]:
     children = {}
     for r in p.runs:
-        tags = {"run_hash": r.run_hash, "spec_hash": p.spec_hash, "role": "sweep_point", **_driver_tags(p),
-                "stages": ",".join(s.label for s in r.stages.values())}
+        tags = {
+            "run_hash": r.run_hash,
+            "spec_hash": p.spec_hash,
+            "role": "sweep_point",
+            **_driver_tags(p),
+            "stages": ",".join(s.label for s in r.stages.values()),
+        }
         run_id, status = tracker.start_run(r.name, tags, parent_id=parent_id)
         if status != "FINISHED":
             tracker.log_params(run_id, flatten(r.spec.model_dump(mode="json", exclude={"sweep"})))
@@ -391,9 +434,16 @@ def _start_children(p: Plan, tracker: Tracker, parent_id: str) -> dict[str, tupl
     return children
 
 
-def _execute(p: Plan, todo: list[RunPlan], tracker: Tracker, children: dict[str, tuple[str, str]],
-             display: LineDisplay | LiveDisplay, board: Board, poll_interval: float,
-             fail_fast: bool) -> dict[str, RunResult]:
+def _execute(
+    p: Plan,
+    todo: list[RunPlan],
+    tracker: Tracker,
+    children: dict[str, tuple[str, str]],
+    display: LineDisplay | LiveDisplay,
+    board: Board,
+    poll_interval: float,
+    fail_fast: bool,
+) -> dict[str, RunResult]:
     import parsl
 
     from site_configs import build_site
@@ -484,7 +534,9 @@ def _finalize(driver: Driver, run: RunPlan, run_id: str, cached: set[str]) -> Ru
     tracker = driver.tracker
     driver.forward(run, run_id, now=True)
     states = {k: ("cached" if s.key in cached else "ran" if s.done else "not run") for k, s in run.stages.items()}
-    tracker.set_tags(run_id, {"gptlab.cached_stages": ",".join(k for k, v in states.items() if v == "cached") or "none"})
+    tracker.set_tags(
+        run_id, {"gptlab.cached_stages": ",".join(k for k, v in states.items() if v == "cached") or "none"}
+    )
     failed = driver.failure(run)
     if failed or not run.stages["eval"].done:
         kind, error = failed or ("eval", "stage eval failed: it did not commit")
@@ -500,9 +552,13 @@ def _finalize(driver: Driver, run: RunPlan, run_id: str, cached: set[str]) -> Ru
 def _log_outputs(tracker: Tracker, run: RunPlan, run_id: str) -> dict[str, float]:
     markers = {k: s.marker() for k, s in run.stages.items()}
     ev = markers["eval"]["result"]
-    metrics = {"val/loss": ev["val_loss"], "val/ppl": ev["val_ppl"], "val/bpb": ev["val_bpb"],
-               "tokenizer/bytes_per_token": markers["shards"]["result"]["bytes_per_token"]["val"],
-               "model/params": markers["train"]["result"]["params"]}
+    metrics = {
+        "val/loss": ev["val_loss"],
+        "val/ppl": ev["val_ppl"],
+        "val/bpb": ev["val_bpb"],
+        "tokenizer/bytes_per_token": markers["shards"]["result"]["bytes_per_token"]["val"],
+        "model/params": markers["train"]["result"]["params"],
+    }
     metrics.update({f"stage/{k}_seconds": m["seconds"] for k, m in markers.items()})
     tracker.log_values(run_id, metrics, step=int(ev["step"]))
     spec_yaml = yaml.safe_dump(run.spec.model_dump(mode="json", exclude={"sweep"}), sort_keys=False)

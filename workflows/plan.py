@@ -104,7 +104,12 @@ def _model_configs(spec: ExperimentSpec) -> dict[str, dict[str, Any]]:
 
 
 # Which earlier stages each stage reads.
-STAGE_INPUTS = {"tokenizer": (), "shards": ("tokenizer",), "train": ("shards",), "eval": ("train", "shards", "tokenizer")}
+STAGE_INPUTS = {
+    "tokenizer": (),
+    "shards": ("tokenizer",),
+    "train": ("shards",),
+    "eval": ("train", "shards", "tokenizer"),
+}
 
 
 def _add_stages(result: Plan, configs: dict[str, dict[str, Any]], stages: dict[str, Stage]) -> dict[str, Stage]:

@@ -13,14 +13,24 @@ The driver keeps a ``Board`` up to date and calls ``display.update(board)`` once
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 STAGE_KINDS = ("tokenizer", "shards", "train", "eval")
 # Parsl task states -> what a user reads
-PARSL_STATES = {"pending": "waiting", "launched": "running", "running": "running", "running_ended": "running",
-                "joining": "running", "fail_retryable": "retrying", "exec_done": "done", "memo_done": "done",
-                "failed": "failed", "dep_fail": "not run"}
+PARSL_STATES = {
+    "pending": "waiting",
+    "launched": "running",
+    "running": "running",
+    "running_ended": "running",
+    "joining": "running",
+    "fail_retryable": "retrying",
+    "exec_done": "done",
+    "memo_done": "done",
+    "failed": "failed",
+    "dep_fail": "not run",
+}
 
 
 @dataclass
@@ -55,21 +65,37 @@ class Board:
         from rich.table import Table
 
         elapsed = time.time() - self.started
-        t = Table(title=f"gptlab submit: {sum(r.status != 'RUNNING' for r in self.rows.values())}/{len(self.rows)} "
-                        f"runs ended, {elapsed:.0f}s", title_justify="left")
+        t = Table(
+            title=f"gptlab submit: {sum(r.status != 'RUNNING' for r in self.rows.values())}/{len(self.rows)} "
+            f"runs ended, {elapsed:.0f}s",
+            title_justify="left",
+        )
         for col in ("run", *STAGE_KINDS, "step", "tok/s", "loss", "val/bpb", "status"):
             t.add_column(col, justify="right" if col in ("step", "tok/s", "loss", "val/bpb") else "left", no_wrap=True)
         for r in self.rows.values():
             step = f"{r.step}/{r.max_steps}" if r.step is not None else "-"
-            t.add_row(r.name, *(_styled(r.stages.get(k, "waiting")) for k in STAGE_KINDS), step,
-                      f"{r.tokens_per_sec:,.0f}" if r.tokens_per_sec else "-",
-                      f"{r.loss:.4f}" if r.loss is not None else "-",
-                      f"{r.val_bpb:.4f}" if r.val_bpb is not None else "-", _styled(r.status))
+            t.add_row(
+                r.name,
+                *(_styled(r.stages.get(k, "waiting")) for k in STAGE_KINDS),
+                step,
+                f"{r.tokens_per_sec:,.0f}" if r.tokens_per_sec else "-",
+                f"{r.loss:.4f}" if r.loss is not None else "-",
+                f"{r.val_bpb:.4f}" if r.val_bpb is not None else "-",
+                _styled(r.status),
+            )
         return t
 
 
-STYLES = {"done": "green", "cached": "cyan", "FINISHED": "bold green", "running": "yellow", "retrying": "magenta",
-          "failed": "bold red", "FAILED": "bold red", "not run": "dim"}
+STYLES = {
+    "done": "green",
+    "cached": "cyan",
+    "FINISHED": "bold green",
+    "running": "yellow",
+    "retrying": "magenta",
+    "failed": "bold red",
+    "FAILED": "bold red",
+    "not run": "dim",
+}
 
 
 def _styled(state: str) -> str:
@@ -101,7 +127,9 @@ class LineDisplay:
         self.last_progress = time.time()
         for r in board.rows.values():
             if r.stages.get("train") == "running" and r.step is not None:
-                self.say(f"  [{r.name}] step {r.step}/{r.max_steps} loss {r.loss:.4f} {r.tokens_per_sec or 0:.0f} tok/s")
+                self.say(
+                    f"  [{r.name}] step {r.step}/{r.max_steps} loss {r.loss:.4f} {r.tokens_per_sec or 0:.0f} tok/s"
+                )
 
     def close(self) -> None:
         pass
@@ -115,8 +143,13 @@ class LiveDisplay:
         from rich.live import Live
 
         self.console = console or Console()
-        self.live = Live(console=self.console, refresh_per_second=refresh_per_second, transient=False,
-                         redirect_stdout=False, redirect_stderr=False)
+        self.live = Live(
+            console=self.console,
+            refresh_per_second=refresh_per_second,
+            transient=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
         self.board: Board | None = None
 
     def say(self, msg: str) -> None:

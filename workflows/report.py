@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """(train lines, eval lines) of a ``metrics.jsonl``; a torn last line is ignored."""
-    train, evals = [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        (evals if rec.get("kind") == "eval" else train).append(rec)
-    return train, evals
+from llmcore.metrics import read_metrics, split_kinds
 
 
 def loss_curve_png(metrics_path: Path, out: Path, title: str) -> Path:
@@ -25,18 +14,18 @@ def loss_curve_png(metrics_path: Path, out: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, evals = read_metrics(metrics_path)
+    train, evals = split_kinds(read_metrics(metrics_path))
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.8, label="train/loss")
+    ax.plot([r.step for r in train], [r.loss for r in train], lw=1, alpha=0.8, label="train/loss")
     if evals:
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", lw=1.5, label="val/loss")
+        ax.plot([r.step for r in evals], [r.val_loss for r in evals], "o-", lw=1.5, label="val/loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    if train and train[-1]["step"]:
-        per_step = train[-1]["tokens_seen"] / train[-1]["step"]
+    if train and train[-1].step:
+        per_step = train[-1].tokens_seen / train[-1].step
         top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
         top.set_xlabel("tokens seen")
     fig.tight_layout()

@@ -20,13 +20,13 @@ def retry_cost(exc: BaseException, task_record: Any) -> float:
 
     from llmcore.checkpoint import CheckpointError
     from llmcore.corpus import CorpusError
+    from llmcore.exitcodes import NOT_RETRIED
     from llmcore.io import is_no_space
     from llmcore.shards import ShardError
     from llmcore.tokenizer import TokenizerError
-    from llmcore.train import EXIT_BAD_INPUT, EXIT_NO_SPACE
 
     if isinstance(exc, BashExitFailure):
-        return NEVER if exc.exitcode in (EXIT_BAD_INPUT, EXIT_NO_SPACE) else 1.0
+        return NEVER if exc.exitcode in NOT_RETRIED else 1.0
     if is_no_space(exc):
         return NEVER
     if isinstance(exc, (CorpusError, TokenizerError, ShardError, CheckpointError, ValueError)):

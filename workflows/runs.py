@@ -41,8 +41,13 @@ class Store:
         return list(self.client.search_runs(ids, filt, order_by=["attributes.start_time DESC"], max_results=50000))
 
 
-def open_store(spec: Path | None, overrides: list[str] | None, runs_root: Path | None, uri: str | None,
-               experiment: str | None = None) -> Store:
+def open_store(
+    spec: Path | None,
+    overrides: list[str] | None,
+    runs_root: Path | None,
+    uri: str | None,
+    experiment: str | None = None,
+) -> Store:
     """The store a spec tracks to, or the one under runs_root (default ``runs``) or at uri. With a spec,
     runs_root and uri override the spec's ``runs_root`` and ``tracking.uri`` (as ``--set`` would): neither is
     ignored. Raises SpecError when there is no store."""
@@ -56,24 +61,39 @@ def open_store(spec: Path | None, overrides: list[str] | None, runs_root: Path |
         from workflows.plan import plan
         from workflows.spec import load_spec
 
-        overrides = [*(overrides or []), *([f"runs_root={runs_root}"] if runs_root is not None else []),
-                     *([f"tracking.uri={uri}"] if uri is not None else [])]
+        overrides = [
+            *(overrides or []),
+            *([f"runs_root={runs_root}"] if runs_root is not None else []),
+            *([f"tracking.uri={uri}"] if uri is not None else []),
+        ]
         try:  # finding the runs means keying the stages, which reads the corpus files' sizes
             p = plan(load_spec(spec, overrides))
         except CorpusError as exc:
             raise SpecError(str(spec), [str(exc)]) from None
         uri = p.spec.tracking.uri or default_tracking_uri(p.runs_root)
         if not p.spec.tracking.uri and not (p.runs_root / "mlflow.db").is_file():
-            raise InputError(str(spec), [f"runs_root: no MLflow store at {p.runs_root / 'mlflow.db'}: nothing was "
-                                        "submitted from this spec yet (run `gptlab submit` first)"])
+            raise InputError(
+                str(spec),
+                [
+                    f"runs_root: no MLflow store at {p.runs_root / 'mlflow.db'}: nothing was "
+                    "submitted from this spec yet (run `gptlab submit` first)"
+                ],
+            )
         check_tracking_server(uri)  # an http(s) URI where no server answers fails at once, not after minutes
-        return Store(uri, MlflowClient(uri), str(spec), p.runs_root, p, experiment or p.spec.tracking.experiment or p.spec.name)
+        return Store(
+            uri, MlflowClient(uri), str(spec), p.runs_root, p, experiment or p.spec.tracking.experiment or p.spec.name
+        )
     runs_root = runs_root or Path("runs")
     root = runs_root.expanduser().resolve()
     if uri is None:
         if not (root / "mlflow.db").is_file():
-            raise InputError(str(runs_root), [f"--runs-root: no MLflow store at {root / 'mlflow.db'}: pass the runs_root "
-                                             "of your experiments, a spec, or --uri"])
+            raise InputError(
+                str(runs_root),
+                [
+                    f"--runs-root: no MLflow store at {root / 'mlflow.db'}: pass the runs_root "
+                    "of your experiments, a spec, or --uri"
+                ],
+            )
         uri = default_tracking_uri(root)
     check_tracking_server(uri)
     return Store(uri, MlflowClient(uri), str(runs_root), root, None, experiment)
@@ -140,16 +160,16 @@ def _train_step(train_dir: Path | None) -> str:
 
     if train_dir is None or not (train_dir / "metrics.jsonl").is_file():
         return "-"
-    from workflows.report import read_metrics
+    from llmcore.metrics import read_metrics, split_kinds
 
-    train, _ = read_metrics(train_dir / "metrics.jsonl")
+    train, _ = split_kinds(read_metrics(train_dir / "metrics.jsonl"))
     if not train:
         return "-"
     try:
         total = read_json(train_dir / "config.json")["train"]["max_steps"]
     except (OSError, ValueError, KeyError):
         total = "?"
-    return f"{train[-1]['step']}/{total}"
+    return f"{train[-1].step}/{total}"
 
 
 def status_rows(store: Store) -> tuple[list[StatusRow], list[str]]:
@@ -161,7 +181,9 @@ def status_rows(store: Store) -> tuple[list[StatusRow], list[str]]:
 
     killed: list[str] = []
     for exp in store.experiments():
-        tracker = Tracker(store.uri, exp.name, (store.runs_root or Path(".")) / "mlartifacts")  # exists: nothing created
+        tracker = Tracker(
+            store.uri, exp.name, (store.runs_root or Path(".")) / "mlartifacts"
+        )  # exists: nothing created
         killed += tracker.mark_dead_runs_killed()
     rows = []
     if store.plan is not None:
@@ -177,7 +199,9 @@ def status_rows(store: Store) -> tuple[list[StatusRow], list[str]]:
         return rows, killed
     names = {e.experiment_id: e.name for e in store.experiments()}
     for run in store.runs():
-        rows.append(_row(names.get(run.info.experiment_id, "?"), run.info.run_name, run, stage_dirs(run, store.runs_root)))
+        rows.append(
+            _row(names.get(run.info.experiment_id, "?"), run.info.run_name, run, stage_dirs(run, store.runs_root))
+        )
     return rows, killed
 
 
@@ -186,12 +210,23 @@ def _row(experiment: str, name: str, run: Any | None, dirs: dict[str, Path]) -> 
     if run is None:
         return StatusRow(experiment, name, None, "NOT SUBMITTED", states, step)
     error = run.data.tags.get(f"{TAG}error")
-    return StatusRow(experiment, name, run.info.run_id, run.info.status, states, step, dict(run.data.metrics),
-                     _error_line(error) if error else None)
+    return StatusRow(
+        experiment,
+        name,
+        run.info.run_id,
+        run.info.status,
+        states,
+        step,
+        dict(run.data.metrics),
+        _error_line(error) if error else None,
+    )
 
 
-_OLD_TAIL = re.compile(r"^stage train failed: BashExitFailure: bash_app \w+ failed with unix exit code (-?\d+)\n"
-                       r"--- end of (.+) ---\n(.*)\Z", re.S)
+_OLD_TAIL = re.compile(
+    r"^stage train failed: BashExitFailure: bash_app \w+ failed with unix exit code (-?\d+)\n"
+    r"--- end of (.+) ---\n(.*)\Z",
+    re.S,
+)
 
 
 def _error_line(error: str) -> str:
@@ -223,14 +258,19 @@ def find_run(store: Store, ref: str) -> Any:
     where = f"the store {store.uri}" + (f", experiment {store.experiment}" if store.experiment else "")
     if not matches:
         known = ", ".join(sorted({r.info.run_name for r in runs})[:20]) or "none"
-        short = (" (a run id prefix needs 6 characters or more)"
-                 if len(ref) < 6 and any(r.info.run_id.startswith(ref) for r in runs) else "")
-        raise InputError(store.source, [f"RUN: no sweep-point run named or with id '{ref}' in {where}{short} "
-                                        f"(runs: {known})"])
+        short = (
+            " (a run id prefix needs 6 characters or more)"
+            if len(ref) < 6 and any(r.info.run_id.startswith(ref) for r in runs)
+            else ""
+        )
+        raise InputError(
+            store.source, [f"RUN: no sweep-point run named or with id '{ref}' in {where}{short} (runs: {known})"]
+        )
     names = {e.experiment_id: e.name for e in store.experiments()}
     listed = "; ".join(f"{r.info.run_id} ({names.get(r.info.experiment_id)}, {r.info.status})" for r in matches[:10])
-    raise InputError(store.source, [f"RUN: '{ref}' matches {len(matches)} runs in {where}: pass a run id or "
-                                   f"--experiment ({listed})"])
+    raise InputError(
+        store.source, [f"RUN: '{ref}' matches {len(matches)} runs in {where}: pass a run id or --experiment ({listed})"]
+    )
 
 
 def latest_parent(store: Store) -> Any:
@@ -238,8 +278,13 @@ def latest_parent(store: Store) -> Any:
     extra = f"tags.`{TAG}spec_hash` = '{store.plan.spec_hash}'" if store.plan is not None else ""
     parents = store.runs(role="parent", extra=extra)
     if not parents:
-        raise InputError(store.source, ["no submitted experiment to compare here" +
-                                       (f" (experiment {store.experiment})" if store.experiment else "")])
+        raise InputError(
+            store.source,
+            [
+                "no submitted experiment to compare here"
+                + (f" (experiment {store.experiment})" if store.experiment else "")
+            ],
+        )
     if store.plan is None and store.experiment is None and len({r.info.experiment_id for r in parents}) > 1:
         store.experiment = next(e.name for e in store.experiments() if e.experiment_id == parents[0].info.experiment_id)
     return parents[0]
@@ -248,9 +293,18 @@ def latest_parent(store: Store) -> Any:
 # -------------------------------------------------------------------------------------------- sampling
 
 
-def sample_run(store: Store, ref: str, prompt: str, num_samples: int = 1, max_new_tokens: int = 200,
-               temperature: float = 0.8, top_k: int | None = 200, top_p: float | None = None, seed: int = 1337,
-               device: str = "auto") -> tuple[Any, dict[str, Any], list[str]]:
+def sample_run(
+    store: Store,
+    ref: str,
+    prompt: str,
+    num_samples: int = 1,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    top_p: float | None = None,
+    seed: int = 1337,
+    device: str = "auto",
+) -> tuple[Any, dict[str, Any], list[str]]:
     """(run, checkpoint meta, continuations) sampled from a run's newest committed checkpoint."""
     from pydantic import ValidationError
 
@@ -261,21 +315,41 @@ def sample_run(store: Store, ref: str, prompt: str, num_samples: int = 1, max_ne
     from llmcore.tokenizer import Tokenizer
 
     try:
-        cfg = EvalConfig(prompts=[prompt] * num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                         top_k=top_k, top_p=top_p)
+        cfg = EvalConfig(
+            prompts=[prompt] * num_samples,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+        )
     except ValidationError as err:
         options = {"prompts": "--prompt"}
-        raise InputError("gptlab sample", [f"{options.get(str(e['loc'][0]), '--' + str(e['loc'][0]).replace('_', '-'))}: "
-                                          f"{e['msg']}" for e in err.errors()]) from None
+        raise InputError(
+            "gptlab sample",
+            [
+                f"{options.get(str(e['loc'][0]), '--' + str(e['loc'][0]).replace('_', '-'))}: {e['msg']}"
+                for e in err.errors()
+            ],
+        ) from None
     run = find_run(store, ref)
     dirs = stage_dirs(run, store.runs_root)
     train, tok = dirs.get("train"), dirs.get("tokenizer")
     if train is None or tok is None:
-        raise InputError(store.source, [f"RUN: run {run.info.run_id} does not record its stage directories "
-                                       "(submitted by an older gptlab): pass --runs-root"])
+        raise InputError(
+            store.source,
+            [
+                f"RUN: run {run.info.run_id} does not record its stage directories "
+                "(submitted by an older gptlab): pass --runs-root"
+            ],
+        )
     if not (tok / "tokenizer.model").is_file():
-        raise InputError(store.source, [f"RUN: the tokenizer of run {run.info.run_name} is not on this machine "
-                                       f"({tok / 'tokenizer.model'} is missing)"])
+        raise InputError(
+            store.source,
+            [
+                f"RUN: the tokenizer of run {run.info.run_name} is not on this machine "
+                f"({tok / 'tokenizer.model'} is missing)"
+            ],
+        )
     dev = resolve_device(device)
     try:
         model, meta = load_model(train, dev)

@@ -11,13 +11,14 @@ import copy
 import gc
 import itertools
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from llmcore.config import DataConfig, EvalConfig, ModelConfig, StrictModel, TokenizerConfig, TrainConfig
+from llmcore.config import RULES_ERROR, DataConfig, EvalConfig, ModelConfig, StrictModel, TokenizerConfig, TrainConfig
 
 # Sections a sweep may not vary: they describe where and how the whole experiment runs, not a run.
 UNSWEEPABLE = ("name", "runs_root", "sweep", "site", "tracking")
@@ -56,17 +57,11 @@ class SiteSpec(StrictModel):
         description="`local`: a thread pool here (default, tests). `local-processes`: Parsl worker processes "
         "here. `polaris`: ALCF Polaris through PBS Pro. `slurm`: a Slurm cluster.",
     )
-    max_workers: int = Field(
-        0, ge=0, description="Local sites: stages that may run at once; 0 means one per CPU core."
-    )
+    max_workers: int = Field(0, ge=0, description="Local sites: stages that may run at once; 0 means one per CPU core.")
     account: str | None = Field(None, description="Batch sites: allocation to charge (PBS -A, Slurm --account).")
-    queue: str | None = Field(
-        None, description="Batch sites: PBS queue or Slurm partition (Polaris default `debug`)."
-    )
+    queue: str | None = Field(None, description="Batch sites: PBS queue or Slurm partition (Polaris default `debug`).")
     walltime: str = Field("01:00:00", pattern=WALLTIME, description="Batch sites: walltime of each job (HH:MM:SS).")
-    nodes_per_job: int = Field(
-        1, ge=1, description="Batch sites: nodes in each job of the CPU/single-GPU executor."
-    )
+    nodes_per_job: int = Field(1, ge=1, description="Batch sites: nodes in each job of the CPU/single-GPU executor.")
     max_jobs: int = Field(1, ge=1, description="Batch sites: jobs each executor may have queued or running at once.")
     cores_per_node: int | None = Field(
         None, ge=1, description="Batch sites: cores per node (Polaris: 64; Slurm: ask for this many)."
@@ -88,8 +83,10 @@ class SiteSpec(StrictModel):
         2, ge=0, description="Retries of a failed stage; lost workers and nodes are retried, bad input is not."
     )
     idle_timeout_s: float = Field(
-        120.0, ge=0, description="Batch sites: a job with no stage to run for this long is ended, giving its "
-        "nodes back (Parsl's max_idletime); a stage that comes later starts a new job."
+        120.0,
+        ge=0,
+        description="Batch sites: a job with no stage to run for this long is ended, giving its "
+        "nodes back (Parsl's max_idletime); a stage that comes later starts a new job.",
     )
 
 
@@ -152,11 +149,15 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> list[str]:
-    """One ``field.path: message`` line per error, with the offending value where it is short."""
+def format_validation_error(err: ValidationError | list[Any], prefix: str = "") -> list[str]:
+    """One ``field.path: message`` line per error (of a ValidationError, or a list of its ``errors()``), with the
+    offending value where it is short."""
     lines = []
-    for e in err.errors():
+    for e in err.errors() if isinstance(err, ValidationError) else err:
         loc = _format_loc(e["loc"])
+        if e["type"] == RULES_ERROR:  # a section's own rules: one line per broken rule, named by its field
+            lines += [f"{prefix}{loc + '.' if loc else ''}{problem}" for problem in e["ctx"]["problems"]]
+            continue
         path = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -235,62 +236,43 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ cross-field checks
 
 
-CHECKED_SECTIONS = ("model", "train", "tokenizer", "data", "eval")
+CHECKED_SECTIONS = ("tokenizer", "data")
 
 
 def cross_field_problems(spec: ExperimentSpec, prefix: str = "") -> list[str]:
-    """Checks that involve several fields. Returns every problem, not just the first."""
+    """Rules between sections (a section's own rules are checked by its model). Returns every problem."""
     return _cross_field({name: getattr(spec, name) for name in CHECKED_SECTIONS}, prefix)
 
 
 def _cross_field(sections: dict[str, Any], prefix: str = "") -> list[str]:
-    """The cross-field rules over whichever sections are given (a rule needing a missing one is skipped)."""
+    """The rules between sections over whichever sections are given (a rule needing a missing one is skipped)."""
     p: list[str] = []
-    m, t, tok, d, ev = (sections.get(name) for name in CHECKED_SECTIONS)
-    if m is not None:
-        if m.n_embd % m.n_head:
-            p.append(f"{prefix}model.n_head: must divide model.n_embd (n_embd={m.n_embd}, n_head={m.n_head})")
-        elif m.pos_encoding == "rope" and (m.n_embd // m.n_head) % 2:
-            p.append(f"{prefix}model.pos_encoding: rope needs an even head size (n_embd/n_head = {m.n_embd // m.n_head})")
-        if m.pos_encoding == "sinusoidal" and m.n_embd % 2:
-            p.append(f"{prefix}model.n_embd: sinusoidal encoding needs an even width (got {m.n_embd})")
-    if t is not None:
-        if t.min_lr > t.lr:
-            p.append(f"{prefix}train.min_lr: must be <= train.lr ({t.min_lr} > {t.lr})")
-        if t.warmup_steps > t.max_steps:
-            p.append(f"{prefix}train.warmup_steps: must be <= train.max_steps ({t.warmup_steps} > {t.max_steps})")
-        if t.lr_decay_steps is not None and t.lr_decay_steps < t.warmup_steps:
-            p.append(f"{prefix}train.lr_decay_steps: must be >= train.warmup_steps")
-        if t.precision == "fp16" and t.device == "cpu":
-            p.append(f"{prefix}train.precision: fp16 needs a CUDA device (use bf16 or fp32 on cpu)")
+    tok, d = (sections.get(name) for name in CHECKED_SECTIONS)
     if d is not None and tok is not None and d.token_dtype == "uint16" and tok.vocab_size > 2**16:
         p.append(f"{prefix}data.token_dtype: uint16 holds at most 65536 tokens (tokenizer.vocab_size={tok.vocab_size})")
-    if tok is not None:
-        need = 262 + len(tok.user_defined_symbols)  # 4 specials, newline, 256 bytes, and at least one piece
-        if tok.byte_fallback and tok.vocab_size < need:
-            p.append(f"{prefix}tokenizer.vocab_size: byte_fallback needs at least {need} tokens (256 byte tokens, "
-                     f"specials, newline and user symbols; got {tok.vocab_size})")
-    if ev is not None and not ev.prompts and ev.max_new_tokens > 0:
-        p.append(f"{prefix}eval.prompts: give at least one prompt, or set eval.max_new_tokens to 0")
     return p
 
 
 def _valid_section_problems(tree: dict[str, Any]) -> list[str]:
-    """For a spec that failed schema validation: the cross-field problems of the sections that are valid on
-    their own, so that every problem is reported at once. Sections a sweep changes are left to the per-point
-    check (a sweep may fix the base value)."""
+    """For a spec that failed schema validation: the problems between sections that are valid on their own, so
+    that every problem is reported at once. Sections a sweep changes are left to the per-point check (a sweep
+    may fix the base value)."""
     sweep = tree.get("sweep") or {}
     if not isinstance(sweep, dict):
         return []
     sections = {}
     for name in CHECKED_SECTIONS:
-        if any(str(k) == name or str(k).startswith(name + ".") for k in sweep):
+        if _swept(name, sweep):
             continue
         try:
             sections[name] = ExperimentSpec.model_fields[name].annotation.model_validate(tree.get(name) or {})
         except ValidationError:
             continue
     return _cross_field(sections)
+
+
+def _swept(section: str, sweep: dict[str, Any]) -> bool:
+    return any(str(k) == section or str(k).startswith(section + ".") for k in sweep)
 
 
 # ------------------------------------------------------------------------------------- sweep expansion
@@ -374,20 +356,22 @@ def _copy_path(tree: dict[str, Any], key: str) -> dict[str, Any]:
     return root
 
 
-def expand(tree: dict[str, Any], spec: ExperimentSpec, source: str) -> list[tuple[str, dict[str, Any], ExperimentSpec]]:
+def expand(
+    tree: dict[str, Any], sweep: dict[str, list[Any]], experiment: str, source: str
+) -> list[tuple[str, dict[str, Any], ExperimentSpec]]:
     """One (run name, swept values, run spec) per sweep point; every invalid point is reported at once."""
-    problems = [f"sweep.{k}: {why}" for k in spec.sweep if (why := _known_path(k))]
+    problems = [f"sweep.{k}: {why}" for k in sweep if (why := _known_path(k))]
     if problems:
         raise SpecError(source, problems)
     runs = []
     base = copy.deepcopy({k: v for k, v in tree.items() if k != "sweep"})
     with gc_paused():
-        for point in sweep_points(spec.sweep):
+        for point in sweep_points(sweep):
             run_tree = base
             for key, value in point.items():
                 run_tree = _copy_path(run_tree, key)
                 set_dotted(run_tree, key, value)
-            name = run_name(point, spec.name)
+            name = run_name(point, experiment)
             prefix = f"sweep point {name}: " if point else ""
             try:
                 run_spec = ExperimentSpec.model_validate(run_tree)
@@ -410,12 +394,16 @@ def expand(tree: dict[str, Any], spec: ExperimentSpec, source: str) -> list[tupl
 class LoadedSpec:
     """A validated spec with its source, the overrides applied, and its expanded runs."""
 
-    def __init__(self, source: str, tree: dict[str, Any], spec: ExperimentSpec, overrides: list[str]):
+    def __init__(self, source: str, tree: dict[str, Any], spec: ExperimentSpec | None, overrides: list[str]):
+        """``spec`` None: the base spec breaks a rule that every sweep point overrides; the first point (with the
+        sweep) stands for the experiment."""
         self.source = source
         self.tree = tree
-        self.spec = spec
         self.overrides = overrides
-        self.runs = expand(tree, spec, source)
+        sweep = spec.sweep if spec is not None else tree["sweep"]
+        name = spec.name if spec is not None else tree.get("name", ExperimentSpec.model_fields["name"].default)
+        self.runs = expand(tree, sweep, name, source)
+        self.spec = spec if spec is not None else self.runs[0][2].model_copy(update={"sweep": sweep})
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> LoadedSpec:
@@ -438,7 +426,16 @@ def load_spec_tree(tree: dict[str, Any], source: str, overrides: list[str] | Non
     try:
         spec = ExperimentSpec.model_validate(tree)
     except ValidationError as err:
-        raise SpecError(source, problems + format_validation_error(err) + _valid_section_problems(tree)) from None
+        # A section the sweep changes may break its rules in the base: each point is checked on its own in expand()
+        sweep = tree.get("sweep") if isinstance(tree.get("sweep"), dict) else {}
+        errors = [
+            e for e in err.errors() if not (e["type"] == RULES_ERROR and e["loc"] and _swept(str(e["loc"][0]), sweep))
+        ]
+        if problems or errors:
+            raise SpecError(
+                source, problems + format_validation_error(errors) + _valid_section_problems(tree)
+            ) from None
+        spec = None
     if problems:
         raise SpecError(source, problems)
     # Cross-field checks run per sweep point in expand(): a sweep may override the base values.

@@ -14,8 +14,9 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from llmcore.io import LOCK_FILE, atomic_write_json, file_lock, is_committed, read_json, write_commit_marker
 from workflows.spec import ExperimentSpec
@@ -74,16 +75,32 @@ def train_command(stage_dir: str, shards_dir: str, env: dict[str, str], launcher
     """The shell command that trains one run. ``launcher`` starts the ranks: empty for one process,
     ``$PARSL_MPI_PREFIX`` under Parsl's MPIExecutor, an ``mpiexec ...`` prefix on local sites. Every
     argument is shell-quoted; only the launcher (built by gptlab, never from a spec) is left to the shell."""
-    args = [sys.executable, "-m", "llmcore.train", "--config", f"{stage_dir}/train.json", "--shards", shards_dir,
-            "--out", stage_dir]
+    args = [
+        sys.executable,
+        "-m",
+        "llmcore.train",
+        "--config",
+        f"{stage_dir}/train.json",
+        "--shards",
+        shards_dir,
+        "--out",
+        stage_dir,
+    ]
     env_args = [f"{k}={v}" for k, v in sorted(env.items())]
     command = " ".join(shlex.quote(a) for a in (["env", *env_args] if env_args else []) + args)
     return f"{launcher} {command}" if launcher else command
 
 
-def train_app(stage_dir: str, shards_dir: str, env: dict[str, str], launcher: str = "", inputs: list = (),
-              stdout: str | None = None, stderr: str | None = None,
-              parsl_resource_specification: dict[str, Any] | None = None) -> str:
+def train_app(
+    stage_dir: str,
+    shards_dir: str,
+    env: dict[str, str],
+    launcher: str = "",
+    inputs: list = (),
+    stdout: str | None = None,
+    stderr: str | None = None,
+    parsl_resource_specification: dict[str, Any] | None = None,
+) -> str:
     """Body of the training bash app (module level, so every executor can ship it by reference)."""
     return train_command(stage_dir, shards_dir, env, launcher)
 
@@ -103,11 +120,15 @@ def commit_train(stage_dir: str, inputs: list = ()) -> dict[str, Any]:
         return _commit(d, "train", time.time() - float(summary["seconds"]), summary)
 
 
-def eval_stage(stage_dir: str, spec: dict[str, Any], train_dir: str, shards_dir: str, tokenizer_dir: str,
-               inputs: list = ()) -> dict[str, Any]:
+def eval_stage(
+    stage_dir: str, spec: dict[str, Any], train_dir: str, shards_dir: str, tokenizer_dir: str, inputs: list = ()
+) -> dict[str, Any]:
     from llmcore.evaluate import evaluate
 
     s = ExperimentSpec.model_validate(spec)
     model = Path(tokenizer_dir) / "tokenizer.model"
-    return _run(stage_dir, "eval", lambda d: evaluate(Path(train_dir), Path(shards_dir), model, s.eval, d, s.seed,
-                                                      device=s.train.device))
+    return _run(
+        stage_dir,
+        "eval",
+        lambda d: evaluate(Path(train_dir), Path(shards_dir), model, s.eval, d, s.seed, device=s.train.device),
+    )

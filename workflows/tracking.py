@@ -21,9 +21,10 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
@@ -36,18 +37,6 @@ TAG = "gptlab."
 BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
 PARAM_BATCH = 100
 MAX_PARAM_CHARS = 6000
-
-# metrics.jsonl field -> MLflow metric name, per line kind
-TRAIN_METRICS = {
-    "loss": "train/loss",
-    "lr": "train/lr",
-    "grad_norm": "train/grad_norm",
-    "tokens_per_sec": "train/tokens_per_sec",
-    "mfu": "train/mfu",
-    "peak_mem_mb": "train/peak_mem_mb",
-    "tokens_seen": "train/tokens_seen",
-}
-EVAL_METRICS = {"val_loss": "val/loss"}
 
 
 def default_tracking_uri(runs_root: Path) -> str:
@@ -84,8 +73,13 @@ class TrackingStoreError(RuntimeError):
     resumes the runs."""
 
 
-STORE_FULL = ("database or disk is full", "no space left on device", "disk quota exceeded",
-              "attempt to write a readonly database", "read-only file system")
+STORE_FULL = (
+    "database or disk is full",
+    "no space left on device",
+    "disk quota exceeded",
+    "attempt to write a readonly database",
+    "read-only file system",
+)
 
 
 def retry_locked(fn: Callable[[], T], seconds: float = LOCKED_RETRY_SECONDS) -> T:
@@ -101,7 +95,8 @@ def retry_locked(fn: Callable[[], T], seconds: float = LOCKED_RETRY_SECONDS) -> 
                 reason = next(w for w in STORE_FULL if w in text)
                 raise TrackingStoreError(
                     f"the MLflow store cannot be written ({reason}); free space (or make it writable) and submit "
-                    "again: committed stages are kept and the runs resume") from None
+                    "again: committed stages are kept and the runs resume"
+                ) from None
             if not is_locked_error(exc) or time.monotonic() > deadline:
                 raise
         time.sleep(delay * (0.5 + random.random()))
@@ -152,9 +147,16 @@ def _probe(uri: str) -> str | None:
         return f"not a valid URL ({exc}); fix tracking.uri"
     start = f"start one there (`mlflow server --host {host} --port {port}`) {fix}"
     try:
-        resp = http_request(get_default_host_creds(uri), PROBE_ENDPOINT, "GET", max_retries=0, backoff_factor=0,
-                            timeout=(PROBE_CONNECT_SECONDS, PROBE_READ_SECONDS), raise_on_status=False,
-                            params={"max_results": 1})
+        resp = http_request(
+            get_default_host_creds(uri),
+            PROBE_ENDPOINT,
+            "GET",
+            max_retries=0,
+            backoff_factor=0,
+            timeout=(PROBE_CONNECT_SECONDS, PROBE_READ_SECONDS),
+            raise_on_status=False,
+            params={"max_results": 1},
+        )
     except Exception as exc:  # MLflow wraps every requests error in an MlflowException: look down the chain
         import urllib3
 
@@ -170,22 +172,30 @@ def _probe(uri: str) -> str | None:
             return f"no MLflow server answers (host name {host!r} is not known); fix tracking.uri"
         connect_timeout = (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)
         if any(isinstance(e, connect_timeout) for e in chain):
-            return (f"no MLflow server answers (no connection within {PROBE_CONNECT_SECONDS:g} s: the host is down "
-                    f"or a firewall drops the connection); {start}")
+            return (
+                f"no MLflow server answers (no connection within {PROBE_CONNECT_SECONDS:g} s: the host is down "
+                f"or a firewall drops the connection); {start}"
+            )
         if any(isinstance(e, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError)) for e in chain):
-            return (f"the server accepted a connection but sent no answer within {PROBE_READ_SECONDS:g} s: it is "
-                    f"hung, or not an HTTP server; restart it {fix}")
+            return (
+                f"the server accepted a connection but sent no answer within {PROBE_READ_SECONDS:g} s: it is "
+                f"hung, or not an HTTP server; restart it {fix}"
+            )
         if any(isinstance(e, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)) for e in chain):
-            return ("the TLS handshake failed; for a server with its own certificate set "
-                    "MLFLOW_TRACKING_SERVER_CERT_PATH (or MLFLOW_TRACKING_INSECURE_TLS=true), or fix tracking.uri")
+            return (
+                "the TLS handshake failed; for a server with its own certificate set "
+                "MLFLOW_TRACKING_SERVER_CERT_PATH (or MLFLOW_TRACKING_INSECURE_TLS=true), or fix tracking.uri"
+            )
         if any(isinstance(e, requests.exceptions.ConnectionError) for e in chain):
             reason = next((str(e.args[0]) for e in reversed(chain) if isinstance(e, OSError) and e.args), "")
             return f"no MLflow server answers (cannot connect{': ' + reason[:200] if reason else ''}); {start}"
         return f"cannot reach an MLflow server ({str(exc)[:300]}); {start}"
     code = resp.status_code
     if code == 401:
-        return ("the MLflow server refuses these credentials (HTTP 401); set MLFLOW_TRACKING_USERNAME and "
-                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), or fix tracking.uri")
+        return (
+            "the MLflow server refuses these credentials (HTTP 401); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), or fix tracking.uri"
+        )
     if code in (403, 429) or code >= 500:
         return None  # a server that is there: denied this one call, or busy; MLflow retries and reports those
     try:
@@ -194,9 +204,11 @@ def _probe(uri: str) -> str | None:
         answer = None
     if not isinstance(answer, dict):
         kind = (resp.headers.get("Content-Type") or "no content type").split(";")[0]
-        return (f"something answers there, but not an MLflow tracking server (HTTP {code}, {kind}, for "
-                f"{PROBE_ENDPOINT}); point tracking.uri (--uri for status, compare and sample) at an MLflow "
-                "server's address (its port, and its path prefix behind a proxy)")
+        return (
+            f"something answers there, but not an MLflow tracking server (HTTP {code}, {kind}, for "
+            f"{PROBE_ENDPOINT}); point tracking.uri (--uri for status, compare and sample) at an MLflow "
+            "server's address (its port, and its path prefix behind a proxy)"
+        )
     return None
 
 
@@ -242,7 +254,8 @@ class Tracker:
                     artifact_root.mkdir(parents=True, exist_ok=True)
                     location = artifact_root.as_uri()
                 self.experiment_id = retry_locked(
-                    lambda: self.client.create_experiment(experiment, artifact_location=location))
+                    lambda: self.client.create_experiment(experiment, artifact_location=location)
+                )
             else:
                 if exp.lifecycle_stage == "deleted":
                     retry_locked(lambda: self.client.restore_experiment(exp.experiment_id))
@@ -279,8 +292,11 @@ class Tracker:
 
     def find_runs(self, **tags: str) -> list[Any]:
         filt = " and ".join(f"tags.`{TAG}{k}` = '{v}'" for k, v in tags.items())
-        return list(retry_locked(lambda: self.client.search_runs([self.experiment_id], filt,
-                                                                 order_by=["attributes.start_time DESC"])))
+        return list(
+            retry_locked(
+                lambda: self.client.search_runs([self.experiment_id], filt, order_by=["attributes.start_time DESC"])
+            )
+        )
 
     def start_run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> tuple[str, str]:
         """(run id, previous status): an existing run with the same identity tags is reused, not duplicated
@@ -350,8 +366,11 @@ class Tracker:
             for i in range(0, max(len(metrics), 1), BATCH):
                 chunk = metrics[i : i + BATCH]
                 last = i + BATCH >= len(metrics)
-                retry_locked(lambda: self.client.log_batch(run_id, metrics=chunk, tags=run_tags if last else [],
-                                                           synchronous=True))
+                retry_locked(
+                    lambda: self.client.log_batch(
+                        run_id, metrics=chunk, tags=run_tags if last else [], synchronous=True
+                    )
+                )
 
     def log_values(self, run_id: str, values: dict[str, float], step: int) -> None:
         """Log final values at ``step``, each once: a value the run already holds at that step is not repeated
@@ -360,9 +379,14 @@ class Tracker:
         with self.locked():
             have = retry_locked(lambda: self.client.get_run(run_id).data)
             steps = {}
-            todo = [Metric(k, float(v), now, step) for k, v in values.items()
-                    if v is not None and not (k in have.metrics and have.metrics[k] == float(v)
-                                              and self._latest_step(run_id, k, steps) == step)]
+            todo = [
+                Metric(k, float(v), now, step)
+                for k, v in values.items()
+                if v is not None
+                and not (
+                    k in have.metrics and have.metrics[k] == float(v) and self._latest_step(run_id, k, steps) == step
+                )
+            ]
             self.log_metrics(run_id, todo)
 
     def _latest_step(self, run_id: str, key: str, cache: dict[str, int]) -> int:
@@ -454,12 +478,11 @@ class MetricsForwarder:
 
     def _note_latest(self, lines: list[str]) -> None:
         """The newest train record, for the progress display."""
+        from llmcore.metrics import TrainLine, parse_line
+
         for line in reversed(lines):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("kind", "train") == "train":
+            rec = parse_line(line)
+            if isinstance(rec, TrainLine):
                 self.latest = rec
                 return
 
@@ -470,20 +493,14 @@ class MetricsForwarder:
         return f.read(1) == b"\n"
 
     def _parse(self, lines: list[str]) -> tuple[list[Metric], dict[str, int]]:
+        from llmcore.metrics import parse_lines
+
         metrics: list[Metric] = []
         last: dict[str, int] = {}
-        now = int(time.time() * 1000)
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
+        for rec in parse_lines(lines):
+            if rec.step <= max(self.last.get(rec.kind, -1), last.get(rec.kind, -1)):
                 continue
-            kind = rec.get("kind", "train")
-            names = TRAIN_METRICS if kind == "train" else EVAL_METRICS
-            step = int(rec["step"])
-            if step <= max(self.last.get(kind, -1), last.get(kind, -1)):
-                continue
-            ts = int(rec["time"] * 1000) if "time" in rec else now
-            metrics += [Metric(names[k], float(v), ts, step) for k, v in rec.items() if k in names and v is not None]
-            last[kind] = step
+            ts = int(rec.time * 1000)
+            metrics += [Metric(name, value, ts, rec.step) for name, value in rec.metrics().items()]
+            last[rec.kind] = rec.step
         return metrics, last

@@ -29,13 +29,13 @@ def last_try(text: str) -> list[str]:
     """The lines the last try of a training wrote (after Parsl's header of that try), blank ones at either end
     dropped."""
     at = text.rfind(LOG_TRY_END)
-    return _strip_blank([x.rstrip() for x in (text[at + len(LOG_TRY_END):] if at >= 0 else text).splitlines()])
+    return _strip_blank([x.rstrip() for x in (text[at + len(LOG_TRY_END) :] if at >= 0 else text).splitlines()])
 
 
 def _strip_blank(lines: list[str]) -> list[str]:
     """``lines`` without the blank lines at either end."""
     nonblank = [i for i, x in enumerate(lines) if x.strip()]
-    return lines[nonblank[0]:nonblank[-1] + 1] if nonblank else []
+    return lines[nonblank[0] : nonblank[-1] + 1] if nonblank else []
 
 
 def failure_cause(lines: list[str]) -> tuple[str | None, int]:
@@ -51,12 +51,13 @@ def failure_cause(lines: list[str]) -> tuple[str | None, int]:
         at = next((i for i in range(tb + 1, len(lines)) if lines[i] and not lines[i][0].isspace()), None)
         if at is not None:
             return _clip(lines[at]), at
-    at = max((i for i, x in enumerate(lines) if x.startswith(("error:", "invalid training config:"))),
-             default=len(lines) - 1)
+    at = max(
+        (i for i, x in enumerate(lines) if x.startswith(("error:", "invalid training config:"))), default=len(lines) - 1
+    )
     if lines[at].startswith("{"):  # the summary JSON training prints when it stops at its time budget
         return None, len(lines)
     text = lines[at].removeprefix("error:").strip()
-    for x in (x.strip() for x in lines[at + 1:]):
+    for x in (x.strip() for x in lines[at + 1 :]):
         if x:
             text += (" " if text.endswith(":") else "; ") + x
     return _clip(text), at
@@ -77,22 +78,17 @@ def lines_before(lines: list[str], at: int, n: int) -> list[str]:
 
 
 def _clip(line: str, limit: int = 500) -> str:
-    return line if len(line) <= limit else line[:limit - 3] + "..."
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def exit_meaning(code: int) -> str | None:
     """What a training's exit code says: llmcore.train's own codes, or the signal that killed it."""
     import signal
 
-    from llmcore.train import EXIT_BAD_INPUT, EXIT_NO_SPACE, EXIT_STOPPED_EARLY  # (imports torch: only on failure)
+    from llmcore.exitcodes import MEANINGS
 
-    meanings = {
-        EXIT_BAD_INPUT: "bad input, not retried",
-        EXIT_NO_SPACE: "file system full, over quota or read-only, not retried",
-        EXIT_STOPPED_EARLY: "stopped at train.time_budget_s after a committed checkpoint: submit again to resume",
-    }
-    if code in meanings:
-        return meanings[code]
+    if code in MEANINGS:
+        return MEANINGS[code]
     sig = -code if code < 0 else code - 128 if 128 < code < 160 else None
     try:
         name = signal.Signals(sig).name if sig else None
