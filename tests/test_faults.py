@@ -548,7 +548,10 @@ def test_metrics_rewritten_by_a_resume_are_forwarded_without_a_gap_or_duplicate(
     from workflows.tracking import MetricsForwarder, Tracker
 
     def line(step: int, pad: str = "") -> str:
-        return json.dumps({"kind": "train", "step": step, "time": 1e9 + step, "loss": 1.0 / step, "note": pad}) + "\n"
+        return (
+            json.dumps({"kind": "train", "step": step, "time": 1e9 + step, "loss": 1.0 / step, "lr": 1e-3, "note": pad})
+            + "\n"
+        )
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "fw", tmp_path / "mlartifacts")
     run, _ = tracker.start_run("r", {"role": "sweep_point", "spec_hash": "s", "run_hash": "h"})
