@@ -160,7 +160,7 @@ def prepare_data_stages(spec_path: Path):
     """Plan the spec and run its tokenizer and shards stages (as a submit would, committed), so a later submit
     or direct run of the same spec only trains and evaluates. Returns the plan."""
     from workflows import stages
-    from workflows.plan import plan
+    from workflows.planning import plan
     from workflows.spec import load_spec
 
     p = plan(load_spec(spec_path))

@@ -64,7 +64,7 @@ QUICK = [
 
 def new_store(runs_root: Path, experiment: str) -> float:
     """Create the MLflow SQLite store a submit on ``runs_root`` uses; returns the seconds it took."""
-    from workflows.tracking import Tracker, default_tracking_uri
+    from workflows.store import Tracker, default_tracking_uri
 
     t0 = time.perf_counter()
     Tracker(default_tracking_uri(runs_root), experiment, runs_root / "mlartifacts")

@@ -36,8 +36,8 @@ def sweep_spec(root: Path, points: int) -> Path:
 
 def validate_expand_plan(path: Path) -> tuple[float, float, int, int]:
     """(validate + expand seconds, plan seconds, runs, stages)."""
-    from workflows.driver import load_and_check
-    from workflows.plan import plan
+    from workflows.checks import load_and_check
+    from workflows.planning import plan
 
     t0 = time.perf_counter()
     loaded = load_and_check(path)

@@ -51,7 +51,7 @@ class Trainings:
 
     def __init__(self, tmp: Path, plan, poll_interval: float):
         from workflows.driver import Driver
-        from workflows.tracking import Tracker, default_tracking_uri
+        from workflows.store import Tracker, default_tracking_uri
 
         self.tmp, self.plan, self.poll_interval = tmp, plan, poll_interval
         self.run = plan.runs[0]
@@ -78,7 +78,7 @@ class Trainings:
         return self._train(f"plain{r}")[0]
 
     def with_tracking(self, r: int) -> float:
-        from workflows.tracking import MetricsForwarder
+        from workflows.tail import MetricsForwarder
 
         run_id, _ = self.tracker.start_run(f"round{r}", {"role": "sweep_point", "run_hash": f"bench{r}"})
         out = self.tmp / f"tracked{r}"

@@ -29,6 +29,18 @@ class ConfigError(ValueError):
 ADDED_LATER = {"added_later": True}
 
 
+class FieldError(ConfigError):
+    """A problem reported against the spec field it comes from (``data.sources.0.path: ...``)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled to the driver from worker processes: keep both arguments
+        return type(self), (self.field, self.message)
+
+
 class StrictModel(BaseModel):
     """Base for all configs: unknown keys are errors, assignments are validated."""
 

@@ -16,6 +16,7 @@ Everything here streams: memory is bounded by the largest single document. Listi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sysconfig
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 from glob import glob
 from pathlib import Path
 
-from llmcore.config import DataConfig, FilesSource, PythonStdlibSource
+from llmcore.config import DataConfig, FieldError, FilesSource, PythonStdlibSource
 
 #: Directory names that hold test packages in the standard library.
 STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
@@ -31,13 +32,8 @@ STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 
-class CorpusError(ValueError):
+class CorpusError(FieldError):
     """A problem with the corpus, reported against the spec field it comes from (``data.sources.0.path``)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 # ------------------------------------------------------------------------------------------ resolving
@@ -227,6 +223,13 @@ def iter_documents(data: DataConfig) -> Iterator[str]:
             if "\0" in text:
                 raise _binary_error(i, path, f"at character {text.index(chr(0))}")
             yield text
+
+
+def is_val_document(seed: int, index: int, val_fraction: float) -> bool:
+    """The ``document`` split: whether document ``index`` (counted over the whole corpus, empty ones included)
+    is validation. Seeded and deterministic: hash (seed, index) to a number in [0, 1)."""
+    h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < val_fraction
 
 
 def corpus_fingerprint(data: DataConfig) -> list[dict]:

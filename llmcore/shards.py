@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from llmcore.config import DataConfig
-from llmcore.corpus import CorpusError, iter_documents, resolve_files
+from llmcore.corpus import CorpusError, is_val_document, iter_documents, resolve_files
 from llmcore.io import atomic_open, atomic_write_json, read_json
 from llmcore.tokenizer import Tokenizer, encode_chunk, init_encode_worker
 
@@ -143,19 +143,13 @@ def resolve_dtype(data: DataConfig, vocab_size: int) -> str:
     return data.token_dtype
 
 
-def _is_val(seed: int, index: int, val_fraction: float) -> bool:
-    """Seeded, deterministic document split: hash (seed, index) to a number in [0, 1)."""
-    h = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") / 2**64 < val_fraction
-
-
 def _split_pieces(data: DataConfig, seed: int) -> Iterator[tuple[str, str]]:
     """``(split, text)`` in corpus order: whole documents (``document``) or each document's head and tail."""
     for index, doc in enumerate(iter_documents(data)):
         if not doc:
             continue
         if data.split == "document":
-            yield ("val" if _is_val(seed, index, data.val_fraction) else "train"), doc
+            yield ("val" if is_val_document(seed, index, data.val_fraction) else "train"), doc
             continue
         cut = int(len(doc) * (1.0 - data.val_fraction))
         if cut:

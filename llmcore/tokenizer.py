@@ -26,7 +26,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
-from llmcore.config import DataConfig, TokenizerConfig
+from llmcore.config import DataConfig, FieldError, TokenizerConfig
 from llmcore.corpus import CorpusError, iter_documents
 from llmcore.io import atomic_write_bytes, atomic_write_json
 
@@ -39,13 +39,8 @@ MAX_SENTENCE_BYTES = 4 * MAX_LINE_CHARS
 _MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
 
 
-class TokenizerError(ValueError):
+class TokenizerError(FieldError):
     """A tokenizer problem, reported against the spec field it comes from (``tokenizer.vocab_size``)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 # ------------------------------------------------------------------------------------------- training

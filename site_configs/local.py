@@ -5,13 +5,16 @@ Training always runs as its own process (a bash app), so a crash in training nev
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from typing import Any
 
 from parsl.config import Config
 from parsl.executors import HighThroughputExecutor
 from parsl.executors.threads import ThreadPoolExecutor
 from parsl.providers import LocalProvider
+
+#: The interchange dies with the driver and ignores the terminal's Ctrl-C (see site_configs.guard).
+GUARDED_INTERCHANGE = [sys.executable, "-m", "site_configs.guard", "interchange.py"]
 
 
 def local_threads(
@@ -29,19 +32,27 @@ def local_threads(
 
 
 def local_processes(
-    max_workers: int, run_dir: str, retries: int = 0, retry_handler: Callable[..., float] | None = None
+    max_workers: int,
+    run_dir: str,
+    retries: int = 0,
+    retry_handler: Callable[..., float] | None = None,
+    heartbeat_threshold: int = 60,
 ) -> Config:
     """Parsl's HighThroughputExecutor with ``max_workers`` worker processes on this machine (one per core).
 
     Stages run in worker processes, so CPU stages of different sweep points run in parallel, and a worker
-    that dies is reported as lost and its task retried.
+    that dies is reported as lost and its task retried. The pool exits ``heartbeat_threshold`` seconds after
+    the driver is gone.
     """
-    executor: Any = HighThroughputExecutor(
+    executor = HighThroughputExecutor(
         label="local-htex",
         max_workers_per_node=max_workers,
         cores_per_worker=1,
         address="127.0.0.1",
         encrypted=False,  # loopback only
+        heartbeat_period=max(1, heartbeat_threshold // 4),
+        heartbeat_threshold=heartbeat_threshold,
+        interchange_launch_cmd=GUARDED_INTERCHANGE,
         provider=LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1),
     )
     return Config(

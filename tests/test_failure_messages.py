@@ -4,7 +4,7 @@ summary and in `gptlab status`; in submit only, followed by the end of the log u
 
 A real submit through a real Parsl executor into a real MLflow store. Two sweep points fail in two ways, on any
 hardware: one has a `checkpoints` file where its training must make a directory (an unhandled exception when it
-saves its first checkpoint: exit code 1, retried), the other a context longer than the validation split (an
+saves its first checkpoint: exit code 1, retried), the other a `train.freeze` pattern that matches no parameter (an
 error training handles: exit code 2, bad input, not retried).
 """
 
@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from workflows.trainlog import exit_meaning, failure_cause, last_try, lines_before
 
-BROKEN, TOO_LONG = "block_size=16", "block_size=100000"
+BROKEN, NO_MATCH = "freeze=[]", "freeze=['nomatch.*']"
 
 
 def gptlab(*args) -> subprocess.CompletedProcess:
@@ -31,7 +31,7 @@ def gptlab(*args) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def failed(tmp_path_factory):
-    from workflows.plan import plan
+    from workflows.planning import plan
     from workflows.spec import load_spec
 
     tmp = tmp_path_factory.mktemp("failing")
@@ -40,7 +40,7 @@ def failed(tmp_path_factory):
         tmp / "runs",
         site={"retries": 1},
         train={"max_steps": 4, "warmup_steps": 1, "eval_interval": 4, "checkpoint_interval": 4},
-        sweep={"model.block_size": [16, 100000]},
+        sweep={"train.freeze": [[], ["nomatch.*"]]},
     )
     spec = write_spec(tmp / "s.yaml", tree)
     train_dir = next(r for r in plan(load_spec(spec)).runs if r.name == BROKEN).stages["train"].dir
@@ -76,7 +76,7 @@ def test_submit_names_the_cause_once_with_the_log_path_then_the_log_tail(failed)
     at = lines.index(line)
     assert re.fullmatch(rf"--- {re.escape(str(log))}: the last \d+ lines before that error ---", lines[at + 1]), lines
     assert lines[at + 2] == "Traceback (most recent call last):"
-    tail = lines[at + 2 : lines.index(next(x for x in lines[at + 2 :] if x.startswith(f"[{TOO_LONG}]")))]
+    tail = lines[at + 2 : lines.index(next(x for x in lines[at + 2 :] if x.startswith(f"[{NO_MATCH}]")))]
     assert 5 < len(tail) <= 30 and any("save_checkpoint" in x for x in tail), tail
     assert out.count("Traceback (most recent call last):") == 1, out  # one try's traceback, once
     assert "--- end of" not in out and "BashExitFailure" not in out and "executable follows" not in out
@@ -85,11 +85,11 @@ def test_submit_names_the_cause_once_with_the_log_path_then_the_log_tail(failed)
 
 def test_an_error_training_handles_is_one_line_with_the_meaning_of_its_exit_code(failed):
     r = failed["submit"]
-    line = next(x for x in r.stderr.splitlines() if x.startswith(f"[{TOO_LONG}] "))
-    assert line.startswith(f"[{TOO_LONG}] stage train failed (exit code 2: bad input, not retried): "), line
-    assert "split 'val' has too few tokens for block_size 100000" in line and line.endswith("/train.log)")
+    line = next(x for x in r.stderr.splitlines() if x.startswith(f"[{NO_MATCH}] "))
+    assert line.startswith(f"[{NO_MATCH}] stage train failed (exit code 2: bad input, not retried): "), line
+    assert "train.freeze: 'nomatch.*' matches no parameter" in line and line.endswith("/train.log)")
     assert ": error:" not in line and "; tried" not in line
-    assert (r.stdout + r.stderr).count("has too few tokens") == 1
+    assert (r.stdout + r.stderr).count("matches no parameter") == 1
     after = r.stderr.splitlines()[r.stderr.splitlines().index(line) + 1 :]
     assert not after or not after[0].startswith("---"), "no empty tail under a header"
 
@@ -103,35 +103,16 @@ def test_mlflow_records_the_one_line_cause_and_status_shows_it(failed):
         recorded == f"stage train failed (exit code 1; tried 2 times): {exception_line(failed['train_dir'])} "
         f"(full log: {log})"
     )
-    assert runs[TOO_LONG].data.tags["gptlab.error"].count("\n") == 0
+    assert runs[NO_MATCH].data.tags["gptlab.error"].count("\n") == 0
     parent = runs["tiny"].data.tags["gptlab.error"]
-    assert "\n" not in parent and exception_line(failed["train_dir"]) in parent and "has too few tokens" in parent
+    assert "\n" not in parent and exception_line(failed["train_dir"]) in parent and "matches no parameter" in parent
     s = failed["status"]
     assert s.returncode == 0, s.stderr
     assert f"[{BROKEN}] {recorded}\n" in s.stdout, s.stdout
-    assert f"[{TOO_LONG}] stage train failed (exit code 2: bad input, not retried): " in s.stdout
+    assert f"[{NO_MATCH}] stage train failed (exit code 2: bad input, not retried): " in s.stdout
     assert "BashExitFailure" not in s.stdout and "Traceback" not in s.stdout
     row = next(x for x in s.stdout.splitlines() if BROKEN in x and "│" in x)
     assert "failed" in row and "not run" in row
-
-
-def test_status_reads_the_cause_from_an_error_recorded_by_an_older_gptlab(failed):
-    """Before this change the error tag held Parsl's bare BashExitFailure and the log's last 2000 characters."""
-    client = MlflowClient(f"sqlite:///{failed['runs_root'] / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("tiny").experiment_id
-    run = next(x for x in client.search_runs([exp]) if x.info.run_name == BROKEN)
-    log = failed["train_dir"] / "train.log"
-    old = (
-        f"stage train failed: BashExitFailure: bash_app train_app failed with unix exit code 1\n"
-        f"--- end of {log} ---\n{log.read_text()[-2000:].strip()}"
-    )
-    client.set_tag(run.info.run_id, "gptlab.error", old)
-    s = gptlab("status", failed["spec"])
-    assert s.returncode == 0, s.stderr
-    assert (
-        f"[{BROKEN}] stage train failed (exit code 1): {exception_line(failed['train_dir'])} (full log: {log})"
-        in s.stdout
-    ), s.stdout
 
 
 # ---------------------------------------------------------------------------- reading a training's log

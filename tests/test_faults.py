@@ -19,7 +19,7 @@ from helpers import make_corpus, tiny_spec, write_spec
 
 from llmcore.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
 from llmcore.io import LOCK_FILE, file_lock, write_commit_marker
-from workflows.plan import plan
+from workflows.planning import plan
 from workflows.spec import load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def mlflow_runs(runs_root: Path, experiment: str = "tiny") -> dict[str, object]:
     """{run name: run} in the store (empty until the experiment exists); never writes."""
     from mlflow.tracking import MlflowClient
 
-    from workflows.tracking import retry_locked
+    from workflows.store import retry_locked
 
     if not (runs_root / "mlflow.db").exists():
         return {}
@@ -188,7 +188,7 @@ SUBMIT = """
 import json, sys
 from workflows import submit
 r = submit(sys.argv[1], quiet=True, poll_interval=0.3)
-runs = [[x.name, x.run_id, x.status, x.metrics.get("val/loss")] for x in r.runs]
+runs = [[x.name, x.run_id, x.status, x.metrics.get("final/val_loss")] for x in r.runs]
 print("RESULT " + json.dumps({"parent": r.parent_run_id, "runs": runs}))
 """
 
@@ -240,7 +240,7 @@ def test_two_submits_of_one_spec_at_once_run_each_stage_once_and_agree(tmp_path)
     outputs = [log.read_text() for log in logs]
     assert codes == [0, 0], outputs
     results = [json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:]) for out in outputs]
-    assert results[0] == results[1]  # same parent, same child run, FINISHED, same val/loss
+    assert results[0] == results[1]  # same parent, same child run, FINISHED, same final/val_loss
     assert results[0]["runs"][0][2] == "FINISHED"
     assert {kind: len(ids) for kind, ids in seen.items()} == dict.fromkeys(stages, 1)
     assert train_steps(stages["train"].dir) == list(range(1, 31))
@@ -262,7 +262,8 @@ def test_two_submits_of_one_spec_at_once_run_each_stage_once_and_agree(tmp_path)
 WRITER = """
 import json, sys, time
 from pathlib import Path
-from workflows.tracking import MetricsForwarder, Tracker
+from workflows.store import Tracker
+from workflows.tail import MetricsForwarder
 uri, root, i, go = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 (root / f"ready{i}").touch()
 while not go.exists():
@@ -373,7 +374,7 @@ def fill(directory: Path) -> Path:
 
 
 def test_full_disk_never_leaves_a_commit_marker_or_temp_file(tmpfs):
-    from workflows.retry import NEVER, retry_cost
+    from site_configs.retry import NEVER, retry_cost
     from workflows.stages import _run
 
     disk = tmpfs("small", "256k")
@@ -482,7 +483,7 @@ def test_unwritable_runs_root_is_a_clear_error_and_nothing_runs(tmp_path, tmpfs)
 def test_full_runs_root_at_submit_is_one_clear_paragraph_and_nothing_runs(tmp_path, tmpfs):
     """runs_root's disk is full when the submit starts (the MLflow store cannot even be created): exit 2 with
     one paragraph naming the problem, no traceback, no stage started. Needs workflows/cli.py to treat
-    workflows.tracking.TrackingStoreError as bad input (see docs/reliability.md)."""
+    workflows.store.TrackingStoreError as bad input (see docs/reliability.md)."""
     from typer.testing import CliRunner
 
     from workflows.cli import app
@@ -545,7 +546,8 @@ def test_metrics_rewritten_by_a_resume_are_forwarded_without_a_gap_or_duplicate(
     from mlflow.tracking import MlflowClient
 
     from llmcore.io import atomic_write_bytes
-    from workflows.tracking import MetricsForwarder, Tracker
+    from workflows.store import Tracker
+    from workflows.tail import MetricsForwarder
 
     def line(step: int, pad: str = "") -> str:
         return (

@@ -6,8 +6,9 @@ import pytest
 from helpers import make_corpus, tiny_spec
 
 from llmcore.io import write_commit_marker
-from workflows.plan import STAGE_VERSIONS, canonical_hash, plan
+from workflows.planning import canonical_hash, plan
 from workflows.spec import load_spec_tree
+from workflows.stages import STAGES
 
 
 @pytest.fixture()
@@ -65,7 +66,7 @@ def test_a_key_hashes_kind_version_config_and_inputs_and_shared_stages_are_one_o
     )
     for key, s in p.stages.items():
         assert key == canonical_hash(
-            {"kind": s.kind, "version": STAGE_VERSIONS[s.kind], "config": s.config, "inputs": s.deps}
+            {"kind": s.kind, "version": STAGES[s.kind].version, "config": s.config, "inputs": s.deps}
         )
         assert s.dir.name == f"{s.kind}-{key}"
     assert [len(distinct(p, k)) for k in ("tokenizer", "shards", "train", "eval")] == [2, 2, 4, 4]

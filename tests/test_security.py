@@ -82,7 +82,7 @@ def test_hostile_paths_reach_the_training_shell_command_as_data(tmp_path, monkey
 def test_spec_paths_cannot_steer_outputs_outside_runs_root(tmp_path):
     """Stage directories are named by content hashes, reports by run hashes; names, sweep values and prompts
     with `../` never become paths. A name that looks like a path is rejected."""
-    from workflows.plan import plan
+    from workflows.planning import plan
     from workflows.spec import SpecError, load_spec_tree
 
     corpus = make_corpus(tmp_path / "corpus", n_docs=5)
@@ -176,7 +176,7 @@ def test_resume_refuses_a_planted_malicious_checkpoint_without_running_it(llm_sh
 
 @pytest.mark.slow
 def test_ui_listens_on_loopback_only_by_default(tmp_path):
-    from workflows.tracking import Tracker
+    from workflows.store import Tracker
 
     Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "ui", tmp_path / "mlartifacts")
     port = free_port()
@@ -203,8 +203,7 @@ def test_ui_listens_on_loopback_only_by_default(tmp_path):
 
 def test_parsl_worker_traffic_is_encrypted_off_box_and_loopback_only_on_box(tmp_path):
     from llmcore.config import TrainConfig
-    from site_configs import build_site
-    from workflows.spec import SiteSpec
+    from site_configs import SiteSpec, build_site
 
     multi = [TrainConfig(nodes=2, ranks_per_node=4, device="cuda"), TrainConfig()]
     for site in (SiteSpec(name="polaris", account="LLMlab"), SiteSpec(name="slurm", queue="gpu", gpus_per_node=4)):

@@ -9,10 +9,9 @@ import pytest
 from helpers import make_corpus, tiny_spec, write_spec
 
 from llmcore.config import TrainConfig
-from site_configs import build_site, site_problems
+from site_configs import SiteSpec, build_site, site_problems
 from site_configs.render import render_jobs
-from workflows.retry import NEVER, retry_cost
-from workflows.spec import SiteSpec
+from site_configs.retry import NEVER, retry_cost
 
 
 def jobs_for(tmp_path, trains, **site):

@@ -64,7 +64,7 @@ def test_killed_training_on_local_processes_is_retried_and_resumes(tmp_path):
     assert [r["step"] for r in after] == list(range(1, 401))  # every step once
     # Steps up to the checkpoint were not redone: their lines are the ones written before the kill.
     assert all(after[s - 1] == before[s] for s in range(1, 81))
-    assert result.runs[0].metrics["val/loss"] < after[0]["loss"]
+    assert result.runs[0].metrics["final/val_loss"] < after[0]["loss"]
     # The same training uninterrupted (same command, same thread count) ends at the same loss.
     command = next(x for x in (stage / "train.log").read_text().splitlines() if "-m llmcore.train" in x).split()
     shards = command[command.index("--shards") + 1]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import make_corpus, tiny_spec, write_spec
 
-from workflows.driver import load_and_check
+from workflows.checks import load_and_check
 from workflows.spec import SpecError, gc_paused, load_spec, load_spec_tree, run_name, sweep_points
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def test_every_shipped_spec_validates(path, tmp_path, monkeypatch):
     assert loaded.runs, "a spec expands to at least one run"
     # Corpus files are checked too: point file sources at a small corpus the test makes.
     overrides = [
-        f"data.sources.{i}.path={make_corpus(tmp_path / 'corpus', n_docs=3)}"
+        f"data.sources.{i}.path={make_corpus(tmp_path / 'corpus', n_docs=40)}"  # enough text for block_size 256
         for i, s in enumerate(loaded.spec.data.sources)
         if s.type == "files"
     ]
@@ -178,8 +178,19 @@ def test_yaml_syntax_error_and_non_mapping(tmp_path):
         load_spec(bad)
     assert str(bad) in str(info.value) and "(YAML) at line" in str(info.value)
     bad.write_text("- just\n- a list\n")
-    with pytest.raises(SpecError, match="must be a mapping"):
+    with pytest.raises(SpecError, match=r"\(top level\): is a list, not a mapping of sections"):
         load_spec(bad)
+    bad.write_text("42\n")
+    with pytest.raises(SpecError, match=r"is a single value \(int\), not a mapping"):
+        load_spec(bad)
+    for empty in ("", "# only a comment\n"):
+        bad.write_text(empty)
+        with pytest.raises(SpecError) as info:  # not an experiment of all defaults
+            load_spec(bad)
+        assert str(info.value) == (
+            f"Invalid experiment spec {bad} (1 problem): (file): is empty; a spec is a mapping "
+            "of sections (name, data, model, ...): copy one of specs/*.yaml to start."
+        )
     with pytest.raises(SpecError, match="no such file"):
         load_spec(tmp_path / "missing.yaml")
 
@@ -245,3 +256,37 @@ def test_cli_schema_is_json_schema_of_every_section():
         "tracking",
     }
     assert all("description" in v for v in schema["properties"].values())
+
+
+def test_typos_suggest_the_closest_field():
+    problems, _ = problems_of(
+        {"model": {"n_embed": 64}, "data": {"sources": [{"type": "files", "path": "x", "txt_field": "body"}]}}
+    )
+    assert "model.n_embed: unknown field (did you mean n_embd?)" in problems
+    assert "data.sources.0.txt_field: unknown field (did you mean text_field?)" in problems
+    problems, _ = problems_of({"model": {"zzz": 1}})
+    assert problems == ["model.zzz: unknown field (check the spelling; `gptlab schema` lists every field)"]
+
+
+def test_a_problem_every_sweep_point_has_is_reported_once():
+    problems, text = problems_of({"model": {"n_embd": 96, "n_head": 5}, "sweep": {"train.lr": [1e-3, 3e-3, 1e-2]}})
+    assert problems == ["model.n_head: must divide model.n_embd (n_embd=96, n_head=5)"]
+    assert "(1 problem)" in text
+
+
+def test_set_can_add_a_sweep_key(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: x\n")
+    loaded = load_spec(spec, ["sweep.model.n_layer=[1, 2, 4]", "sweep.train.lr=[0.001]"])
+    assert [name for name, _, _ in loaded.runs] == ["n_layer=1,lr=0.001", "n_layer=2,lr=0.001", "n_layer=4,lr=0.001"]
+    assert loaded.spec.sweep == {"model.n_layer": [1, 2, 4], "train.lr": [0.001]}
+
+
+def test_one_run_with_overrides_is_named_after_them(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: exp\n")
+    assert [r[0] for r in load_spec(spec).runs] == ["exp"]
+    named = load_spec(spec, ["train.max_steps=100", "model.n_layer=2", "site.name=local", "runs_root=elsewhere"])
+    assert [r[0] for r in named.runs] == ["max_steps=100,n_layer=2"]  # where it runs is not what it is
+    swept = load_spec(spec, ["train.max_steps=100", "sweep.model.n_layer=[1, 2]"])
+    assert [r[0] for r in swept.runs] == ["n_layer=1", "n_layer=2"]

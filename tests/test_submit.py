@@ -65,8 +65,8 @@ def test_every_sweep_point_finishes_with_eval_metrics_in_mlflow(sweep):
     for run in children.values():
         assert run.info.status == "FINISHED"
         m = run.data.metrics
-        assert {"val/loss", "val/ppl", "val/bpb", "tokenizer/bytes_per_token", "train/loss"} <= set(m)
-        assert m["val/ppl"] == pytest.approx(2.718281828 ** m["val/loss"], rel=1e-4)
+        assert {"final/val_loss", "val/ppl", "val/bpb", "tokenizer/bytes_per_token", "train/loss"} <= set(m)
+        assert m["val/ppl"] == pytest.approx(2.718281828 ** m["final/val_loss"], rel=1e-4)
         assert 0 < m["val/bpb"] < 8
     assert client.get_run(result.parent_run_id).info.status == "FINISHED"
 
@@ -270,7 +270,7 @@ def test_resubmit_reuses_everything_and_duplicates_nothing(sweep):
     assert again.ok and again.parent_run_id == sweep["result"].parent_run_id
     assert {r.run_id for r in again.runs} == {r.run_id for r in sweep["result"].runs}
     assert all(set(r.stages.values()) == {"cached"} for r in again.runs)
-    assert again.runs[0].metrics["val/loss"] == sweep["result"].runs[0].metrics["val/loss"]
+    assert again.runs[0].metrics["final/val_loss"] == sweep["result"].runs[0].metrics["final/val_loss"]
     client, children = client_and_children(sweep)
     assert len(children) == 2
     assert seconds < sweep["seconds"] / 2
@@ -278,10 +278,8 @@ def test_resubmit_reuses_everything_and_duplicates_nothing(sweep):
 
 def test_a_failing_point_is_failed_and_the_others_finish(tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
-    # A context longer than the validation split cannot be sampled: that point's training fails.
-    spec = write_spec(
-        tmp_path / "s.yaml", tiny_spec(corpus, tmp_path / "runs", sweep={"model.block_size": [16, 100000]})
-    )
+    # A freeze pattern that matches no parameter: that point's training fails (bad input, exit 2).
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec(corpus, tmp_path / "runs", sweep={"train.freeze": [[], ["x.*"]]}))
     r = subprocess.run(
         [sys.executable, "-m", "workflows.cli", "submit", str(spec), "--quiet"],
         capture_output=True,
@@ -293,8 +291,8 @@ def test_a_failing_point_is_failed_and_the_others_finish(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("tiny")
     runs = {x.info.run_name: x for x in client.search_runs([exp.experiment_id])}
-    assert runs["block_size=16"].info.status == "FINISHED"
-    failed = runs["block_size=100000"]
+    assert runs["freeze=[]"].info.status == "FINISHED"
+    failed = runs["freeze=['x.*']"]
     assert failed.info.status == "FAILED"
     assert "stage train failed" in failed.data.tags["gptlab.error"]
     assert runs["tiny"].info.status == "FAILED"  # the parent tells the truth too
@@ -302,9 +300,9 @@ def test_a_failing_point_is_failed_and_the_others_finish(tmp_path):
         [sys.executable, "-m", "workflows.cli", "status", str(spec)], capture_output=True, text=True, timeout=120
     )
     assert status.returncode == 0, status.stderr
-    line = next(x for x in status.stdout.splitlines() if "block_size=100000" in x)
+    line = next(x for x in status.stdout.splitlines() if "freeze=['x.*']" in x)
     assert re.search(r"FAILED\s*│\s*done\s*│\s*done\s*│\s*failed\s*│\s*not run", line), line
-    assert "[block_size=100000] stage train failed" in status.stdout
+    assert "[freeze=['x.*']] stage train failed" in status.stdout
 
 
 def test_ui_serves_the_store_on_loopback(sweep):
@@ -340,18 +338,18 @@ def test_ui_without_a_store_is_a_clear_error(tmp_path):
 
 def test_fail_fast_cancels_the_other_points(tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
-    # The long-context point fails at once; the other would train for minutes without --fail-fast.
+    # The point with a bad freeze pattern fails at once; the other would train for minutes without --fail-fast.
     tree = tiny_spec(
         corpus,
         tmp_path / "runs",
         train={"max_steps": 100000, "checkpoint_interval": 100000},
-        sweep={"model.block_size": [100000, 16]},
+        sweep={"train.freeze": [["x.*"], []]},
     )
     t0 = time.time()
     result = submit(write_spec(tmp_path / "s.yaml", tree), quiet=True, poll_interval=0.5, fail_fast=True)
     assert time.time() - t0 < 120
     status = {r.name: (r.status, r.error) for r in result.runs}
-    assert status["block_size=100000"][0] == "FAILED" and "stage train failed" in status["block_size=100000"][1]
-    assert status["block_size=16"] == ("FAILED", "cancelled: another sweep point failed and --fail-fast was given")
+    assert status["freeze=['x.*']"][0] == "FAILED" and "stage train failed" in status["freeze=['x.*']"][1]
+    assert status["freeze=[]"] == ("FAILED", "cancelled: another sweep point failed and --fail-fast was given")
     client = MlflowClient(result.tracking_uri)
     assert {client.get_run(r.run_id).info.status for r in result.runs} == {"FAILED"}

@@ -87,7 +87,7 @@ def test_submit_records_runs_metrics_and_artifacts_through_a_tracking_server(ser
     client = MlflowClient(server["uri"])
     run = client.get_run(result.runs[0].run_id)
     assert run.info.status == "FINISHED"
-    assert {"val/loss", "val/ppl", "val/bpb", "tokenizer/bytes_per_token"} <= set(run.data.metrics)
+    assert {"final/val_loss", "val/ppl", "val/bpb", "tokenizer/bytes_per_token"} <= set(run.data.metrics)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 31))
     # Artifacts go through the server (proxied), not to a path only this machine can see.

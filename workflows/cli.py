@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from workflows.spec import InputError, SpecError
+from workflows.states import StageState
 
 app = typer.Typer(
     add_completion=False,
@@ -70,10 +71,10 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             typer.echo(str(exc), err=True)
             raise typer.Exit(2) from None
         except Exception as exc:
-            # A store on a full or read-only file system. (workflows.tracking imports MLflow, seconds of start-up
+            # A store on a full or read-only file system. (workflows.store imports MLflow, seconds of start-up
             # that validate and plan do not need: it is only imported by commands that write a store.)
-            tracking = sys.modules.get("workflows.tracking")
-            if tracking is None or not isinstance(exc, tracking.TrackingStoreError):
+            store = sys.modules.get("workflows.store")
+            if store is None or not isinstance(exc, store.TrackingStoreError):
                 raise
             typer.echo(f"Cannot use the MLflow store: {exc}.", err=True)
             raise typer.Exit(2) from None
@@ -85,7 +86,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @user_errors
 def validate(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | None = SiteOpt) -> None:
     """Check a spec (schema, cross-field rules, sweep, corpus files) without running anything."""
-    from workflows.driver import load_and_check
+    from workflows.checks import load_and_check
 
     loaded = load_and_check(spec, set_, site)
     n = len(loaded.runs)
@@ -96,25 +97,26 @@ def validate(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | 
 @user_errors
 def plan_cmd(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | None = SiteOpt) -> None:
     """Show the runs, their stages (done or to run, shared or not) and model sizes; submits nothing."""
-    from workflows.driver import load_and_check
-    from workflows.plan import param_count, plan
+    from workflows.checks import load_and_check
+    from workflows.planning import param_count, plan
 
     p = plan(load_and_check(spec, set_, site))
     users: dict[str, int] = {}
     for r in p.runs:
         for s in r.stages.values():
             users[s.key] = users.get(s.key, 0) + 1
-    table = make_table(
-        f"{p.spec.name}: {len(p.runs)} runs, {len(p.stages)} stages under {p.runs_root}",
-        ["run", "params", "tokenizer", "shards", "train", "eval"],
-    )
+    labels = list(dict.fromkeys(label for r in p.runs for label in r.stages))
+    table = make_table(f"{p.spec.name}: {len(p.runs)} runs, {len(p.stages)} stages under {p.runs_root}",
+                       ["run", "params", *labels])  # fmt: skip
     for r in p.runs:
-        vocab = _vocab_size(r)
         cells = [
-            f"{s.key[:8]} {'done' if s.done else 'to run'}" + (f" (shared x{users[s.key]})" if users[s.key] > 1 else "")
-            for s in r.stages.values()
+            "-"
+            if (s := r.stages.get(label)) is None
+            else f"{s.key[:8]} {'done' if s.done else 'to run'}"
+            + (f" (shared x{users[s.key]})" if users[s.key] > 1 else "")
+            for label in labels
         ]
-        table.add_row(r.name, f"{param_count(r.spec, vocab) / 1e6:.2f}M", *cells)
+        table.add_row(r.name, f"{param_count(r.spec, _vocab_size(r)) / 1e6:.2f}M", *cells)
     out.print(table)
     todo = [s for s in p.stages.values() if not s.done]
     typer.echo(
@@ -173,21 +175,24 @@ def submit(
     ),
 ) -> None:
     """Run every stage of every sweep point that is not done yet, and record the runs in MLflow."""
-    from workflows.driver import submit as run_submit
+    from workflows import submit as run_submit
     from workflows.progress import LiveDisplay
 
     display = LiveDisplay(out) if not quiet and (live if live is not None else sys.stdout.isatty()) else None
     result = run_submit(spec, set_, site=site, quiet=quiet, fail_fast=fail_fast, display=display)
+    if result.interrupted:
+        typer.echo(f"Interrupted ({result.interrupted}): `gptlab submit {spec}` resumes the runs.", err=True)
+        raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
     table = make_table(
         f"{result.experiment}: {sum(r.status == 'FINISHED' for r in result.runs)}/{len(result.runs)} "
         f"runs finished in {result.seconds:.0f}s",
-        ["run", "status", "val/loss", "val/ppl", "val/bpb", "stages cached", "MLflow run"],
+        ["run", "status", "final/val_loss", "val/ppl", "val/bpb", "stages cached", "MLflow run"],
     )
     for r in result.runs:
         m = r.metrics
         fmt = lambda k: f"{m[k]:.4f}" if k in m else "-"
-        cached = ",".join(k for k, v in r.stages.items() if v == "cached") or "-"
-        table.add_row(r.name, r.status, fmt("val/loss"), fmt("val/ppl"), fmt("val/bpb"), cached, r.run_id[:12])
+        cached = ",".join(k for k, v in r.stages.items() if v == StageState.CACHED) or "-"
+        table.add_row(r.name, r.status, fmt("final/val_loss"), fmt("val/ppl"), fmt("val/bpb"), cached, r.run_id[:12])
     out.print(table)
     for r in result.runs:
         if r.error:
@@ -208,44 +213,27 @@ def status(
 ) -> None:
     """Each run's stages, training step, last metrics and MLflow run id.
 
-    Stages are done, cached, running, queued, waiting, failed, not run (after a failed stage) or to run. Runs
-    left RUNNING by a driver that is gone are marked KILLED."""
+    Stages are done, cached, running, queued, waiting, failed, not run (after a failed stage), interrupted (a
+    training stopped with a committed checkpoint: the next submit resumes it) or to run. Runs left RUNNING by a
+    driver that is gone are marked KILLED."""
     from workflows.compare import fmt
-    from workflows.runs import open_store, status_rows
+    from workflows.query import open_store, status_rows
 
     store = open_store(spec, set_, runs_root, uri, experiment)
     rows, killed = status_rows(store)
     for run_id in killed:
         typer.echo(f"run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
     several = len({r.experiment for r in rows}) > 1
-    table = make_table(
-        f"{store.source}: {len(rows)} run{'s' if len(rows) != 1 else ''} (store {store.uri})",
-        ["experiment"] * several
-        + [
-            "run",
-            "status",
-            "tokenizer",
-            "shards",
-            "train",
-            "eval",
-            "step",
-            "train/loss",
-            "val/loss",
-            "val/bpb",
-            "MLflow run",
-        ],
-    )
+    labels = list(dict.fromkeys(label for r in rows for label in r.stages))
+    columns = ["run", "status", *labels, "step", "train/loss", "final/val_loss", "val/bpb", "MLflow run"]
+    title = f"{store.source}: {len(rows)} run{'s' if len(rows) != 1 else ''} (store {store.uri})"
+    table = make_table(title, ["experiment"] * several + columns)
     for r in rows:
         m = r.metrics
         table.add_row(
-            *[r.experiment] * several,
-            r.name,
-            r.status,
-            *(r.stages[k] for k in ("tokenizer", "shards", "train", "eval")),
-            r.step,
-            *(fmt(m.get(k)) for k in ("train/loss", "val/loss", "val/bpb")),
-            r.run_id or "-",
-        )
+            *[r.experiment] * several, r.name, r.status, *(str(r.stages.get(k, "-")) for k in labels), r.step,
+            fmt(r.train_loss), fmt(m.get("final/val_loss", m.get("val/loss"))), fmt(m.get("val/bpb")), r.run_id or "-",
+        )  # fmt: skip
     out.print(table)
     for r in rows:
         if r.error:
@@ -271,7 +259,7 @@ def compare(
 
     Writes sweep.csv and a plot of --metric against the swept parameter."""
     from workflows.compare import METRICS, best, fmt, rows_from_store, write_report
-    from workflows.runs import latest_parent, open_store
+    from workflows.query import latest_parent, open_store
 
     store = open_store(spec, set_, runs_root, uri, experiment)
     parent = latest_parent(store)
@@ -336,7 +324,7 @@ def sample(
 ) -> None:
     """Generate text from a run's trained weights (its newest committed checkpoint)."""
     from llmcore.hardware import resolve_device
-    from workflows.runs import open_store, sample_run
+    from workflows.query import open_store, sample_run
 
     try:
         resolve_device(device)
@@ -344,8 +332,9 @@ def sample(
         raise InputError("gptlab sample", [f"--device: {exc}"]) from None
     store = open_store(spec, None, runs_root, uri, experiment)
     text = prompt.replace("\\n", "\n").replace("\\t", "\t")  # typed escapes, as in "def f():\n"
+    say = lambda msg: typer.echo(f"# {msg}", err=True)
     found, meta, texts = sample_run(
-        store, run, text, num_samples, max_new_tokens, temperature, top_k, top_p, seed, device
+        store, run, text, num_samples, max_new_tokens, temperature, top_k, top_p, seed, device, say=say
     )
     typer.echo(f"# {found.info.run_name} (run {found.info.run_id}), checkpoint step {meta['step']}", err=True)
     for i, t in enumerate(texts):

@@ -19,7 +19,7 @@ import yaml
 
 from workflows.report import save_atomically
 
-METRICS = ("val/loss", "val/ppl", "val/bpb", "train/tokens_per_sec", "model/params", "stage/train_seconds")
+METRICS = ("final/val_loss", "val/ppl", "val/bpb", "train/tokens_per_sec", "model/params", "stage/train_seconds")
 
 
 @dataclass
@@ -176,7 +176,7 @@ def log_sweep_summary(tracker: Any, parent_id: str, p: Any, runs: list[Any], met
     tracker.log_artifacts(parent_id, [(f, "summary") for f in files])
     top = best(rows, metric)
     if top is not None:
-        tracker.set_tags(parent_id, {"gptlab.best_run": top.name, "gptlab.best_run_id": top.run_id})
+        tracker.set_tags(parent_id, {"best_run": top.name, "best_run_id": top.run_id})
         tracker.log_values(parent_id, {f"best/{metric.split('/')[-1]}": top.metrics[metric]}, step=0)
 
 

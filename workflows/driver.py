@@ -1,35 +1,41 @@
 """Submit: plan a spec, run its stage graph through Parsl, and record every run in MLflow.
 
-The driver is the only MLflow writer. It launches one Parsl app per stage that is not yet committed
-(stages shared by several sweep points are launched once), forwards training metrics while stages run,
-and closes each sweep point's MLflow run as FINISHED or FAILED with the error; a failing point never
-stops the others.
+The :class:`Driver` is the only MLflow writer. It launches one Parsl app per stage that is not yet committed
+(stages shared by several sweep points are launched once), follows the trainings' metrics while stages run, and
+closes each sweep point's MLflow run as FINISHED or FAILED with the error; a failing point never stops the others.
+
+Stopping: the first SIGINT (Ctrl-C) or SIGTERM (a scheduler's walltime) asks every running training to save a
+checkpoint and stop (a STOP file in its directory, and SIGTERM to its process where it runs on this machine),
+waits for them, marks the unfinished runs KILLED and says that submitting the same spec resumes them; a second
+signal forces out at once. A Parsl executor that can no longer deliver results (its result thread or its
+interchange died) fails its tasks instead of leaving the driver waiting on them forever.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import tempfile
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_any
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from workflows.lifecycle import RunLifecycle, run_summary_line, tracker_for
+from workflows.planning import Plan, RunPlan, Stage
+from workflows.progress import Board, LineDisplay, LiveDisplay, RunRow
+from workflows.stages import TRAIN_LOG, prepare_stage, write_train_config
+from workflows.states import StageState
+from workflows.tail import MetricsForwarder
+from workflows.trainlog import describe_failure, lock_holder, log_size
 
-from workflows.compare import log_sweep_summary
-from workflows.plan import Plan, RunPlan, Stage, plan
-from workflows.progress import PARSL_STATES, Board, LineDisplay, LiveDisplay, RunRow
-from workflows.report import loss_curve_png
-from workflows.spec import LoadedSpec, SpecError, load_spec
-from workflows.stages import prepare_stage
-from workflows.tracking import MetricsForwarder, Tracker, default_tracking_uri, flatten
-
-LOG_TAIL_LINES = 18  # lines of a failed training's log that submit shows under its error
 FORWARD_EVERY = 5.0  # seconds between sends of a running training's metrics to MLflow (one transaction each)
+STOP_GRACE_S = 90.0  # how long a stopping training may take to save its checkpoint before it is killed
+SHUTDOWN_S = 60.0  # how long Parsl may take to shut down before its processes are killed
 
 
 @dataclass
@@ -38,10 +44,10 @@ class RunResult:
 
     name: str
     run_id: str
-    status: str
+    status: str  # FINISHED, FAILED or KILLED (an interrupted submit)
     point: dict[str, Any]
     metrics: dict[str, float] = field(default_factory=dict)
-    stages: dict[str, str] = field(default_factory=dict)  # kind -> "cached" | "ran" | "failed" | "not run"
+    stages: dict[str, StageState] = field(default_factory=dict)  # stage label -> state
     # Why it failed. Its first line is the cause recorded in MLflow (which stage, the exit code, the final
     # exception, the full log's path); for a failed training the lines after it are the end of its log,
     # under a header naming the log file.
@@ -61,523 +67,458 @@ class SubmitResult:
     tracking_uri: str
     runs: list[RunResult]
     seconds: float
+    interrupted: str | None = None  # the signal that stopped the submit (SIGINT, SIGTERM), if one did
 
     @property
     def ok(self) -> bool:
         return all(r.status == "FINISHED" for r in self.runs)
 
 
-# --------------------------------------------------------------------------------------------- checks
+# --------------------------------------------------------------------------------------------- signals
 
 
-def preflight(loaded: LoadedSpec, submitting: bool = False) -> None:
-    """Problems that need the file system or the site (missing corpus files, unwritable runs_root, a missing
-    account), all at once. ``submitting`` adds checks that hold only where the driver will run."""
-    from llmcore.corpus import check_corpus
+class StopRequest:
+    """SIGINT / SIGTERM during a submit. The first sets ``signal`` (the driver stops cleanly at its next look);
+    a second calls ``force`` (which does not return). Installed only in the main thread."""
 
-    problems: list[str] = []
-    seen: set[str] = set()
-    for _name, _, spec in loaded.runs:
-        key = spec.data.model_dump_json()
-        if key in seen:
-            continue
-        seen.add(key)
-        problems += [str(e) for e in check_corpus(spec.data)]
-    from site_configs import site_problems
+    def __init__(self, force: Callable[[str], None]):
+        self.signal: str | None = None
+        self.force = force
+        self._previous: dict[int, Any] = {}
 
-    problems += site_problems(loaded.spec.site, [spec.train for _, _, spec in loaded.runs], submitting=submitting)
-    root = Path(loaded.spec.runs_root).expanduser()
-    if root.exists() and not root.is_dir():
-        problems.append(f"runs_root: cannot write to {root} (it is a file, not a directory)")
-    else:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
-                pass
-        except OSError as exc:
-            problems.append(f"runs_root: cannot write to {root} ({exc.strerror or exc})")
-    if problems:
-        raise SpecError(loaded.source, problems)
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
 
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
-def load_and_check(
-    spec: str | Path | LoadedSpec, overrides: list[str] | None = None, site: str | None = None, submitting: bool = False
-) -> LoadedSpec:
-    if isinstance(spec, LoadedSpec):
-        loaded = spec
-    else:
-        extra = [f"site.name={site}"] if site else []
-        loaded = load_spec(spec, [*(overrides or []), *extra])
-    preflight(loaded, submitting)
-    return loaded
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.signal is None:
+            self.signal = name
+        else:
+            self.force(name)
 
 
 # ---------------------------------------------------------------------------------------------- driver
 
 
 class Driver:
-    """Runs one plan on one Parsl site and keeps MLflow in step with it."""
+    """Runs one plan on its site and keeps MLflow in step with it."""
 
-    def __init__(self, p: Plan, tracker: Tracker, report: Callable[[str], None], poll_interval: float):
-        self.plan, self.tracker, self.report, self.poll_interval = p, tracker, report, poll_interval
-        self.futures: dict[str, Future | None] = {}  # stage key -> future (None: was already committed)
-        self.train_proc: dict[str, Future] = {}  # train stage key -> the bash app future of its process
-        self.forwarders: dict[tuple[str, str], MetricsForwarder] = {}
+    def __init__(self, p: Plan, display: LineDisplay | LiveDisplay, poll_interval: float, fail_fast: bool = False):
+        self.plan, self.display, self.poll_interval, self.fail_fast = p, display, poll_interval, fail_fast
+        self.say = display.say
+        self.lifecycle = RunLifecycle(tracker_for(p), p)
+        self.futures: dict[str, Future | None] = {}  # stage key -> its future (None: committed before this submit)
+        self.processes: dict[str, Future] = {}  # training stage key -> the future of its process (the bash app)
+        self.launched_log: dict[str, int] = {}  # training stage key -> train.log's size when it was launched
+        self.forwarders: dict[str, MetricsForwarder] = {}  # run hash -> its training's forwarder
+        self.cached = {s.key for s in p.stages.values() if s.done}
+        self.board = Board([RunRow(r.name, r.spec.train.max_steps, self._initial_states(r)) for r in p.runs])
+        self.results: dict[str, RunResult] = {}  # run hash -> result, as runs end
+        self.stop = StopRequest(self._force)
 
-    # ---- launching
+    # ---- the whole submit
 
-    def launch_all(self, apps: dict[str, Any], train_env: dict[str, str]) -> None:
-        for stage in self.plan.stages.values():
-            run = next(r for r in self.plan.runs if r.stages[stage.kind].key == stage.key)
-            self.futures[stage.key] = None if stage.done else self._launch(stage, run, apps, train_env)
+    def run(self, started: float) -> SubmitResult:
+        lifecycle = self.lifecycle
+        for run_id in lifecycle.mark_dead_runs_killed():
+            self.say(f"run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
+        lifecycle.start()
+        todo = [
+            r
+            for r in self.plan.runs
+            if lifecycle.children[r.run_hash].previous != "FINISHED" or not all(s.done for s in r.stages.values())
+        ]
+        for r in self.plan.runs:
+            if r in todo:
+                states = self.board.rows[r.name].stages
+                self.say(f"[{r.name}] " + ", ".join(self._describe(r, label, st) for label, st in states.items()))
+            else:
+                self._close(r, RunResult(r.name, lifecycle.child(r), "FINISHED", r.point, lifecycle.metrics_of(r),
+                                         dict.fromkeys(r.stages, StageState.CACHED)))  # fmt: skip
+        self.display.update(self.board)
+        if todo:
+            with self.stop:
+                self._execute(todo)
+        return self._end(started)
 
-    def _launch(self, stage: Stage, run: RunPlan, apps: dict[str, Any], train_env: dict[str, str]) -> Future:
-        prepare_stage(stage.dir, stage.config)
-        deps = [f for k in stage.deps if (f := self.futures[k]) is not None]
-        spec = run.spec.model_dump(mode="json")
-        d = {kind: str(s.dir) for kind, s in run.stages.items()}
-        if stage.kind == "tokenizer":
-            return apps["tokenizer"](d["tokenizer"], spec)
-        if stage.kind == "shards":
-            return apps["shards"](d["shards"], spec, d["tokenizer"], inputs=deps)
-        if stage.kind == "train":
-            self._write_train_config(stage, run)
-            app, launcher, extra, env = self._train_launch(run, stage, apps, train_env)
-            # Keyword arguments only past the first three: Parsl merges the function's defaults into the call.
-            proc = app(
-                d["train"],
-                d["shards"],
-                env,
-                launcher=launcher,
-                inputs=deps,
-                stdout=str(stage.dir / "train.log"),
-                stderr=str(stage.dir / "train.log"),
-                **extra,
-            )
-            self.train_proc[stage.key] = proc
-            return apps["commit_train"](d["train"], inputs=[proc])
-        return apps["eval"](d["eval"], spec, d["train"], d["shards"], d["tokenizer"], inputs=deps)
+    def _end(self, started: float) -> SubmitResult:
+        from workflows.compare import log_sweep_summary
 
-    def _train_launch(self, run: RunPlan, stage: Stage, apps: dict[str, Any], env: dict[str, str]):
-        """(app, launcher prefix, app kwargs, env) for one training: one process, or one rank per GPU."""
-        from llmcore.distributed import EXPECTED_RANKS
+        p, lifecycle = self.plan, self.lifecycle
+        runs = [self.results[r.run_hash] for r in p.runs]
+        tracker = lifecycle.tracker
+        tracker.set_tags(lifecycle.parent_id, {"runs_finished": str(sum(r.status == "FINISHED" for r in runs))})
+        if p.spec.sweep:
+            log_sweep_summary(tracker, lifecycle.parent_id, p, runs)
+        if self.stop.signal:
+            lifecycle.end(lifecycle.parent_id, "KILLED", f"interrupted by {self.stop.signal}")
+        elif all(r.status == "FINISHED" for r in runs):
+            lifecycle.end(lifecycle.parent_id, "FINISHED")
+        else:
+            lifecycle.end(lifecycle.parent_id, "FAILED", "; ".join(f"{r.name}: {r.cause}" for r in runs if r.error))
+        experiment = p.spec.tracking.experiment or p.spec.name
+        return SubmitResult(experiment, tracker.experiment_id, lifecycle.parent_id, tracker.uri, runs,
+                            time.time() - started, self.stop.signal)  # fmt: skip
 
-        t = run.spec.train
-        ranks = t.nodes * t.ranks_per_node
-        env = {**env, EXPECTED_RANKS: str(ranks)}  # with 1: not the worker pool's PMI_* / SLURM_* variables
-        if ranks == 1:
-            return apps["train"], "", {}, env
-        if "train_mpi" in apps:
-            spec = {"num_nodes": t.nodes, "ranks_per_node": t.ranks_per_node, "num_ranks": ranks}
-            return apps["train_mpi"], "$PARSL_MPI_PREFIX", {"parsl_resource_specification": spec}, env
-        from llmcore.distributed import mpiexec_prefix
-
-        port = 20000 + int(stage.key[:8], 16) % 20000  # a port per training, stable across retries
-        env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        return apps["train"], mpiexec_prefix(ranks, t.ranks_per_node), {}, env
+    def _initial_states(self, run: RunPlan) -> dict[str, StageState]:
+        states = {}
+        for label, s in run.stages.items():
+            if s.done:
+                states[label] = StageState.CACHED
+            elif s.kind == "train" and resume_step(s.dir) is not None:
+                states[label] = StageState.RESUMING
+            else:
+                states[label] = StageState.TO_RUN
+        return states
 
     @staticmethod
-    def _write_train_config(stage: Stage, run: RunPlan) -> None:
-        from llmcore.io import atomic_write_json
+    def _describe(run: RunPlan, label: str, state: StageState) -> str:
+        if state == StageState.RESUMING:
+            return f"{label} resuming from step {resume_step(run.stages[label].dir)}"
+        return f"{label} {state}"
 
-        s = run.spec
-        atomic_write_json(
-            stage.dir / "train.json",
-            {"model": s.model.model_dump(mode="json"), "train": s.train.model_dump(mode="json"), "seed": s.seed},
-        )
+    # ---- running the stages
 
-    # ---- monitoring
+    def _execute(self, todo: list[RunPlan]) -> None:
+        import parsl
 
-    def forward(self, run: RunPlan, run_id: str, now: bool = False) -> None:
+        from llmcore.io import file_lock
+        from site_configs import build_site
+
+        p = self.plan
+        trainings = sum(1 for s in p.stages.values() if s.kind == "train" and not s.done)
+        site = build_site(p.spec.site, p.runs_root / "parsl", [r.spec.train for r in todo], trainings)
+        with file_lock(p.runs_root / "parsl" / ".lock", "the Parsl run directory"):  # Parsl numbers run dirs racily
+            dfk = parsl.load(site.config)
+        try:
+            for r in todo:
+                self.lifecycle.tracker.set_tags(self.lifecycle.child(r), {"parsl_run_id": dfk.run_id})
+            apps = make_apps(site)
+            for stage in p.stages.values():
+                self.futures[stage.key] = None if stage.done else self._launch(stage, apps, site.train_env)
+            self._loop(list(todo), dfk)
+        finally:
+            shutdown(dfk, self.say)
+
+    def _loop(self, pending: list[RunPlan], dfk: Any) -> None:
+        while pending:
+            if self.stop.signal:
+                self._interrupt(pending)
+                return
+            check_executors(dfk)
+            for r in pending:
+                self._forward(r)
+            self._refresh(pending)
+            for r in [r for r in pending if self._run_done(r)]:
+                pending.remove(r)
+                done = self._finalize(r)
+                self.say(f"[{r.name}] {done.status} {run_summary_line(done.metrics)}".rstrip())
+            if self.fail_fast and pending and any(x.status == "FAILED" for x in self.results.values()):
+                self._cancel(pending)
+                return
+            self.display.update(self.board)
+            if pending:
+                self._wait(pending)
+
+    def _launch(self, stage: Stage, apps: dict[str, Any], train_env: dict[str, str]) -> Future:
+        prepare_stage(stage.dir, stage.config)
+        deps = [f for k in stage.deps if (f := self.futures[k]) is not None]
+        dirs = {k: str(d) for k, d in stage.inputs.items()}
+        if stage.definition.body is not None:
+            return apps["stage"](stage.kind, str(stage.dir), stage.config, dirs, stage.runtime, inputs=deps)
+        write_train_config(stage.dir, stage.config, stage.runtime)
+        run = next(r for r in self.plan.runs if r.training.key == stage.key)
+        app, launcher, extra, env = train_launch(run, stage, apps, train_env)
+        self.launched_log[stage.key] = log_size(stage.dir)
+        log = str(stage.dir / TRAIN_LOG)
+        # Keyword arguments only past the first three: Parsl merges the function's defaults into the call.
+        proc = app(str(stage.dir), dirs["shards"], env, launcher=launcher, inputs=deps, stdout=log, stderr=log, **extra)
+        self.processes[stage.key] = proc
+        return apps["commit_train"](str(stage.dir), inputs=[proc])
+
+    def _forward(self, run: RunPlan, now: bool = False) -> None:
         """Read a training's new metric lines; send them to MLflow every FORWARD_EVERY seconds, or ``now``."""
-        stage = run.stages["train"]
-        key = (run_id, stage.key)
-        if key not in self.forwarders:
-            self.forwarders[key] = MetricsForwarder(self.tracker, run_id, stage.dir / "metrics.jsonl")
-        self.forwarders[key].poll(0.0 if now else FORWARD_EVERY)
+        fw = self.forwarders.get(run.run_hash)
+        if fw is None:
+            fw = MetricsForwarder(self.lifecycle.tracker, self.lifecycle.child(run), run.training.dir / "metrics.jsonl")
+            self.forwarders[run.run_hash] = fw
+        fw.poll(0.0 if now else FORWARD_EVERY)
 
-    def wait(self, runs: list[RunPlan], seconds: float) -> None:
-        """Sleep until one of these runs' tasks ends, or ``seconds`` pass."""
-        from concurrent.futures import FIRST_COMPLETED
-        from concurrent.futures import wait as wait_any
-
+    def _wait(self, runs: list[RunPlan]) -> None:
+        """Sleep until one of these runs' tasks ends, or the poll interval passes."""
         keys = {s.key for r in runs for s in r.stages.values()}
         running = [
-            f for k in keys for f in (self.futures.get(k), self.train_proc.get(k)) if f is not None and not f.done()
+            f for k in keys for f in (self.futures.get(k), self.processes.get(k)) if f is not None and not f.done()
         ]
         if running:
-            wait_any(running, timeout=seconds, return_when=FIRST_COMPLETED)
+            wait_any(running, timeout=self.poll_interval, return_when=FIRST_COMPLETED)
         else:
-            time.sleep(seconds)
+            time.sleep(self.poll_interval)
 
-    def refresh(self, board: Board) -> None:
-        """Bring the board up to date: each stage's state from its Parsl task, each training's latest step."""
-        for run in self.plan.runs:
-            row = board.rows[run.name]
-            if row.status != "RUNNING":
-                continue
-            for kind, stage in run.stages.items():
-                f = self.futures.get(stage.key)
-                proc = self.train_proc.get(stage.key)
-                if f is None:
-                    row.stages[kind] = "cached"
-                elif proc is not None and not proc.done():
-                    state = PARSL_STATES.get(proc.task_status(), "waiting")
-                    # launched to an executor is not yet running: the process writes train.log from its start
-                    row.stages[kind] = (
-                        "queued" if state == "running" and not (stage.dir / "train.log").is_file() else state
-                    )
-                else:
-                    row.stages[kind] = PARSL_STATES.get(f.task_status(), "waiting")
-            fw = next((fw for (_, key), fw in self.forwarders.items() if key == run.stages["train"].key), None)
+    def _state(self, stage: Stage) -> StageState:
+        """A launched stage's state from its Parsl task (a training: from its process's)."""
+        f, proc = self.futures.get(stage.key), self.processes.get(stage.key)
+        if f is None:
+            return StageState.CACHED
+        if proc is not None and not proc.done():
+            state = StageState.from_parsl(proc.task_status())
+            started = log_size(stage.dir) > self.launched_log.get(stage.key, 0)  # the process writes from its start
+            return StageState.QUEUED if state == StageState.RUNNING and not started else state
+        return StageState.from_parsl(f.task_status())
+
+    def _refresh(self, runs: list[RunPlan]) -> None:
+        """Bring the board up to date: each stage's state, each training's latest step."""
+        for run in runs:
+            row = self.board.rows[run.name]
+            for label, stage in run.stages.items():
+                row.stages[label] = self._state(stage)
+            fw = self.forwarders.get(run.run_hash)
             if fw is not None and fw.latest is not None:
-                rec = fw.latest
-                row.step, row.loss, row.tokens_per_sec = rec.step, rec.loss, rec.tokens_per_sec
+                row.step, row.loss, row.tokens_per_sec = fw.latest.step, fw.latest.loss, fw.latest.tokens_per_sec
 
-    def run_done(self, run: RunPlan) -> bool:
-        f = self.futures[run.stages["eval"].key]
-        return f is None or f.done()
+    def _run_done(self, run: RunPlan) -> bool:
+        return all((f := self.futures[s.key]) is None or f.done() for s in run.stages.values())
 
-    def failure(self, run: RunPlan) -> tuple[str, str] | None:
-        """(stage kind, error) of the first stage of this run that failed itself, if any. The error's first
+    # ---- ending runs
+
+    def _failure(self, run: RunPlan) -> tuple[str, str] | None:
+        """(stage label, error) of the first stage of this run that failed itself, if any. The error's first
         line is the cause; a failed training's log tail may follow it (see RunResult.error)."""
         from parsl.dataflow.errors import DependencyError
 
-        for kind, stage in run.stages.items():
-            for f in (self.train_proc.get(stage.key), self.futures[stage.key]):
+        for label, stage in run.stages.items():
+            for f in (self.processes.get(stage.key), self.futures[stage.key]):
                 if f is None or not f.done() or f.exception() is None:
                     continue
                 exc = f.exception()
                 if isinstance(exc, DependencyError):
                     continue
                 tries = getattr(f, "task_record", {}).get("fail_count", 1)
-                return kind, describe_failure(stage, exc, tries)
+                return label, describe_failure(label, stage.dir, exc, tries)
         return None
 
+    def _finalize(self, run: RunPlan) -> RunResult:
+        """Close one sweep point's MLflow run with everything it produced, or with the error that stopped it."""
+        run_id = self.lifecycle.child(run)
+        self._forward(run, now=True)
+        states = {label: (StageState.CACHED if s.key in self.cached else StageState.DONE if s.done
+                          else StageState.NOT_RUN) for label, s in run.stages.items()}  # fmt: skip
+        cached = ",".join(k for k, v in states.items() if v == StageState.CACHED) or "none"
+        self.lifecycle.tracker.set_tags(run_id, {"cached_stages": cached})
+        failed = self._failure(run)
+        if failed or not all(s.done for s in run.stages.values()):
+            label, error = failed or (next(k for k, v in states.items() if v == StageState.NOT_RUN),
+                                      "a stage did not commit")  # fmt: skip
+            states[label] = StageState.FAILED
+            result = RunResult(run.name, run_id, "FAILED", run.point, {}, states, error)
+            self.lifecycle.end(run_id, "FAILED", result.cause)
+        else:
+            metrics = self.lifecycle.log_outputs(run)
+            self.lifecycle.end(run_id, "FINISHED")
+            result = RunResult(run.name, run_id, "FINISHED", run.point, metrics, states)
+        self._close(run, result)
+        return result
 
-def describe_failure(stage: Stage, exc: BaseException, tries: int = 1) -> str:
-    """Why a stage failed. A training process that exited non-zero: one line with its exit code (and what it
-    means), the final exception or error message of its last try and the path of its train.log, then the last
-    LOG_TAIL_LINES lines of that try before the quoted error, under a header naming the log. Anything else:
-    ``stage KIND failed: ExceptionType: message``."""
-    from parsl.app.errors import BashExitFailure
+    def _close(self, run: RunPlan, result: RunResult) -> None:
+        self.results[run.run_hash] = result
+        row = self.board.rows[run.name]
+        row.status, row.val_bpb = result.status, result.metrics.get("val/bpb")
+        for label, state in result.stages.items():
+            if (
+                state in (StageState.FAILED, StageState.NOT_RUN)
+                or not row.stages.get(label, StageState.TO_RUN).finished
+            ):
+                row.stages[label] = state
 
-    from workflows.trainlog import failure_cause, last_try, lines_before, read_log, training_error
+    def _stop_trainings(self, runs: list[RunPlan]) -> list[RunPlan]:
+        """Ask the running trainings of these runs to checkpoint and stop; wait for them (killing those that do
+        not stop within STOP_GRACE_S). Returns the runs whose training was running."""
+        running = [r for r in runs if (proc := self.processes.get(r.training.key)) is not None and not proc.done()]
+        for r in running:
+            request_stop(r.training.dir)
+        deadline = time.time() + STOP_GRACE_S
+        procs = [self.processes[r.training.key] for r in running]
+        while not all(f.done() for f in procs) and time.time() < deadline:
+            wait_any([f for f in procs if not f.done()], timeout=1.0, return_when=FIRST_COMPLETED)
+        for r in running:
+            if not self.processes[r.training.key].done() and kill_training(r.training.dir, signal.SIGKILL):
+                self.say(f"[{r.name}] training did not stop within {STOP_GRACE_S:.0f} s: killed")
+        return running
 
-    log = stage.dir / "train.log"
-    if stage.kind != "train" or not isinstance(exc, BashExitFailure):
-        text = " ".join(x.strip() for x in str(exc).splitlines() if x.strip()) or "(no message)"
-        msg = f"stage {stage.kind} failed: {type(exc).__name__}: {text}"
-        return msg + (f" (training log: {log})" if stage.kind == "train" and log.is_file() else "")
-    lines = last_try(read_log(log))
-    cause, at = failure_cause(lines)
-    error = training_error(exc.exitcode, cause, log, tries)
-    tail = lines_before(lines, at, LOG_TAIL_LINES)
-    if tail:
-        error += f"\n--- {log}: the last {len(tail)} lines before that error ---\n" + "\n".join(tail)
-    return error
+    def _interrupt(self, pending: list[RunPlan]) -> None:
+        """The first SIGINT / SIGTERM: stop the trainings cleanly, mark the unfinished runs KILLED."""
+        sig = self.stop.signal
+        running = [r for r in pending if (proc := self.processes.get(r.training.key)) and not proc.done()]
+        self.say(f"{sig}: stopping; {len(running)} running training(s) save a checkpoint and stop "
+                 "(press Ctrl-C again to force)")  # fmt: skip
+        self._stop_trainings(pending)
+        for r in pending:
+            self._forward(r, now=True)
+            step = resume_step(r.training.dir)
+            where = f"training checkpointed at step {step}" if step is not None else "no training checkpoint yet"
+            error = f"interrupted by {sig} ({where}): `gptlab submit {self.plan.loaded.source}` resumes it"
+            self.lifecycle.end(self.lifecycle.child(r), "KILLED", error)
+            states = {label: (StageState.CACHED if s.key in self.cached else StageState.DONE if s.done
+                              else StageState.INTERRUPTED if s.kind == "train" and step is not None
+                              else StageState.NOT_RUN) for label, s in r.stages.items()}  # fmt: skip
+            self._close(r, RunResult(r.name, self.lifecycle.child(r), "KILLED", r.point, {}, states, error))
+        self.display.update(self.board)
+        self.say(f"interrupted: {len(pending)} run(s) KILLED in MLflow; committed stages and checkpoints are kept, "
+                 f"and `gptlab submit {self.plan.loaded.source}` resumes them")  # fmt: skip
+
+    def _cancel(self, pending: list[RunPlan]) -> None:
+        """--fail-fast: close the unfinished points as FAILED (cancelled) and stop their trainings. Committed
+        stages stay committed; a later submit resumes the rest from their checkpoints."""
+        error = "cancelled: another sweep point failed and --fail-fast was given"
+        for r in pending:
+            self.lifecycle.end(self.lifecycle.child(r), "FAILED", error)
+            self.say(f"[{r.name}] FAILED ({error})")
+            self._close(r, RunResult(r.name, self.lifecycle.child(r), "FAILED", r.point, {}, {}, error))
+        self._stop_trainings(pending)
+        self.display.update(self.board)
+
+    def _force(self, sig: str) -> None:
+        """The second SIGINT / SIGTERM: kill the trainings and Parsl's processes, and leave at once. The runs
+        stay RUNNING in MLflow until the next submit (or status) finds this driver gone and marks them KILLED."""
+        for key in self.processes:
+            stage = self.plan.stages[key]
+            kill_training(stage.dir, signal.SIGKILL)
+        kill_children()
+        print(
+            f"{sig} again: forced out; trainings killed (their last committed checkpoints are kept: "
+            f"`gptlab submit {self.plan.loaded.source}` resumes them)",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(128 + signal.Signals[sig].value)
 
 
-# ---------------------------------------------------------------------------------------------- submit
+# --------------------------------------------------------------------------------------- Parsl helpers
 
 
-def _make_apps(site: Any) -> dict[str, Any]:
+def make_apps(site: Any) -> dict[str, Any]:
+    """The Parsl apps of a site: every Python stage through one app, training as a bash app (and its commit)."""
     from parsl.app.app import bash_app, python_app
 
     from workflows import stages
 
-    cpu, gpu = [site.cpu_executor], [site.train_executor]
+    cpu, train = [site.cpu_executor], [site.train_executor]
     apps = {
-        "tokenizer": python_app(stages.tokenizer_stage, executors=cpu),
-        "shards": python_app(stages.shards_stage, executors=cpu),
-        "train": bash_app(stages.train_app, executors=gpu),
+        "stage": python_app(stages.run_stage, executors=cpu),
+        "train": bash_app(stages.train_app, executors=train),
         "commit_train": python_app(stages.commit_train, executors=cpu),
-        "eval": python_app(stages.eval_stage, executors=cpu),
     }
     if site.mpi_executor:
         apps["train_mpi"] = bash_app(stages.train_app, executors=[site.mpi_executor])
     return apps
 
 
-def _tracker_for(p: Plan) -> Tracker:
-    t = p.spec.tracking
-    uri = t.uri or default_tracking_uri(p.runs_root)
-    return Tracker(uri, t.experiment or p.spec.name, p.runs_root / "mlartifacts")
+def train_launch(run: RunPlan, stage: Stage, apps: dict[str, Any], env: dict[str, str]):
+    """(app, launcher prefix, app kwargs, env) for one training: one process, or one rank per GPU."""
+    from llmcore.distributed import EXPECTED_RANKS, mpiexec_prefix
+
+    t = run.spec.train
+    ranks = t.nodes * t.ranks_per_node
+    env = {**env, EXPECTED_RANKS: str(ranks)}  # with 1: not the worker pool's PMI_* / SLURM_* variables
+    if ranks == 1:
+        return apps["train"], "", {}, env
+    if "train_mpi" in apps:
+        spec = {"num_nodes": t.nodes, "ranks_per_node": t.ranks_per_node, "num_ranks": ranks}
+        return apps["train_mpi"], "$PARSL_MPI_PREFIX", {"parsl_resource_specification": spec}, env
+    port = 20000 + int(stage.key[:8], 16) % 20000  # a port per training, stable across retries
+    env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    return apps["train"], mpiexec_prefix(ranks, t.ranks_per_node), {}, env
 
 
-def submit(
-    spec: str | Path | LoadedSpec,
-    overrides: list[str] | None = None,
-    site: str | None = None,
-    quiet: bool = False,
-    poll_interval: float = 2.0,
-    report: Callable[[str], None] | None = None,
-    fail_fast: bool = False,
-    display: LineDisplay | LiveDisplay | None = None,
-) -> SubmitResult:
-    """Run an experiment spec end to end; returns every sweep point's status and metrics.
-
-    A failing sweep point never stops the others, unless ``fail_fast``: then the first failure closes every
-    unfinished point as FAILED (cancelled) and stops the stages still running.
-
-    Progress goes to ``display`` (a live table, see workflows.progress); by default to plain lines through
-    ``report`` (print unless ``quiet``).
-
-    Raises SpecError (before any stage runs) when the spec, an override or the corpus is invalid.
-    """
-    started = time.time()
-    loaded = load_and_check(spec, overrides, site, submitting=True)
-    p = plan(loaded)
-    if display is None:
-        display = LineDisplay(report or (None if quiet else lambda msg: print(msg, flush=True)))
-    try:
-        return _submit(p, display, poll_interval, fail_fast, started)
-    finally:
-        display.close()
+def check_executors(dfk: Any) -> None:
+    """Fail the tasks of an executor that can no longer deliver results (its result thread or its interchange
+    died: an exception that could not be unpickled, a killed process), instead of waiting on them forever."""
+    for executor in dfk.executors.values():
+        thread = getattr(executor, "_result_queue_thread", None)
+        interchange = getattr(executor, "interchange_proc", None)
+        if getattr(executor, "bad_state_is_set", False) or (thread is None and interchange is None):
+            continue
+        why = None
+        if thread is not None and not thread.is_alive():
+            why = "its result thread died (a task's result or error could not be read; see the Parsl log)"
+        elif interchange is not None and interchange.poll() is not None:
+            why = f"its interchange process exited (code {interchange.returncode})"
+        if why is not None:
+            executor.set_bad_state_and_fail_all(RuntimeError(f"Parsl executor {executor.label}: {why}"))
 
 
-def _submit(
-    p: Plan, display: LineDisplay | LiveDisplay, poll_interval: float, fail_fast: bool, started: float
-) -> SubmitResult:
-    say = display.say
-    tracker = _tracker_for(p)
-    for run_id in tracker.mark_dead_runs_killed():
-        say(f"run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
-    parent_id, _ = tracker.start_run(
-        p.spec.name, {"spec_hash": p.spec_hash, "role": "parent", **_driver_tags(p), "spec_file": str(p.loaded.source)}
-    )
-    tracker.log_params(
-        parent_id, {"sweep": yaml.safe_dump(p.spec.sweep, sort_keys=False).strip() or "{}", "runs": str(len(p.runs))}
-    )
-    children = _start_children(p, tracker, parent_id)
-    todo = [r for r in p.runs if children[r.run_hash][1] != "FINISHED" or not r.stages["eval"].done]
-    results = {r.run_hash: _finished_result(tracker, r, children[r.run_hash][0]) for r in p.runs if r not in todo}
-    board = Board(
-        [
-            RunRow(r.name, r.spec.train.max_steps, {k: "cached" if s.done else "waiting" for k, s in r.stages.items()})
-            for r in p.runs
-        ]
-    )
-    for r in p.runs:
-        if r.run_hash in results:
-            _close_row(board, r, results[r.run_hash])
-        else:
-            say(f"[{r.name}] " + ", ".join(f"{k} {'cached' if s.done else 'to run'}" for k, s in r.stages.items()))
-    display.update(board)
-    if todo:
-        results.update(_execute(p, todo, tracker, children, display, board, poll_interval, fail_fast))
-    runs = [results[r.run_hash] for r in p.runs]
-    ok = all(r.status == "FINISHED" for r in runs)
-    tracker.set_tags(parent_id, {"gptlab.runs_finished": str(sum(r.status == "FINISHED" for r in runs))})
-    if p.spec.sweep:
-        log_sweep_summary(tracker, parent_id, p, runs)
-    tracker.finish(parent_id, ok, None if ok else "; ".join(f"{r.name}: {r.cause}" for r in runs if r.error)[:4000])
-    return SubmitResult(
-        p.spec.tracking.experiment or p.spec.name,
-        tracker.experiment_id,
-        parent_id,
-        tracker.uri,
-        runs,
-        time.time() - started,
-    )
-
-
-def _driver_tags(p: Plan) -> dict[str, str]:
-    """Where and by whom a run is driven: host, site, this driver's pid (to detect a killed driver later)
-    and the git commit of the spec file's directory, when it is in a git work tree."""
-    tags = {
-        "host": socket.gethostname(),
-        "site": p.spec.site.name,
-        "driver_pid": str(os.getpid()),
-        "runs_root": str(p.runs_root),
-    }
-    commit = _git_commit(Path(p.loaded.source))
-    if commit:
-        tags["git_commit"] = commit
-    return tags
-
-
-def _git_commit(path: Path) -> str | None:
-    import subprocess
-
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(path.parent), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-        if head.returncode:
-            return None
-        dirty = subprocess.run(
-            ["git", "-C", str(path.parent), "status", "--porcelain", "--", path.name],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return head.stdout.strip() + ("-dirty" if dirty else "")
-
-
-def _start_children(p: Plan, tracker: Tracker, parent_id: str) -> dict[str, tuple[str, str]]:
-    children = {}
-    for r in p.runs:
-        tags = {
-            "run_hash": r.run_hash,
-            "spec_hash": p.spec_hash,
-            "role": "sweep_point",
-            **_driver_tags(p),
-            "stages": ",".join(s.label for s in r.stages.values()),
-        }
-        run_id, status = tracker.start_run(r.name, tags, parent_id=parent_id)
-        if status != "FINISHED":
-            tracker.log_params(run_id, flatten(r.spec.model_dump(mode="json", exclude={"sweep"})))
-        children[r.run_hash] = (run_id, status)
-    return children
-
-
-def _execute(
-    p: Plan,
-    todo: list[RunPlan],
-    tracker: Tracker,
-    children: dict[str, tuple[str, str]],
-    display: LineDisplay | LiveDisplay,
-    board: Board,
-    poll_interval: float,
-    fail_fast: bool,
-) -> dict[str, RunResult]:
+def shutdown(dfk: Any, say: Callable[[str], None]) -> None:
+    """Shut Parsl down, giving up after SHUTDOWN_S (then its processes are killed)."""
     import parsl
 
-    from site_configs import build_site
+    done = threading.Event()
 
-    trainings = sum(1 for k, s in p.stages.items() if s.kind == "train" and not s.done)
-    site = build_site(p.spec.site, p.runs_root / "parsl", [r.spec.train for r in todo], trainings)
-    cached = {s.key for s in p.stages.values() if s.done}
-    from llmcore.io import file_lock
+    def clean() -> None:
+        try:
+            dfk.cleanup()
+        finally:
+            done.set()
 
-    with file_lock(p.runs_root / "parsl" / ".lock", "the Parsl run directory"):  # Parsl numbers run dirs racily
-        dfk = parsl.load(site.config)
-    try:
-        for r in todo:
-            tracker.set_tags(children[r.run_hash][0], {"gptlab.parsl_run_id": dfk.run_id})
-        driver = Driver(p, tracker, display.say, poll_interval)
-        driver.launch_all(_make_apps(site), site.train_env)
-        results: dict[str, RunResult] = {}
-        pending = list(todo)
-        while pending:
-            for r in pending:
-                driver.forward(r, children[r.run_hash][0])
-            driver.refresh(board)
-            for r in [r for r in pending if driver.run_done(r)]:
-                pending.remove(r)
-                done = results[r.run_hash] = _finalize(driver, r, children[r.run_hash][0], cached)
-                _close_row(board, r, done)
-                display.say(f"[{r.name}] {done.status} {_metrics_line(done.metrics)}".rstrip())
-            if fail_fast and pending and any(x.status == "FAILED" for x in results.values()):
-                cancelled = _cancel(driver, pending, children)
-                for r in pending:
-                    _close_row(board, r, cancelled[r.run_hash])
-                results.update(cancelled)
-                pending = []
-            display.update(board)
-            if pending:
-                driver.wait(pending, poll_interval)
-        return results
-    finally:
-        dfk.cleanup()
-        parsl.clear()
+    threading.Thread(target=clean, name="parsl-shutdown", daemon=True).start()
+    if not done.wait(SHUTDOWN_S):
+        say(f"Parsl did not shut down within {SHUTDOWN_S:.0f} s: killing its processes")
+        kill_children()
+    parsl.clear()
 
 
-def _cancel(driver: Driver, runs: list[RunPlan], children: dict[str, tuple[str, str]]) -> dict[str, RunResult]:
-    """--fail-fast: close the unfinished points as FAILED, then stop every task still running or queued.
-    Committed stages stay committed; a later submit resumes the rest from their checkpoints."""
-    error = "cancelled: another sweep point failed and --fail-fast was given"
-    results = {}
-    for r in runs:
-        run_id = children[r.run_hash][0]
-        driver.tracker.finish(run_id, False, error)
-        driver.report(f"[{r.name}] FAILED ({error})")
-        results[r.run_hash] = RunResult(r.name, run_id, "FAILED", r.point, {}, {}, error)
-    _stop_tasks(driver)
-    return results
+# --------------------------------------------------------------------------------- trainings as processes
 
 
-def _stop_tasks(driver: Driver, seconds: float = 60.0) -> None:
-    """Terminate this driver's child processes (trainings, worker pools) until every launched task has
-    ended: a task queued behind a running one starts later, so one sweep is not enough."""
-    import psutil
-
-    futures = [f for f in (*driver.futures.values(), *driver.train_proc.values()) if f is not None]
-    deadline = time.time() + seconds
-    while not all(f.done() for f in futures) and time.time() < deadline:
-        for child in psutil.Process().children(recursive=True):
-            try:
-                child.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        time.sleep(0.25)
-
-
-def _close_row(board: Board, run: RunPlan, result: RunResult) -> None:
-    row = board.rows[run.name]
-    row.status, row.val_bpb = result.status, result.metrics.get("val/bpb")
-    for kind, state in result.stages.items():
-        if state in ("failed", "not run") or row.stages.get(kind) not in ("done", "cached"):
-            row.stages[kind] = {"ran": "done"}.get(state, state)
-
-
-def _metrics_line(metrics: dict[str, float]) -> str:
-    keys = ("val/loss", "val/ppl", "val/bpb")
-    return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)
-
-
-def _finalize(driver: Driver, run: RunPlan, run_id: str, cached: set[str]) -> RunResult:
-    """Close one sweep point's MLflow run with everything it produced, or with the error that stopped it."""
-    tracker = driver.tracker
-    driver.forward(run, run_id, now=True)
-    states = {k: ("cached" if s.key in cached else "ran" if s.done else "not run") for k, s in run.stages.items()}
-    tracker.set_tags(
-        run_id, {"gptlab.cached_stages": ",".join(k for k, v in states.items() if v == "cached") or "none"}
-    )
-    failed = driver.failure(run)
-    if failed or not run.stages["eval"].done:
-        kind, error = failed or ("eval", "stage eval failed: it did not commit")
-        states[kind] = "failed"
-        result = RunResult(run.name, run_id, "FAILED", run.point, {}, states, error)
-        tracker.finish(run_id, False, result.cause)
-        return result
-    metrics = _log_outputs(tracker, run, run_id)
-    tracker.finish(run_id, True)
-    return RunResult(run.name, run_id, "FINISHED", run.point, metrics, states)
-
-
-def _log_outputs(tracker: Tracker, run: RunPlan, run_id: str) -> dict[str, float]:
-    markers = {k: s.marker() for k, s in run.stages.items()}
-    ev = markers["eval"]["result"]
-    metrics = {
-        "val/loss": ev["val_loss"],
-        "val/ppl": ev["val_ppl"],
-        "val/bpb": ev["val_bpb"],
-        "tokenizer/bytes_per_token": markers["shards"]["result"]["bytes_per_token"]["val"],
-        "model/params": markers["train"]["result"]["params"],
-    }
-    metrics.update({f"stage/{k}_seconds": m["seconds"] for k, m in markers.items()})
-    tracker.log_values(run_id, metrics, step=int(ev["step"]))
-    spec_yaml = yaml.safe_dump(run.spec.model_dump(mode="json", exclude={"sweep"}), sort_keys=False)
-    tracker.log_text(run_id, spec_yaml, "spec.yaml")
+def resume_step(train_dir: Path) -> int | None:
+    """The step of a training's newest committed checkpoint (what a resume continues from), or None."""
     from llmcore.checkpoint import latest_checkpoint
 
-    tok, evd, trd = run.stages["tokenizer"].dir, run.stages["eval"].dir, run.stages["train"].dir
-    files = [(tok / "tokenizer.model", "tokenizer"), (evd / "eval.json", "eval"), (evd / "samples.txt", "eval")]
-    reports = trd.parent.parent / "reports" / run.run_hash  # driver-owned: committed stage dirs stay as they are
-    files.append((loss_curve_png(trd / "metrics.jsonl", reports / "loss_curve.png", run.name), "plots"))
-    checkpoint = latest_checkpoint(trd)
-    if run.spec.tracking.log_model and checkpoint is not None:
-        files += [(checkpoint / "model.safetensors", "model"), (checkpoint / "meta.json", "model")]
-    tracker.log_artifacts(run_id, files)
-    return metrics
+    found = latest_checkpoint(train_dir)
+    return int(found.name.split("_")[-1]) if found is not None else None
 
 
-def _finished_result(tracker: Tracker, run: RunPlan, run_id: str) -> RunResult:
-    """A sweep point finished by an earlier submit: report what MLflow holds, log nothing again."""
-    data = tracker.client.get_run(run_id).data
-    states = {k: "cached" for k in run.stages}
-    return RunResult(run.name, run_id, "FINISHED", run.point, dict(data.metrics), states)
+def request_stop(train_dir: Path) -> None:
+    """Ask a running training to save a checkpoint and stop: a STOP file (read wherever it runs, through the
+    shared file system) and SIGTERM to its rank 0 where it runs on this machine."""
+    from llmcore.io import atomic_write_bytes
+    from llmcore.train import STOP_FILE
+
+    atomic_write_bytes(train_dir / STOP_FILE, f"stop requested at {time.time():.0f}\n".encode())
+    kill_training(train_dir, signal.SIGTERM)
+
+
+def kill_training(train_dir: Path, sig: int) -> bool:
+    """Send ``sig`` to the training holding this stage's lock, if it runs on this machine; whether one did."""
+    import socket
+
+    import psutil
+
+    holder = lock_holder(train_dir)
+    if holder is None or holder[1] != socket.gethostname():
+        return False
+    try:
+        proc = psutil.Process(holder[0])
+        if "llmcore.train" not in " ".join(proc.cmdline()):
+            return False  # the lock's last holder is gone, and its pid was reused
+        proc.send_signal(sig)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return True
+
+
+def kill_children() -> None:
+    """SIGKILL every process this driver started (Parsl's interchange, local trainings under a thread pool)."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass

@@ -3,8 +3,8 @@
 Three ways to show it, chosen by the command line:
 
 - ``LiveDisplay``: a rich table redrawn in place (an interactive terminal);
-- ``LineDisplay``: plain lines, a stage as it finishes and each training's step every few seconds (logs, pipes,
-  batch jobs that keep their output);
+- ``LineDisplay``: plain lines, a stage as it finishes and each training's step when it has moved on (logs,
+  pipes, batch jobs that keep their output);
 - ``quiet``: nothing until the final summary (``LineDisplay`` with no writer).
 
 The driver keeps a ``Board`` up to date and calls ``display.update(board)`` once per poll.
@@ -17,41 +17,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-STAGE_KINDS = ("tokenizer", "shards", "train", "eval")
-# Parsl task states -> what a user reads
-PARSL_STATES = {
-    "pending": "waiting",
-    "launched": "running",
-    "running": "running",
-    "running_ended": "running",
-    "joining": "running",
-    "fail_retryable": "retrying",
-    "exec_done": "done",
-    "memo_done": "done",
-    "failed": "failed",
-    "dep_fail": "not run",
-}
+from workflows.states import StageState
 
 
 @dataclass
 class RunRow:
     name: str
     max_steps: int
-    stages: dict[str, str] = field(default_factory=dict)  # kind -> cached | waiting | running | done | failed ...
+    stages: dict[str, StageState] = field(default_factory=dict)  # stage label -> state, in dependency order
     step: int | None = None
     loss: float | None = None
     tokens_per_sec: float | None = None
     status: str = "RUNNING"
     val_bpb: float | None = None  # once the run is evaluated
-
-    @property
-    def current(self) -> str:
-        """The stage this run is at: the first that is not done or cached."""
-        for kind in STAGE_KINDS:
-            state = self.stages.get(kind, "waiting")
-            if state not in ("done", "cached"):
-                return f"{kind} {state}"
-        return "all stages done"
 
 
 class Board:
@@ -61,22 +39,25 @@ class Board:
         self.rows = {r.name: r for r in rows}
         self.started = time.time()
 
+    @property
+    def labels(self) -> list[str]:
+        """Every stage label some run has, in order (tokenizer, shards, train, eval, then any others)."""
+        return list(dict.fromkeys(label for r in self.rows.values() for label in r.stages))
+
     def table(self) -> Any:
         from rich.table import Table
 
         elapsed = time.time() - self.started
-        t = Table(
-            title=f"gptlab submit: {sum(r.status != 'RUNNING' for r in self.rows.values())}/{len(self.rows)} "
-            f"runs ended, {elapsed:.0f}s",
-            title_justify="left",
-        )
-        for col in ("run", *STAGE_KINDS, "step", "tok/s", "loss", "val/bpb", "status"):
+        ended = sum(r.status != "RUNNING" for r in self.rows.values())
+        t = Table(title=f"gptlab submit: {ended}/{len(self.rows)} runs ended, {elapsed:.0f}s", title_justify="left")
+        labels = self.labels
+        for col in ("run", *labels, "step", "tok/s", "loss", "val/bpb", "status"):
             t.add_column(col, justify="right" if col in ("step", "tok/s", "loss", "val/bpb") else "left", no_wrap=True)
         for r in self.rows.values():
             step = f"{r.step}/{r.max_steps}" if r.step is not None else "-"
             t.add_row(
                 r.name,
-                *(_styled(r.stages.get(k, "waiting")) for k in STAGE_KINDS),
+                *(_styled(str(r.stages.get(k, "-"))) for k in labels),
                 step,
                 f"{r.tokens_per_sec:,.0f}" if r.tokens_per_sec else "-",
                 f"{r.loss:.4f}" if r.loss is not None else "-",
@@ -86,16 +67,9 @@ class Board:
         return t
 
 
-STYLES = {
-    "done": "green",
-    "cached": "cyan",
-    "FINISHED": "bold green",
-    "running": "yellow",
-    "retrying": "magenta",
-    "failed": "bold red",
-    "FAILED": "bold red",
-    "not run": "dim",
-}
+STYLES = {"done": "green", "cached": "cyan", "FINISHED": "bold green", "running": "yellow", "retrying": "magenta",
+          "resuming": "cyan", "interrupted": "magenta", "KILLED": "bold magenta", "pruned": "magenta",
+          "PRUNED": "bold magenta", "failed": "bold red", "FAILED": "bold red", "not run": "dim"}  # fmt: skip
 
 
 def _styled(state: str) -> str:
@@ -105,11 +79,12 @@ def _styled(state: str) -> str:
 
 class LineDisplay:
     """Plain lines: one when a stage changes state to done or failed, each training's step every ``every``
-    seconds. ``write=None`` is quiet mode."""
+    seconds when it has moved since its last line. ``write=None`` is quiet mode."""
 
     def __init__(self, write: Callable[[str], None] | None, every: float = 10.0):
         self.write, self.every = write, every
-        self.last_states: dict[tuple[str, str], str] = {}
+        self.last_states: dict[tuple[str, str], StageState] = {}
+        self.last_steps: dict[str, int | None] = {}
         self.last_progress = time.time()
 
     def say(self, msg: str) -> None:
@@ -118,15 +93,17 @@ class LineDisplay:
 
     def update(self, board: Board) -> None:
         for r in board.rows.values():
-            for kind, state in r.stages.items():
-                if state in ("done", "failed") and self.last_states.get((r.name, kind)) != state:
-                    self.say(f"  [{r.name}] {kind} {state}")
-                self.last_states[(r.name, kind)] = state
+            for label, state in r.stages.items():
+                if state in (StageState.DONE, StageState.FAILED) and self.last_states.get((r.name, label)) != state:
+                    self.say(f"  [{r.name}] {label} {state}")
+                self.last_states[(r.name, label)] = state
         if time.time() - self.last_progress < self.every:
             return
         self.last_progress = time.time()
         for r in board.rows.values():
-            if r.stages.get("train") == "running" and r.step is not None:
+            training = r.stages.get("train") == StageState.RUNNING and r.step is not None
+            if training and self.last_steps.get(r.name) != r.step:
+                self.last_steps[r.name] = r.step
                 self.say(
                     f"  [{r.name}] step {r.step}/{r.max_steps} loss {r.loss:.4f} {r.tokens_per_sec or 0:.0f} tok/s"
                 )
@@ -144,12 +121,9 @@ class LiveDisplay:
 
         self.console = console or Console()
         self.live = Live(
-            console=self.console,
-            refresh_per_second=refresh_per_second,
-            transient=False,
-            redirect_stdout=False,
+            console=self.console, refresh_per_second=refresh_per_second, transient=False, redirect_stdout=False,
             redirect_stderr=False,
-        )
+        )  # fmt: skip
         self.board: Board | None = None
 
     def say(self, msg: str) -> None:

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import gc
 import itertools
 import re
+import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from llmcore.config import RULES_ERROR, DataConfig, EvalConfig, ModelConfig, StrictModel, TokenizerConfig, TrainConfig
+from site_configs.spec import SiteSpec
 
 # Sections a sweep may not vary: they describe where and how the whole experiment runs, not a run.
 UNSWEEPABLE = ("name", "runs_root", "sweep", "site", "tracking")
@@ -32,6 +35,9 @@ class SpecError(Exception):
         self.problems = problems
         super().__init__(str(self))
 
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable with both arguments (errors cross process boundaries)
+        return type(self), (self.source, self.problems)
+
     def __str__(self) -> str:
         n = len(self.problems)
         head = f"Invalid experiment spec {self.source} ({n} problem{'s' if n != 1 else ''}): "
@@ -43,51 +49,6 @@ class InputError(SpecError):
 
     def __str__(self) -> str:
         return f"Bad input ({self.source}): " + "; ".join(self.problems) + "."
-
-
-WALLTIME = r"^\d{1,3}:\d{2}:\d{2}$"
-
-
-class SiteSpec(StrictModel):
-    """Where the Parsl task graph runs. Batch fields left null are read from the environment
-    (`GPTLAB_ACCOUNT`, `GPTLAB_QUEUE`, `GPTLAB_WORKER_INIT`) when the site is built."""
-
-    name: Literal["local", "local-processes", "polaris", "slurm"] = Field(
-        "local",
-        description="`local`: a thread pool here (default, tests). `local-processes`: Parsl worker processes "
-        "here. `polaris`: ALCF Polaris through PBS Pro. `slurm`: a Slurm cluster.",
-    )
-    max_workers: int = Field(0, ge=0, description="Local sites: stages that may run at once; 0 means one per CPU core.")
-    account: str | None = Field(None, description="Batch sites: allocation to charge (PBS -A, Slurm --account).")
-    queue: str | None = Field(None, description="Batch sites: PBS queue or Slurm partition (Polaris default `debug`).")
-    walltime: str = Field("01:00:00", pattern=WALLTIME, description="Batch sites: walltime of each job (HH:MM:SS).")
-    nodes_per_job: int = Field(1, ge=1, description="Batch sites: nodes in each job of the CPU/single-GPU executor.")
-    max_jobs: int = Field(1, ge=1, description="Batch sites: jobs each executor may have queued or running at once.")
-    cores_per_node: int | None = Field(
-        None, ge=1, description="Batch sites: cores per node (Polaris: 64; Slurm: ask for this many)."
-    )
-    gpus_per_node: int | None = Field(
-        None, ge=0, description="Batch sites: GPUs per node (Polaris: 4; Slurm: 0 unless set)."
-    )
-    filesystems: str = Field("home:eagle", description="Polaris: `#PBS -l filesystems=` value.")
-    worker_init: str | None = Field(
-        None,
-        description="Shell lines run in each job before workers start, e.g. `module load conda; conda activate "
-        "base; source ~/venvs/gptlab/bin/activate`.",
-    )
-    scheduler_options: str = Field("", description="Batch sites: extra `#PBS` / `#SBATCH` lines for every job.")
-    interface: str | None = Field(
-        None, description="Network interface workers use to reach the driver (Polaris: `bond0`); null: auto."
-    )
-    retries: int = Field(
-        2, ge=0, description="Retries of a failed stage; lost workers and nodes are retried, bad input is not."
-    )
-    idle_timeout_s: float = Field(
-        120.0,
-        ge=0,
-        description="Batch sites: a job with no stage to run for this long is ended, giving its "
-        "nodes back (Parsl's max_idletime); a stage that comes later starts a new job.",
-    )
 
 
 class TrackingSpec(StrictModel):
@@ -161,7 +122,12 @@ def format_validation_error(err: ValidationError | list[Any], prefix: str = "") 
         path = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; `gptlab schema` lists every field)"
+            close = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(e["loc"][:-1]), n=1, cutoff=0.6)
+            msg = (
+                f"unknown field (did you mean {close[0]}?)"
+                if close
+                else ("unknown field (check the spelling; `gptlab schema` lists every field)")
+            )
         elif e["type"] == "missing":
             msg = "required field is missing"
         value = e.get("input")
@@ -171,6 +137,29 @@ def format_validation_error(err: ValidationError | list[Any], prefix: str = "") 
                 msg = f"{msg} (got {shown})"
         lines.append(f"{path}: {msg}")
     return lines
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the section at ``loc`` in a spec (``("model",)`` -> ModelConfig's fields), or []."""
+    candidates: list[Any] = [ExperimentSpec]  # the models the location may hold
+    for part in loc:
+        if isinstance(part, int):
+            continue  # a list index: the item's models are the list's
+        owner = next((m for m in candidates if part in m.model_fields), None)
+        if owner is not None:
+            candidates = _models_in(owner.model_fields[part].annotation)
+        else:  # a discriminated union's tag (sources.0.files.path) names the member
+            candidates = [m for m in candidates if "type" in m.model_fields and m.model_fields["type"].default == part]
+        if not candidates:
+            return []
+    return sorted({name for m in candidates for name in m.model_fields})
+
+
+def _models_in(annotation: Any) -> list[Any]:
+    """The pydantic models inside an annotation (``list[A | B]``, ``X | None``, ``Annotated[...]``)."""
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -227,9 +216,16 @@ def read_spec_file(path: str | Path) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or "syntax error"
         raise SpecError(str(path), [f"(YAML){where}: {problem}"]) from None
     if tree is None:
-        tree = {}
+        raise SpecError(
+            str(path),
+            [
+                "(file): is empty; a spec is a mapping of sections (name, data, model, ...): "
+                "copy one of specs/*.yaml to start"
+            ],
+        )
     if not isinstance(tree, dict):
-        raise SpecError(str(path), ["(top level): must be a mapping of sections (name, data, model, ...)"])
+        kind = "a list" if isinstance(tree, list) else f"a single value ({type(tree).__name__})"
+        raise SpecError(str(path), [f"(top level): is {kind}, not a mapping of sections (name, data, model, ...)"])
     return tree
 
 
@@ -359,11 +355,13 @@ def _copy_path(tree: dict[str, Any], key: str) -> dict[str, Any]:
 def expand(
     tree: dict[str, Any], sweep: dict[str, list[Any]], experiment: str, source: str
 ) -> list[tuple[str, dict[str, Any], ExperimentSpec]]:
-    """One (run name, swept values, run spec) per sweep point; every invalid point is reported at once."""
+    """One (run name, swept values, run spec) per sweep point; every invalid point is reported at once (a
+    problem every point has, once, without naming the points)."""
     problems = [f"sweep.{k}: {why}" for k in sweep if (why := _known_path(k))]
     if problems:
         raise SpecError(source, problems)
     runs = []
+    per_point: list[tuple[str, list[str]]] = []  # (point name, its problems without the point's name)
     base = copy.deepcopy({k: v for k, v in tree.items() if k != "sweep"})
     with gc_paused():
         for point in sweep_points(sweep):
@@ -372,20 +370,31 @@ def expand(
                 run_tree = _copy_path(run_tree, key)
                 set_dotted(run_tree, key, value)
             name = run_name(point, experiment)
-            prefix = f"sweep point {name}: " if point else ""
             try:
                 run_spec = ExperimentSpec.model_validate(run_tree)
             except ValidationError as err:
-                problems += format_validation_error(err, prefix)
+                per_point.append((name, format_validation_error(err)))
                 continue
-            problems += cross_field_problems(run_spec, prefix)
+            if found := cross_field_problems(run_spec):
+                per_point.append((name, found))
             runs.append((name, point, run_spec))
-    if problems:
-        raise SpecError(source, list(dict.fromkeys(problems)))  # each problem once, in order
+    if per_point:
+        raise SpecError(source, _merge_point_problems(per_point, n_points=len(sweep_points(sweep)) if sweep else 1))
     names = [r[0] for r in runs]
     if len(set(names)) != len(names):
         raise SpecError(source, ["sweep: two sweep points have the same values (a value is listed twice)"])
     return runs
+
+
+def _merge_point_problems(per_point: list[tuple[str, list[str]]], n_points: int) -> list[str]:
+    """Each problem once: without a point's name when every point has it, else once per point that has it."""
+    counts: dict[str, int] = {}
+    for _, found in per_point:
+        for problem in dict.fromkeys(found):
+            counts[problem] = counts.get(problem, 0) + 1
+    shared = [problem for problem, n in counts.items() if n == n_points]
+    own = [f"sweep point {name}: {problem}" for name, found in per_point for problem in found if problem not in shared]
+    return list(dict.fromkeys(shared + own))
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -404,6 +413,22 @@ class LoadedSpec:
         name = spec.name if spec is not None else tree.get("name", ExperimentSpec.model_fields["name"].default)
         self.runs = expand(tree, sweep, name, source)
         self.spec = spec if spec is not None else self.runs[0][2].model_copy(update={"sweep": sweep})
+        changed = _changed_by(overrides)
+        if not sweep and changed:  # one run with --set values: named after what they change, as a sweep point is
+            self.runs = [(run_name(changed, name), {}, self.runs[0][2])]
+
+
+def _changed_by(overrides: list[str]) -> dict[str, Any]:
+    """{key: value} of the overrides that change what a run computes (not where it runs or is tracked)."""
+    changed = {}
+    for text in overrides:
+        try:
+            key, value = parse_override(text)
+        except ValueError:
+            continue
+        if key.split(".")[0] not in UNSWEEPABLE:
+            changed[key] = value
+    return changed
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> LoadedSpec:
@@ -420,7 +445,12 @@ def load_spec_tree(tree: dict[str, Any], source: str, overrides: list[str] | Non
     for text in overrides:
         try:
             key, value = parse_override(text)
-            set_dotted(tree, key, value)
+            if key.startswith("sweep.") and len(key) > 6:  # a sweep's keys are dotted paths themselves
+                if not isinstance(tree.get("sweep"), dict):
+                    tree["sweep"] = {}
+                tree["sweep"][key[len("sweep.") :]] = value
+            else:
+                set_dotted(tree, key, value)
         except ValueError as exc:
             problems.append(f"--set {text}: {exc}")
     try:

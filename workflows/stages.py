@@ -1,43 +1,264 @@
-"""Stage bodies: each runs one llmcore step in its stage directory and commits it with ``DONE.json``.
+"""The stage registry: one definition per stage kind (in the spirit of Marin's ``ExecutorStep``).
 
-These functions run on Parsl workers (a thread here, a process on a compute node elsewhere), so they take
-plain paths and JSON-able dicts and import nothing from Parsl or MLflow.
+A :class:`StageKind` says in one place what a stage is: its version (bump it when its code changes what it
+writes), the stages it reads, the slice of a run's spec its key hashes (``configure``), the settings that change
+only how fast it runs (``runtime``), its body, the executor that runs it, and what it reports to MLflow. Planning,
+launching, the live table, ``gptlab status``, the CLI and the benchmarks iterate over :data:`STAGES`. A body
+receives exactly the config that was hashed, its runtime settings and its input directories, so a cache key
+always covers what the stage reads (``tests/test_plan.py`` checks it field by field).
 
-Each stage body runs holding the stage directory's lock (``<stage>/.lock``, an ``flock``), and so does the
-training process for its whole run: two submits of the same spec at once (or a re-submit while a killed
-driver's training still runs) never work in one stage directory at the same time. The second one waits,
-then finds the stage committed (or the checkpoint complete) and does nothing again.
+Adding a stage kind: one ``StageKind(...)`` in ``STAGES`` and one body function.
+
+Bodies run on Parsl workers (a thread here, a process on a compute node elsewhere): they take plain paths and
+JSON-able dicts and import nothing from Parsl or MLflow. Each runs holding its stage directory's lock
+(``<stage>/.lock``, an ``flock``), as the training process does for its whole run: two submits of one spec at
+once never work in one stage directory together; the second waits, then finds the stage committed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import shlex
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from llmcore.io import LOCK_FILE, atomic_write_json, file_lock, is_committed, read_json, write_commit_marker
 from workflows.spec import ExperimentSpec
 
+# --------------------------------------------------------------------------------------------- the types
 
-def _commit(stage_dir: Path, kind: str, started: float, result: dict[str, Any]) -> dict[str, Any]:
+
+@dataclass
+class Report:
+    """What a committed stage adds to its run in MLflow."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: list[tuple[Path, str]] = field(default_factory=list)  # (file, artifact directory)
+    step: int = 0  # the step the metrics are logged at
+
+
+class Facts:
+    """What planning reads from disk, read once per submit however many sweep points share it."""
+
+    def __init__(self) -> None:
+        self._corpus: dict[str, list[dict[str, Any]]] = {}
+        self._digests: dict[tuple[str, int, int], str] = {}
+
+    def corpus(self, spec: ExperimentSpec) -> list[dict[str, Any]]:
+        """The corpus fingerprint (a row per file: path, size, mtime) of a run's data settings."""
+        from llmcore.corpus import corpus_fingerprint
+
+        key = spec.data.model_dump_json()
+        if key not in self._corpus:
+            self._corpus[key] = corpus_fingerprint(spec.data)
+        return self._corpus[key]
+
+    def digest(self, path: Path) -> str:
+        """sha256 of a file's content (remembered per path, size and mtime within this submit)."""
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._digests:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while block := f.read(1 << 24):
+                    h.update(block)
+            self._digests[key] = h.hexdigest()
+        return self._digests[key]
+
+
+Body = Callable[[Path, dict[str, Any], dict[str, Path], dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """One kind of stage. ``configure(spec, facts)`` gives ``{instance label: key config}`` for one run: one
+    instance for most kinds (labelled with the kind's name), one per item for kinds such as benchmark tasks,
+    none when the run has no such stage."""
+
+    name: str
+    version: int
+    inputs: tuple[str, ...]  # kinds whose directories it reads; a kind the run lacks is left out
+    configure: Callable[[ExperimentSpec, Facts], dict[str, dict[str, Any]]]
+    body: Body | None  # None: the stage is a process of its own (training), see TRAIN below
+    report: Callable[[Path, dict[str, Any]], Report]
+    reads: tuple[str, ...]  # the spec sections configure reads: a kind's stages are keyed once per value of these
+    executor: str = "cpu"  # "cpu": the CPU/single-GPU executor; "train": training's executor
+    runtime_fields: tuple[str, ...] = ()  # spec fields that change only its speed: passed beside the config
+    describe: str = ""
+
+    def runtime(self, spec: ExperimentSpec) -> dict[str, Any]:
+        """The runtime settings (``train.time_budget_s`` -> ``{"time_budget_s": ...}``), outside the key."""
+        out = {}
+        for path in self.runtime_fields:
+            value: Any = spec
+            for part in path.split("."):
+                value = getattr(value, part)
+            out[path.rsplit(".", 1)[-1]] = value
+        return out
+
+
+class Result(BaseModel):
+    """A committed stage's result, as its body returned it (its marker's ``result``): the fields reports read."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+# ------------------------------------------------------------------------------------------ the bodies
+
+
+def tokenizer_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path], runtime: dict[str, Any]):
+    from llmcore.config import DataConfig, TokenizerConfig
+    from llmcore.tokenizer import train_tokenizer
+
+    cfg = TokenizerConfig.model_validate({**config["tokenizer"], **runtime})
+    return train_tokenizer(DataConfig(sources=config["sources"]), cfg, stage_dir, config["seed"])
+
+
+class TokenizerResult(Result):
+    vocab_size: int
+
+
+def tokenizer_report(stage_dir: Path, result: dict[str, Any]) -> Report:
+    return Report(artifacts=[(stage_dir / "tokenizer.model", "tokenizer")])
+
+
+def shards_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path], runtime: dict[str, Any]):
+    from llmcore.config import DataConfig
+    from llmcore.shards import write_shards
+
+    data = DataConfig.model_validate({**config["data"], **runtime})
+    manifest = write_shards(data, inputs["tokenizer"] / "tokenizer.model", stage_dir, config["seed"])
+    return {
+        "vocab_size": manifest["vocab_size"],
+        "dtype": manifest["dtype"],
+        "tokens": {k: v["tokens"] for k, v in manifest["splits"].items()},
+        "bytes_per_token": manifest["bytes_per_token"],
+    }
+
+
+class ShardsResult(Result):
+    vocab_size: int
+    tokens: dict[str, int]
+    bytes_per_token: dict[str, float]
+
+
+def shards_report(stage_dir: Path, result: dict[str, Any]) -> Report:
+    return Report({"tokenizer/bytes_per_token": ShardsResult.model_validate(result).bytes_per_token["val"]})
+
+
+class TrainResult(Result):
+    steps: int
+    params: int
+    seconds: float
+    stopped_early: bool = False
+
+
+def train_report(stage_dir: Path, result: dict[str, Any]) -> Report:
+    from llmcore.checkpoint import MODEL_FILE, latest_checkpoint
+
+    r = TrainResult.model_validate(result)
+    checkpoint = latest_checkpoint(stage_dir)
+    files = [(checkpoint / MODEL_FILE, "model"), (checkpoint / "meta.json", "model")] if checkpoint else []
+    return Report({"model/params": r.params}, files, r.steps)
+
+
+def eval_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path], runtime: dict[str, Any]):
+    from llmcore.config import EvalConfig
+    from llmcore.evaluate import evaluate
+
+    cfg = EvalConfig.model_validate(config["eval"])
+    tokenizer = inputs["tokenizer"] / "tokenizer.model"
+    return evaluate(inputs["train"], inputs["shards"], tokenizer, cfg, stage_dir, config["seed"], runtime["device"])
+
+
+class EvalResult(Result):
+    val_loss: float
+    val_ppl: float
+    val_bpb: float
+    step: int
+
+
+def eval_report(stage_dir: Path, result: dict[str, Any]) -> Report:
+    r = EvalResult.model_validate(result)
+    metrics = {"final/val_loss": r.val_loss, "val/ppl": r.val_ppl, "val/bpb": r.val_bpb}
+    return Report(metrics, [(stage_dir / "eval.json", "eval"), (stage_dir / "samples.txt", "eval")], r.step)
+
+
+# ---------------------------------------------------------------------------------- the key configs
+
+
+def _without(d: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in names}
+
+
+def tokenizer_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
+    return {
+        "tokenizer": {
+            "tokenizer": _without(spec.tokenizer.key_dict(), "num_threads"),
+            "sources": spec.data.model_dump(mode="json")["sources"],
+            "corpus": facts.corpus(spec),
+            "seed": spec.seed,
+        }
+    }
+
+
+def shards_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
+    return {"shards": {"data": _without(spec.data.key_dict(), "num_workers"), "corpus": facts.corpus(spec),
+                       "seed": spec.seed}}  # fmt: skip
+
+
+def train_seed(spec: ExperimentSpec) -> int:
+    """Training's seed: ``train.seed``, else the spec's (data stages always use the spec's)."""
+    return spec.train.seed if spec.train.seed is not None else spec.seed
+
+
+def train_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
+    train = _without(spec.train.key_dict(), "time_budget_s", "seed")
+    return {"train": {"model": spec.model.key_dict(), "train": train, "seed": train_seed(spec)}}
+
+
+def eval_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
+    return {"eval": {"eval": _without(spec.eval.key_dict(), "tasks"), "seed": spec.seed}}  # tasks: stages of their own
+
+
+# ------------------------------------------------------------------------------------------ the registry
+
+TOKENIZER = StageKind(
+    "tokenizer", 1, (), tokenizer_config, tokenizer_body, tokenizer_report, ("data", "tokenizer", "seed"),
+    runtime_fields=("tokenizer.num_threads",), describe="train a SentencePiece tokenizer on the corpus",
+)  # fmt: skip
+SHARDS = StageKind(
+    "shards", 1, ("tokenizer",), shards_config, shards_body, shards_report, ("data", "seed"),
+    runtime_fields=("data.num_workers",), describe="encode the corpus into verified train/val token shards",
+)  # fmt: skip
+TRAIN = StageKind(
+    "train", 1, ("shards",), train_config, None, train_report, ("model", "train", "seed"), executor="train",
+    runtime_fields=("train.time_budget_s",),
+    describe="train the model: `python -m llmcore.train` in a process of its own, one per rank",
+)  # fmt: skip
+EVAL = StageKind(
+    "eval", 1, ("train", "shards", "tokenizer"), eval_config, eval_body, eval_report, ("eval", "seed"),
+    runtime_fields=("train.device",), describe="validation loss, perplexity, bits per byte and samples",
+)  # fmt: skip
+
+#: Every stage kind, in dependency order (a kind's inputs come before it).
+STAGES: dict[str, StageKind] = {k.name: k for k in (TOKENIZER, SHARDS, TRAIN, EVAL)}
+
+
+# -------------------------------------------------------------------------------------- running a stage
+
+
+def commit(stage_dir: Path, kind: str, started: float, result: dict[str, Any]) -> dict[str, Any]:
+    """Write the stage's commit marker (last, atomically); returns it."""
     info = {"kind": kind, "seconds": round(time.time() - started, 3), "finished_at": time.time(), "result": result}
     write_commit_marker(stage_dir, info)
     return info
-
-
-def _run(stage_dir: str, kind: str, body: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-    """Run ``body`` in ``stage_dir`` unless the stage is already committed; return the commit marker."""
-    d = Path(stage_dir)
-    if is_committed(d):
-        return read_json(d / "DONE.json")
-    with file_lock(d / LOCK_FILE, f"stage {d.name}"):
-        if is_committed(d):  # another submit ran it while this one waited
-            return read_json(d / "DONE.json")
-        started = time.time()
-        return _commit(d, kind, started, body(d))
 
 
 def prepare_stage(stage_dir: Path, config: dict[str, Any]) -> None:
@@ -46,66 +267,56 @@ def prepare_stage(stage_dir: Path, config: dict[str, Any]) -> None:
     atomic_write_json(stage_dir / "config.json", config)
 
 
-def tokenizer_stage(stage_dir: str, spec: dict[str, Any]) -> dict[str, Any]:
-    from llmcore.tokenizer import train_tokenizer
+def run_stage(
+    kind: str, stage_dir: str, config: dict[str, Any], input_dirs: dict[str, str], runtime: dict[str, Any],
+    inputs: list[Any] = (),
+) -> dict[str, Any]:  # fmt: skip
+    """The Parsl app of every Python stage: run ``kind``'s body in ``stage_dir`` unless the stage is already
+    committed (by an earlier submit, or by another one while this one waited for the lock); returns the marker.
+    ``inputs`` (Parsl's) only orders the task after the stages it reads."""
+    d = Path(stage_dir)
+    if is_committed(d):
+        return read_json(d / "DONE.json")
+    with file_lock(d / LOCK_FILE, f"stage {d.name}"):
+        if is_committed(d):
+            return read_json(d / "DONE.json")
+        started = time.time()
+        body = STAGES[kind].body
+        assert body is not None, f"stage kind {kind} runs as a process"
+        return commit(d, kind, started, body(d, config, {k: Path(v) for k, v in input_dirs.items()}, runtime))
 
-    s = ExperimentSpec.model_validate(spec)
-    return _run(stage_dir, "tokenizer", lambda d: train_tokenizer(s.data, s.tokenizer, d, s.seed))
+
+# ------------------------------------------------------------------------------------ the training process
+
+TRAIN_CONFIG = "train.json"  # what the training process reads: the stage's config with its runtime settings
+TRAIN_LOG = "train.log"  # the process's stdout and stderr, every try appended
 
 
-def shards_stage(stage_dir: str, spec: dict[str, Any], tokenizer_dir: str, inputs: list = ()) -> dict[str, Any]:
-    from llmcore.shards import write_shards
-
-    s = ExperimentSpec.model_validate(spec)
-    model = Path(tokenizer_dir) / "tokenizer.model"
-
-    def body(d: Path) -> dict[str, Any]:
-        manifest = write_shards(s.data, model, d, s.seed)
-        return {
-            "vocab_size": manifest["vocab_size"],
-            "dtype": manifest["dtype"],
-            "tokens": {k: v["tokens"] for k, v in manifest["splits"].items()},
-            "bytes_per_token": manifest["bytes_per_token"],
-        }
-
-    return _run(stage_dir, "shards", body)
+def write_train_config(stage_dir: Path, config: dict[str, Any], runtime: dict[str, Any]) -> None:
+    atomic_write_json(stage_dir / TRAIN_CONFIG, {**config, "train": {**config["train"], **runtime}})
 
 
 def train_command(stage_dir: str, shards_dir: str, env: dict[str, str], launcher: str = "") -> str:
     """The shell command that trains one run. ``launcher`` starts the ranks: empty for one process,
     ``$PARSL_MPI_PREFIX`` under Parsl's MPIExecutor, an ``mpiexec ...`` prefix on local sites. Every
     argument is shell-quoted; only the launcher (built by gptlab, never from a spec) is left to the shell."""
-    args = [
-        sys.executable,
-        "-m",
-        "llmcore.train",
-        "--config",
-        f"{stage_dir}/train.json",
-        "--shards",
-        shards_dir,
-        "--out",
-        stage_dir,
-    ]
+    args = [sys.executable, "-m", "llmcore.train", "--config", f"{stage_dir}/{TRAIN_CONFIG}", "--shards", shards_dir,
+            "--out", stage_dir]  # fmt: skip
     env_args = [f"{k}={v}" for k, v in sorted(env.items())]
     command = " ".join(shlex.quote(a) for a in (["env", *env_args] if env_args else []) + args)
     return f"{launcher} {command}" if launcher else command
 
 
 def train_app(
-    stage_dir: str,
-    shards_dir: str,
-    env: dict[str, str],
-    launcher: str = "",
-    inputs: list = (),
-    stdout: str | None = None,
-    stderr: str | None = None,
+    stage_dir: str, shards_dir: str, env: dict[str, str], launcher: str = "", inputs: list[Any] = (),
+    stdout: str | None = None, stderr: str | None = None,
     parsl_resource_specification: dict[str, Any] | None = None,
-) -> str:
+) -> str:  # fmt: skip
     """Body of the training bash app (module level, so every executor can ship it by reference)."""
     return train_command(stage_dir, shards_dir, env, launcher)
 
 
-def commit_train(stage_dir: str, inputs: list = ()) -> dict[str, Any]:
+def commit_train(stage_dir: str, inputs: list[Any] = ()) -> dict[str, Any]:
     """Commit a training stage once its process exited 0 and wrote a complete summary."""
     d = Path(stage_dir)
     with file_lock(d / LOCK_FILE, f"stage {d.name}"):
@@ -114,21 +325,6 @@ def commit_train(stage_dir: str, inputs: list = ()) -> dict[str, Any]:
         summary = read_json(d / "summary.json")
         if summary.get("stopped_early"):
             raise RuntimeError(
-                f"training in {d} stopped at its time budget after {summary['steps']} steps; submit again to "
-                "resume from its checkpoint"
+                f"training in {d} stopped after {summary['steps']} steps; submit again to resume from its checkpoint"
             )
-        return _commit(d, "train", time.time() - float(summary["seconds"]), summary)
-
-
-def eval_stage(
-    stage_dir: str, spec: dict[str, Any], train_dir: str, shards_dir: str, tokenizer_dir: str, inputs: list = ()
-) -> dict[str, Any]:
-    from llmcore.evaluate import evaluate
-
-    s = ExperimentSpec.model_validate(spec)
-    model = Path(tokenizer_dir) / "tokenizer.model"
-    return _run(
-        stage_dir,
-        "eval",
-        lambda d: evaluate(Path(train_dir), Path(shards_dir), model, s.eval, d, s.seed, device=s.train.device),
-    )
+        return commit(d, "train", time.time() - float(summary["seconds"]), summary)

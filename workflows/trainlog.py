@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+LOG_TAIL_LINES = 18  # lines of a failed training's log that submit shows under its error
 LOG_TRY_END = "--> end executable <--"
 LOG_READ = 256 * 1024  # bytes read from the end of a train.log: its last try is within them
 TRACEBACK = "Traceback (most recent call last):"
@@ -104,3 +105,43 @@ def training_error(code: int, cause: str | None, log: Path | str, tries: int = 1
     meaning = exit_meaning(code)
     head = f"exit code {code}" + (f": {meaning}" if meaning else "") + (f"; tried {tries} times" if tries > 1 else "")
     return f"stage train failed ({head})" + (f": {cause}" if cause else "") + f" (full log: {log})"
+
+
+def describe_failure(label: str, stage_dir: Path, exc: BaseException, tries: int = 1) -> str:
+    """Why a stage failed. A training process that exited non-zero: one line with its exit code (and what it
+    means), the final exception or error message of its last try and the path of its train.log, then the last
+    LOG_TAIL_LINES lines of that try before the quoted error, under a header naming the log. Anything else:
+    ``stage LABEL failed: ExceptionType: message``."""
+    from parsl.app.errors import BashExitFailure
+
+    log = stage_dir / "train.log"
+    if label != "train" or not isinstance(exc, BashExitFailure):
+        text = " ".join(x.strip() for x in str(exc).splitlines() if x.strip()) or "(no message)"
+        msg = f"stage {label} failed: {type(exc).__name__}: {text}"
+        return msg + (f" (training log: {log})" if label == "train" and log.is_file() else "")
+    lines = last_try(read_log(log))
+    cause, at = failure_cause(lines)
+    error = training_error(exc.exitcode, cause, log, tries)
+    tail = lines_before(lines, at, LOG_TAIL_LINES)
+    if tail:
+        error += f"\n--- {log}: the last {len(tail)} lines before that error ---\n" + "\n".join(tail)
+    return error
+
+
+def lock_holder(stage_dir: Path) -> tuple[int, str] | None:
+    """(pid, host) of the process that holds (or last held) a stage's lock, from the note it writes into the
+    lock file (``pid N on HOST``): a running training's rank 0."""
+    try:
+        text = (stage_dir / ".lock").read_text(errors="replace").split()
+    except OSError:
+        return None
+    if len(text) >= 4 and text[0] == "pid" and text[1].isdigit() and text[2] == "on":
+        return int(text[1]), text[3]
+    return None
+
+
+def log_size(stage_dir: Path) -> int:
+    try:
+        return (stage_dir / "train.log").stat().st_size
+    except OSError:
+        return 0

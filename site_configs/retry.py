@@ -15,21 +15,19 @@ NEVER = 1_000_000.0  # a cost above any retry budget
 
 
 def retry_cost(exc: BaseException, task_record: Any) -> float:
+    """Parsl's ``retry_handler``: what one more try of this failure costs against ``site.retries``."""
     from parsl.app.errors import BashExitFailure
     from parsl.executors.high_throughput.errors import ManagerLost, WorkerLost
 
-    from llmcore.checkpoint import CheckpointError
-    from llmcore.corpus import CorpusError
+    from llmcore.config import ConfigError
     from llmcore.exitcodes import NOT_RETRIED
     from llmcore.io import is_no_space
-    from llmcore.shards import ShardError
-    from llmcore.tokenizer import TokenizerError
 
     if isinstance(exc, BashExitFailure):
         return NEVER if exc.exitcode in NOT_RETRIED else 1.0
     if is_no_space(exc):
         return NEVER
-    if isinstance(exc, (CorpusError, TokenizerError, ShardError, CheckpointError, ValueError)):
+    if isinstance(exc, (ConfigError, ValueError)):  # spec, corpus, tokenizer, shard and checkpoint errors
         return NEVER
     if isinstance(exc, (WorkerLost, ManagerLost)):
         return 0.5

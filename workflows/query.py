@@ -1,21 +1,19 @@
-"""Reading what a store and a runs_root hold, for ``gptlab status``, ``compare`` and ``sample``.
+"""Reading what a store and a runs_root hold, for ``gptlab status``, ``compare``, ``sample`` and ``export``.
 
 A store is found from a spec (its tracking target, or ``<runs_root>/mlflow.db``) or from ``--runs-root`` /
-``--uri``. Each sweep-point run carries the labels of its four stages and the runs_root they live under as
-tags, so a run's stage directories (its checkpoints, its tokenizer) are found from the run alone.
+``--uri``. Each sweep-point run carries the labels of its stages and the runs_root they live under as tags, so a
+run's stage directories (its checkpoints, its tokenizer) are found from the run alone.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from workflows.spec import InputError, SpecError
-
-STAGE_KINDS = ("tokenizer", "shards", "train", "eval")
-TAG = "gptlab."
+from workflows.states import StageState
+from workflows.store import tag
 
 
 @dataclass
@@ -37,7 +35,9 @@ class Store:
         ids = [e.experiment_id for e in self.experiments()]
         if not ids:
             return []
-        filt = f"tags.`{TAG}role` = '{role}'" + (f" and {extra}" if extra else "")
+        filt = f"tags.`{tag('role')}` = '{role}'" + (f" and {extra}" if extra else "")
+        if self.plan is not None and "spec_hash" not in extra:  # from a spec: only its runs
+            filt += f" and tags.`{tag('spec_hash')}` = '{self.plan.spec_hash}'"
         return list(self.client.search_runs(ids, filt, order_by=["attributes.start_time DESC"], max_results=50000))
 
 
@@ -54,11 +54,12 @@ def open_store(
     from mlflow.tracking import MlflowClient
 
     from llmcore.corpus import CorpusError
-    from workflows.tracking import check_tracking_server, default_tracking_uri, quiet_mlflow_logs
+    from workflows.server import check_tracking_server
+    from workflows.store import default_tracking_uri, quiet_mlflow_logs
 
     quiet_mlflow_logs()
     if spec is not None:
-        from workflows.plan import plan
+        from workflows.planning import plan
         from workflows.spec import load_spec
 
         overrides = [
@@ -108,68 +109,73 @@ class StatusRow:
     name: str
     run_id: str | None
     status: str  # MLflow status, or "NOT SUBMITTED"
-    stages: dict[str, str] = field(default_factory=dict)
-    step: str = "-"
+    stages: dict[str, StageState] = field(default_factory=dict)
+    step: str = "-"  # "n/max" from the training's own metrics.jsonl
+    train_loss: float | None = None  # the training's last logged loss (its own line, not the last one forwarded)
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
 
 
 def stage_dirs(run: Any, runs_root: Path | None) -> dict[str, Path]:
-    """kind -> stage directory of a sweep-point run, from its tags (empty when the run predates them)."""
+    """label -> stage directory of a sweep-point run, from its tags (empty when the run predates them)."""
     tags = run.data.tags
-    root = Path(tags[f"{TAG}runs_root"]) if f"{TAG}runs_root" in tags else runs_root
-    labels = [x for x in tags.get(f"{TAG}stages", "").split(",") if x]
-    if root is None or not labels:
+    root = Path(tags[tag("runs_root")]) if tag("runs_root") in tags else runs_root
+    dirs = [x for x in tags.get(tag("stages"), "").split(",") if x]
+    labels = [x for x in tags.get(tag("stage_labels"), "").split(",") if x]
+    if root is None or not dirs:
         return {}
-    return {label.split("-", 1)[0]: root / "stages" / label for label in labels}
+    if len(labels) != len(dirs):  # runs recorded before stage labels were tagged: one stage per kind
+        labels = [d.split("-", 1)[0] for d in dirs]
+    return {label: root / "stages" / d for label, d in zip(labels, dirs)}
 
 
-def stage_states(dirs: dict[str, Path], run: Any | None) -> tuple[dict[str, str], str]:
-    """(kind -> state, training step "n/max"). States: done, cached (done before the run's last submit),
-    running, queued (a training waiting for a worker), waiting (behind a stage not done), failed, not run
-    (behind a failed stage), to run (a submit will run it)."""
+def stage_states(dirs: dict[str, Path], run: Any | None) -> dict[str, StageState]:
+    """label -> state, in order: done, cached (committed before the run's last submit), running, queued (a
+    training waiting for a worker), waiting (behind a stage not done), failed, not run (behind a failed stage),
+    interrupted (a training stopped with a committed checkpoint: the next submit resumes it), to run."""
     from llmcore.io import is_committed
+    from workflows.driver import resume_step
 
     tags = run.data.tags if run is not None else {}
     status = run.info.status if run is not None else None
-    cached = set(tags.get(f"{TAG}cached_stages", "").split(","))
-    error = tags.get(f"{TAG}error", "")
-    failed_kind = error.split()[1] if error.startswith("stage ") else None
-    states: dict[str, str] = {}
-    after: str | None = None  # the state of every stage after the first one not done
-    for kind in STAGE_KINDS:
-        d = dirs.get(kind)
-        if d is not None and is_committed(d):
-            states[kind] = "cached" if kind in cached else "done"
+    cached = set(tags.get(tag("cached_stages"), "").split(","))
+    error = tags.get(tag("error"), "")
+    failed = error.split()[1] if error.startswith("stage ") else None
+    states: dict[str, StageState] = {}
+    after: StageState | None = None  # the state of every stage after the first one not done
+    for label, d in dirs.items():
+        if is_committed(d):
+            states[label] = StageState.CACHED if label in cached else StageState.DONE
         elif after is not None:
-            states[kind] = after
+            states[label] = after
         elif status == "RUNNING":
             # a training's process writes train.log from its first moment: without one it is still queued
-            started = kind != "train" or (d is not None and (d / "train.log").is_file())
-            states[kind], after = ("running" if started else "queued"), "waiting"
-        elif status == "FAILED" and kind == failed_kind:
-            states[kind], after = "failed", "not run"
+            started = label != "train" or (d / "train.log").is_file()
+            states[label], after = (StageState.RUNNING if started else StageState.QUEUED), StageState.WAITING
+        elif status == "FAILED" and label == failed:
+            states[label], after = StageState.FAILED, StageState.NOT_RUN
+        elif label == "train" and resume_step(d) is not None:
+            states[label], after = StageState.INTERRUPTED, StageState.TO_RUN
         else:
-            states[kind], after = "to run", "to run"
-    return states, _train_step(dirs.get("train"))
+            states[label], after = StageState.TO_RUN, StageState.TO_RUN
+    return states
 
 
-def _train_step(train_dir: Path | None) -> str:
-    """'n/max' from a training's metrics.jsonl and config (the last complete line), or '-'."""
+def training_progress(train_dir: Path | None) -> tuple[str, float | None]:
+    """('n/max', last loss) from a training's own metrics.jsonl and config, or ('-', None)."""
     from llmcore.io import read_json
-
-    if train_dir is None or not (train_dir / "metrics.jsonl").is_file():
-        return "-"
     from llmcore.metrics import read_metrics, split_kinds
 
+    if train_dir is None:
+        return "-", None
     train, _ = split_kinds(read_metrics(train_dir / "metrics.jsonl"))
     if not train:
-        return "-"
+        return "-", None
     try:
         total = read_json(train_dir / "config.json")["train"]["max_steps"]
     except (OSError, ValueError, KeyError):
         total = "?"
-    return f"{train[-1].step}/{total}"
+    return f"{train[-1].step}/{total}", train[-1].loss
 
 
 def status_rows(store: Store) -> tuple[list[StatusRow], list[str]]:
@@ -177,76 +183,52 @@ def status_rows(store: Store) -> tuple[list[StatusRow], list[str]]:
 
     From a spec: every point of its sweep, also those never submitted; otherwise every sweep-point run in the
     store (the newest first, per experiment)."""
-    from workflows.tracking import Tracker
-
-    killed: list[str] = []
-    for exp in store.experiments():
-        tracker = Tracker(
-            store.uri, exp.name, (store.runs_root or Path(".")) / "mlartifacts"
-        )  # exists: nothing created
-        killed += tracker.mark_dead_runs_killed()
+    killed = mark_dead_runs_killed(store)
     rows = []
     if store.plan is not None:
         p = store.plan
-        runs = store.runs(extra=f"tags.`{TAG}spec_hash` = '{p.spec_hash}'")
         by_hash: dict[str, Any] = {}
-        for r in runs:  # newest first: keep the newest per run hash
-            by_hash.setdefault(r.data.tags.get(f"{TAG}run_hash"), r)
+        for r in store.runs(extra=f"tags.`{tag('spec_hash')}` = '{p.spec_hash}'"):  # newest first: keep the newest
+            by_hash.setdefault(r.data.tags.get(tag("run_hash")), r)
         for rp in p.runs:
-            run = by_hash.get(rp.run_hash)
-            dirs = {k: s.dir for k, s in rp.stages.items()}
-            rows.append(_row(store.experiment or p.spec.name, rp.name, run, dirs))
+            dirs = {label: s.dir for label, s in rp.stages.items()}
+            rows.append(_row(store.experiment or p.spec.name, rp.name, by_hash.get(rp.run_hash), dirs))
         return rows, killed
     names = {e.experiment_id: e.name for e in store.experiments()}
     for run in store.runs():
-        rows.append(
-            _row(names.get(run.info.experiment_id, "?"), run.info.run_name, run, stage_dirs(run, store.runs_root))
-        )
+        dirs = stage_dirs(run, store.runs_root)
+        rows.append(_row(names.get(run.info.experiment_id, "?"), run.info.run_name, run, dirs))
     return rows, killed
 
 
+def mark_dead_runs_killed(store: Store) -> list[str]:
+    from workflows.lifecycle import RunLifecycle
+    from workflows.store import Tracker
+
+    killed: list[str] = []
+    for exp in store.experiments():
+        tracker = Tracker(store.uri, exp.name, (store.runs_root or Path(".")) / "mlartifacts")  # creates nothing
+        killed += RunLifecycle(tracker, None).mark_dead_runs_killed()
+    return killed
+
+
 def _row(experiment: str, name: str, run: Any | None, dirs: dict[str, Path]) -> StatusRow:
-    states, step = stage_states(dirs, run)
+    states = stage_states(dirs, run)
+    step, loss = training_progress(dirs.get("train"))
     if run is None:
-        return StatusRow(experiment, name, None, "NOT SUBMITTED", states, step)
-    error = run.data.tags.get(f"{TAG}error")
-    return StatusRow(
-        experiment,
-        name,
-        run.info.run_id,
-        run.info.status,
-        states,
-        step,
-        dict(run.data.metrics),
-        _error_line(error) if error else None,
-    )
-
-
-_OLD_TAIL = re.compile(
-    r"^stage train failed: BashExitFailure: bash_app \w+ failed with unix exit code (-?\d+)\n"
-    r"--- end of (.+) ---\n(.*)\Z",
-    re.S,
-)
-
-
-def _error_line(error: str) -> str:
-    """The one line ``status`` shows for a run's recorded error. Runs failed by an older gptlab recorded
-    Parsl's bare ``BashExitFailure`` followed by the end of train.log: their cause is read from that end."""
-    from workflows.trainlog import failure_cause, last_try, training_error
-
-    old = _OLD_TAIL.match(error)
-    if old is None:
-        return error.splitlines()[0]
-    code, log, tail = int(old.group(1)), old.group(2), old.group(3)
-    cause, _ = failure_cause(last_try(tail))
-    return training_error(code, cause, log)
+        return StatusRow(experiment, name, None, "NOT SUBMITTED", states, step, loss)
+    error = run.data.tags.get(tag("error"))
+    return StatusRow(experiment, name, run.info.run_id, run.info.status, states, step, loss, dict(run.data.metrics),
+                     error.splitlines()[0] if error else None)  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------- finding
 
 
-def find_run(store: Store, ref: str) -> Any:
-    """A sweep-point run by MLflow run id, a unique id prefix (6+ characters) or its run name."""
+def find_run(store: Store, ref: str, say: Any = None) -> Any:
+    """A sweep-point run by MLflow run id, a unique id prefix (6+ characters) or its run name. A name several runs
+    share (an earlier submit of an edited spec, a failed one) means the newest one with weights, FINISHED first;
+    ``say`` is told which."""
     runs = store.runs()
     matches = [r for r in runs if r.info.run_id == ref]
     if not matches and len(ref) >= 6:
@@ -258,14 +240,18 @@ def find_run(store: Store, ref: str) -> Any:
     where = f"the store {store.uri}" + (f", experiment {store.experiment}" if store.experiment else "")
     if not matches:
         known = ", ".join(sorted({r.info.run_name for r in runs})[:20]) or "none"
-        short = (
-            " (a run id prefix needs 6 characters or more)"
-            if len(ref) < 6 and any(r.info.run_id.startswith(ref) for r in runs)
-            else ""
-        )
+        short = (" (a run id prefix needs 6 characters or more)"
+                 if len(ref) < 6 and any(r.info.run_id.startswith(ref) for r in runs) else "")  # fmt: skip
         raise InputError(
             store.source, [f"RUN: no sweep-point run named or with id '{ref}' in {where}{short} (runs: {known})"]
         )
+    with_weights = [r for r in matches if has_weights(r, store.runs_root)]  # newest first
+    if with_weights and len({r.info.run_name for r in matches}) == 1:
+        chosen = next((r for r in with_weights if r.info.status == "FINISHED"), with_weights[0])
+        if say is not None:
+            say(f"'{ref}' names {len(matches)} runs; using {chosen.info.run_id} ({chosen.info.status}, the newest "
+                f"{'finished run' if chosen.info.status == 'FINISHED' else 'run'} with weights)")  # fmt: skip
+        return chosen
     names = {e.experiment_id: e.name for e in store.experiments()}
     listed = "; ".join(f"{r.info.run_id} ({names.get(r.info.experiment_id)}, {r.info.status})" for r in matches[:10])
     raise InputError(
@@ -273,9 +259,17 @@ def find_run(store: Store, ref: str) -> Any:
     )
 
 
+def has_weights(run: Any, runs_root: Path | None) -> bool:
+    """Whether a run's training directory holds a committed checkpoint."""
+    from llmcore.checkpoint import latest_checkpoint
+
+    train = stage_dirs(run, runs_root).get("train")
+    return train is not None and latest_checkpoint(train) is not None
+
+
 def latest_parent(store: Store) -> Any:
     """The newest parent run of the spec (from a spec) or of the store's (only or newest) experiment."""
-    extra = f"tags.`{TAG}spec_hash` = '{store.plan.spec_hash}'" if store.plan is not None else ""
+    extra = f"tags.`{tag('spec_hash')}` = '{store.plan.spec_hash}'" if store.plan is not None else ""
     parents = store.runs(role="parent", extra=extra)
     if not parents:
         raise InputError(
@@ -304,6 +298,7 @@ def sample_run(
     top_p: float | None = None,
     seed: int = 1337,
     device: str = "auto",
+    say: Any = None,
 ) -> tuple[Any, dict[str, Any], list[str]]:
     """(run, checkpoint meta, continuations) sampled from a run's newest committed checkpoint."""
     from pydantic import ValidationError
@@ -331,7 +326,7 @@ def sample_run(
                 for e in err.errors()
             ],
         ) from None
-    run = find_run(store, ref)
+    run = find_run(store, ref, say)
     dirs = stage_dirs(run, store.runs_root)
     train, tok = dirs.get("train"), dirs.get("tokenizer")
     if train is None or tok is None:

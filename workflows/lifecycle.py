@@ -1,0 +1,179 @@
+"""The MLflow runs of a submit, from start to end: one parent run per submit, one child run per sweep point.
+
+A run's identity is a set of gptlab tags (``role``, ``spec_hash``, ``run_hash`` and, for a child, its parent), so
+a re-submit of the same spec attaches to its runs instead of duplicating them; find-or-create happens under the
+store's lock, so two submits at once share them too. Runs left RUNNING by a driver on this host that no longer
+exists are marked KILLED. Each child ends FINISHED with everything its stages report, FAILED with the error that
+stopped it, or KILLED when the submit was interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from workflows.store import Tracker, default_tracking_uri, flatten, retry_locked, tag
+
+if TYPE_CHECKING:
+    from workflows.planning import Plan, RunPlan
+
+#: MLflow experiment tag naming the kind of work it holds: the UI opens a "custom model development" experiment
+#: on its runs table (training runs, params and metrics), not on the GenAI traces view.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+@dataclass
+class Child:
+    """A sweep point's MLflow run: its id and its status before this submit (NEW when created by it)."""
+
+    run_id: str
+    previous: str
+
+
+def tracker_for(p: Plan) -> Tracker:
+    t = p.spec.tracking
+    return Tracker(t.uri or default_tracking_uri(p.runs_root), t.experiment or p.spec.name, p.runs_root / "mlartifacts")
+
+
+class RunLifecycle:
+    """Starts, resumes and ends the MLflow runs of one plan."""
+
+    def __init__(self, tracker: Tracker, p: Plan | None):
+        self.tracker, self.plan = tracker, p
+        self.parent_id = ""
+        self.children: dict[str, Child] = {}  # run hash -> its run
+
+    # ---- starting
+
+    def mark_dead_runs_killed(self) -> list[str]:
+        """Runs left RUNNING by a driver on this host that no longer exists become KILLED; returns their ids."""
+        import psutil
+
+        host, killed = socket.gethostname(), []
+        with self.tracker.locked():
+            for run in self.tracker.find_runs("attributes.status = 'RUNNING'"):
+                tags = run.data.tags
+                pid = tags.get(tag("driver_pid"))
+                if tags.get(tag("host")) != host or pid is None or not pid.isdigit():
+                    continue  # another machine's driver: it may well be alive
+                if psutil.pid_exists(int(pid)) and int(pid) != os.getpid():
+                    continue
+                self.tracker.set_status(run.info.run_id, "KILLED")
+                killed.append(run.info.run_id)
+        return killed
+
+    def start(self) -> None:
+        """Find or create the parent run and every sweep point's child run, tagged with where they are driven."""
+        p, tracker = self.plan, self.tracker
+        retry_locked(
+            lambda: tracker.client.set_experiment_tag(tracker.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        )
+        driven = driver_tags(p)
+        self.parent_id, _ = self._find_or_create(
+            p.spec.name, {"spec_hash": p.spec_hash, "role": "parent", **driven, "spec_file": str(p.loaded.source)}
+        )
+        sweep = yaml.safe_dump(p.spec.sweep, sort_keys=False).strip() or "{}"
+        tracker.log_params(self.parent_id, {"sweep": sweep, "runs": str(len(p.runs))})
+        for r in p.runs:
+            stages = {"stages": ",".join(s.label for s in r.stages.values()), "stage_labels": ",".join(r.stages)}
+            tags = {"run_hash": r.run_hash, "spec_hash": p.spec_hash, "role": "sweep_point", **driven, **stages}
+            run_id, previous = self._find_or_create(r.name, tags, self.parent_id)
+            if previous != "FINISHED":
+                tracker.log_params(run_id, flatten(r.spec.model_dump(mode="json", exclude={"sweep"})))
+            self.children[r.run_hash] = Child(run_id, previous)
+
+    def _find_or_create(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> tuple[str, str]:
+        """(run id, previous status): an existing run with the same identity tags is reused, not duplicated."""
+        identity = {k: v for k, v in tags.items() if k in ("role", "spec_hash", "run_hash")}
+        if parent_id:
+            identity["parent"] = parent_id
+            tags = {**tags, "parent": parent_id, "mlflow.parentRunId": parent_id}
+        with self.tracker.locked():
+            found = self.tracker.find_runs(**identity)
+            if not found:
+                return self.tracker.create_run(name, tags), "NEW"
+            run = found[0]
+            if run.info.status != "FINISHED":
+                self.tracker.set_status(run.info.run_id, "RUNNING")
+            self.tracker.set_tags(run.info.run_id, tags)
+            return run.info.run_id, run.info.status
+
+    def child(self, run: RunPlan) -> str:
+        return self.children[run.run_hash].run_id
+
+    # ---- ending
+
+    def end(self, run_id: str, status: str, error: str | None = None) -> None:
+        """FINISHED, FAILED or KILLED, with the error (one line in the run's tags and its note) when there is one."""
+        with self.tracker.locked():
+            if error:
+                self.tracker.set_tags(run_id, {"error": error[:5000], "mlflow.note.content": f"**{status}:** {error}"})
+            self.tracker.set_status(run_id, status)
+
+    def log_outputs(self, run: RunPlan) -> dict[str, float]:
+        """Everything a finished run's stages report, its spec and its loss curve; returns the metrics logged."""
+        from workflows.report import loss_curve_png
+
+        run_id = self.child(run)
+        metrics: dict[str, float] = {}
+        files: list[tuple[Path, str]] = []
+        for label, stage in run.stages.items():
+            marker = stage.marker()
+            report = stage.definition.report(stage.dir, marker["result"])
+            if report.metrics:
+                self.tracker.log_values(run_id, report.metrics, step=report.step)
+                metrics.update(report.metrics)
+            files += [(f, d) for f, d in report.artifacts if d != "model" or run.spec.tracking.log_model]
+            metrics[f"stage/{label}_seconds"] = marker["seconds"]
+        seconds = {k: v for k, v in metrics.items() if k.startswith("stage/")}
+        self.tracker.log_values(run_id, seconds, step=0)
+        spec_yaml = yaml.safe_dump(run.spec.model_dump(mode="json", exclude={"sweep"}), sort_keys=False)
+        self.tracker.log_text(run_id, spec_yaml, "spec.yaml")
+        train = run.training.dir
+        reports = self.plan.runs_root / "reports" / run.run_hash  # driver-owned: committed stage dirs stay as they are
+        files.append((loss_curve_png(train / "metrics.jsonl", reports / "loss_curve.png", run.name), "plots"))
+        self.tracker.log_artifacts(run_id, files)
+        return metrics
+
+    def metrics_of(self, run: RunPlan) -> dict[str, float]:
+        """What MLflow holds for a run finished by an earlier submit (nothing is logged again)."""
+        return dict(retry_locked(lambda: self.tracker.client.get_run(self.child(run)).data.metrics))
+
+
+def driver_tags(p: Plan) -> dict[str, str]:
+    """Where and by whom a run is driven: host, site, this driver's pid (to detect a killed driver later),
+    runs_root, and the git commit of the spec file's directory when it is in a git work tree."""
+    tags = {"host": socket.gethostname(), "site": p.spec.site.name, "driver_pid": str(os.getpid()),
+            "runs_root": str(p.runs_root)}  # fmt: skip
+    commit = git_commit(Path(p.loaded.source))
+    if commit:
+        tags["git_commit"] = commit
+    return tags
+
+
+def git_commit(path: Path) -> str | None:
+    """``HEAD`` of the git work tree holding ``path`` (``-dirty`` when the file has changes), or None."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(path.parent), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(path.parent), "status", "--porcelain", "--", path.name],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def run_summary_line(metrics: dict[str, Any]) -> str:
+    keys = ("final/val_loss", "val/ppl", "val/bpb")
+    return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)

@@ -1,0 +1,159 @@
+"""Planning: runs -> a graph of content-addressed stages, shared where their inputs are equal.
+
+A stage's key is a hash of its kind, version, the canonical JSON of exactly the configuration it uses (its
+kind's ``configure``, see ``workflows.stages``) and the keys of its inputs, so two sweep points with the same
+tokenizer and data settings share one tokenizer stage and one shards stage. A stage directory is complete only
+when its commit marker (``DONE.json``) exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmcore.io import COMMIT_MARKER, is_committed, read_json
+from workflows.spec import ExperimentSpec, LoadedSpec, gc_paused
+from workflows.stages import STAGES, Facts, StageKind
+
+
+def canonical_hash(obj: Any, length: int = 16) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage instance: what it is, its key, the config that key hashes, where it lives."""
+
+    kind: str
+    key: str
+    config: dict[str, Any]
+    deps: tuple[str, ...]  # the keys of the stages it reads, in its kind's input order
+    dir: Path
+    runtime: dict[str, Any] = field(default_factory=dict, compare=False)  # speed-only settings, outside the key
+    inputs: dict[str, Path] = field(default_factory=dict, compare=False)  # input kind -> its stage directory
+
+    @property
+    def done(self) -> bool:
+        return is_committed(self.dir)
+
+    @property
+    def label(self) -> str:
+        """The stage directory's name: ``train-3d517b8e4424603b``."""
+        return f"{self.kind}-{self.key}"
+
+    @property
+    def definition(self) -> StageKind:
+        return STAGES[self.kind]
+
+    def marker(self) -> dict[str, Any]:
+        return read_json(self.dir / COMMIT_MARKER)
+
+
+@dataclass
+class RunPlan:
+    """One sweep point: its name, the values it sweeps, its resolved spec and its stages (label -> stage, in
+    dependency order)."""
+
+    name: str
+    point: dict[str, Any]
+    spec: ExperimentSpec
+    stages: dict[str, Stage]
+    run_hash: str
+
+    @property
+    def training(self) -> Stage:
+        return self.stages["train"]
+
+
+@dataclass
+class Plan:
+    loaded: LoadedSpec
+    runs_root: Path
+    spec_hash: str
+    runs: list[RunPlan]
+    stages: dict[str, Stage] = field(default_factory=dict)  # key -> stage, in dependency order
+
+    @property
+    def spec(self) -> ExperimentSpec:
+        return self.loaded.spec
+
+    def users(self, stage: Stage) -> list[RunPlan]:
+        """The runs that use a stage."""
+        return [r for r in self.runs if any(s.key == stage.key for s in r.stages.values())]
+
+
+#: Stage kinds whose keys make up a run's identity in MLflow (adding a benchmark task to a finished run records
+#: it on the same run instead of starting another).
+IDENTITY_KINDS = ("tokenizer", "shards", "train", "eval")
+
+
+def spec_identity(spec: ExperimentSpec) -> dict[str, Any]:
+    """What makes two submissions 'the same experiment' (where it runs and is tracked excluded; settings added
+    to gptlab later count only when set)."""
+    return {k: v for k, v in spec.key_dict().items() if k not in ("site", "tracking", "runs_root")}
+
+
+class _Planner:
+    def __init__(self, result: Plan):
+        self.result, self.facts = result, Facts()
+        self.memo: dict[tuple[str, str, tuple[str, ...]], list[tuple[str, Stage]]] = {}
+
+    def stages_of(self, spec: ExperimentSpec) -> dict[str, Stage]:
+        stages: dict[str, Stage] = {}
+        by_kind: dict[str, Stage] = {}
+        for kind in STAGES.values():
+            deps = tuple(by_kind[k].key for k in kind.inputs if k in by_kind)
+            # Keyed once per distinct value of the sections it reads and of its inputs (the corpus fingerprint is
+            # large: hashing it per sweep point dominated planning a 10,000-point sweep).
+            memo = (kind.name, spec.model_dump_json(include=set(kind.reads)), deps)
+            if memo not in self.memo:
+                self.memo[memo] = [(label, self._stage(kind, config, deps, spec, by_kind))
+                                   for label, config in kind.configure(spec, self.facts).items()]  # fmt: skip
+            for label, stage in self.memo[memo]:
+                stages[label] = stage
+                by_kind.setdefault(kind.name, stage)
+        return stages
+
+    def _stage(self, kind: StageKind, config: dict[str, Any], deps: tuple[str, ...], spec: ExperimentSpec,
+               by_kind: dict[str, Stage]) -> Stage:  # fmt: skip
+        key = canonical_hash({"kind": kind.name, "version": kind.version, "config": config, "inputs": deps})
+        stage = self.result.stages.get(key)
+        if stage is None:
+            inputs = {k: by_kind[k].dir for k in kind.inputs if k in by_kind}
+            stage = Stage(kind.name, key, config, deps, self.result.runs_root / "stages" / f"{kind.name}-{key}",
+                          kind.runtime(spec), inputs)  # fmt: skip
+            self.result.stages[key] = stage
+        return stage
+
+
+def plan(loaded: LoadedSpec) -> Plan:
+    """Build the stage graph for every run of a loaded spec (no side effects)."""
+    spec = loaded.spec
+    runs_root = Path(spec.runs_root).expanduser().resolve()
+    result = Plan(loaded, runs_root, canonical_hash(spec_identity(spec)), [])
+    planner = _Planner(result)
+    with gc_paused():
+        for name, point, run_spec in loaded.runs:
+            stages = planner.stages_of(run_spec)
+            identity = [s.key for label, s in stages.items() if s.kind in IDENTITY_KINDS]
+            run_hash = canonical_hash({"name": name, "stages": identity})
+            result.runs.append(RunPlan(name, point, run_spec, stages, run_hash))
+    return result
+
+
+def param_count(spec: ExperimentSpec, vocab_size: int) -> int:
+    """Parameters of a run's model as training reports them (``GPT.num_params``: tied weights once, the learned
+    position table left out, as nanoGPT counts), by arithmetic: no torch, no model built."""
+    m = spec.model
+    C, V = m.n_embd, vocab_size
+    norm = C * (2 if m.norm == "layernorm" and m.bias else 1)
+    bias = 1 if m.bias else 0
+    hidden = 64 * -(-8 * C // (3 * 64)) if m.mlp == "swiglu" else 4 * C
+    up = 2 * hidden if m.mlp == "swiglu" else hidden
+    attention = C * 3 * C + 3 * C * bias + C * C + C * bias
+    mlp = C * up + up * bias + hidden * C + C * bias
+    return V * C + m.n_layer * (2 * norm + attention + mlp) + norm

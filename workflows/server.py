@@ -1,0 +1,119 @@
+"""Is an MLflow tracking server there? Asked once, fast, before any MLflow call to it.
+
+MLflow's own client retries a server that is not there with backoff for minutes, saying nothing. gptlab asks once,
+with short timeouts and no retries, and turns every way of not answering into one sentence naming
+``tracking.uri`` and what to do.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from workflows.store import TrackingStoreError
+
+PROBE_ENDPOINT = "/api/2.0/mlflow/experiments/search"
+PROBE_CONNECT_SECONDS = 5.0
+PROBE_READ_SECONDS = 15.0  # a busy server still answers a one-experiment search well within this
+_answered: set[str] = set()  # URIs whose server answered in this process
+_probe_lock = threading.Lock()
+
+
+def check_tracking_server(uri: str) -> None:
+    """Raise :class:`TrackingStoreError` (one sentence naming ``tracking.uri``) unless an MLflow tracking server
+    answers at ``uri``; a no-op for local stores and, after the first answer, for the same URI.
+
+    The probe is a GET of MLflow's REST experiment search for one experiment, sent through MLflow's own HTTP
+    helper (its credentials, TLS and header settings) but once, without retries, with short timeouts. A server
+    that answers with a transient error (429, 5xx) or denies access to this one call (403) passes: MLflow's
+    own retries and errors deal with those."""
+    if not uri.lower().startswith(("http://", "https://")) or uri in _answered:  # only servers over HTTP
+        return
+    with _probe_lock:
+        if uri in _answered:
+            return
+        problem = _probe(uri)
+        if problem is not None:
+            raise TrackingStoreError(f"tracking.uri {uri}: {problem}")
+        _answered.add(uri)
+
+
+def _probe(uri: str) -> str | None:
+    """None when an MLflow server answers at ``uri``, else what is wrong and what to do, in words."""
+    from urllib.parse import urlsplit
+
+    import requests
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    fix = "or point tracking.uri (--uri for status, compare and sample) at a running one"
+    try:
+        parts = urlsplit(uri)
+        host, port = parts.hostname or "?", parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError as exc:
+        return f"not a valid URL ({exc}); fix tracking.uri"
+    start = f"start one there (`mlflow server --host {host} --port {port}`) {fix}"
+    try:
+        resp = http_request(
+            get_default_host_creds(uri),
+            PROBE_ENDPOINT,
+            "GET",
+            max_retries=0,
+            backoff_factor=0,
+            timeout=(PROBE_CONNECT_SECONDS, PROBE_READ_SECONDS),
+            raise_on_status=False,
+            params={"max_results": 1},
+        )
+    except Exception as exc:  # MLflow wraps every requests error in an MlflowException: look down the chain
+        import urllib3
+
+        chain, todo = [], [exc]
+        while todo:
+            e = todo.pop()
+            if isinstance(e, BaseException) and not any(e is c for c in chain):
+                chain.append(e)  # urllib3 keeps the error beneath a MaxRetryError in .reason, requests in args
+                todo += [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args[:1]]
+        if any(isinstance(e, ConnectionRefusedError) for e in chain):
+            return f"no MLflow server answers (connection refused: nothing listens on port {port} of {host}); {start}"
+        if any(isinstance(e, socket.gaierror) for e in chain):
+            return f"no MLflow server answers (host name {host!r} is not known); fix tracking.uri"
+        connect_timeout = (requests.exceptions.ConnectTimeout, urllib3.exceptions.ConnectTimeoutError)
+        if any(isinstance(e, connect_timeout) for e in chain):
+            return (
+                f"no MLflow server answers (no connection within {PROBE_CONNECT_SECONDS:g} s: the host is down "
+                f"or a firewall drops the connection); {start}"
+            )
+        if any(isinstance(e, (requests.exceptions.ReadTimeout, urllib3.exceptions.ReadTimeoutError)) for e in chain):
+            return (
+                f"the server accepted a connection but sent no answer within {PROBE_READ_SECONDS:g} s: it is "
+                f"hung, or not an HTTP server; restart it {fix}"
+            )
+        if any(isinstance(e, (requests.exceptions.SSLError, urllib3.exceptions.SSLError)) for e in chain):
+            return (
+                "the TLS handshake failed; for a server with its own certificate set "
+                "MLFLOW_TRACKING_SERVER_CERT_PATH (or MLFLOW_TRACKING_INSECURE_TLS=true), or fix tracking.uri"
+            )
+        if any(isinstance(e, requests.exceptions.ConnectionError) for e in chain):
+            reason = next((str(e.args[0]) for e in reversed(chain) if isinstance(e, OSError) and e.args), "")
+            return f"no MLflow server answers (cannot connect{': ' + reason[:200] if reason else ''}); {start}"
+        return f"cannot reach an MLflow server ({str(exc)[:300]}); {start}"
+    code = resp.status_code
+    if code == 401:
+        return (
+            "the MLflow server refuses these credentials (HTTP 401); set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN), or fix tracking.uri"
+        )
+    if code in (403, 429) or code >= 500:
+        return None  # a server that is there: denied this one call, or busy; MLflow retries and reports those
+    try:
+        answer = resp.json() if code == 200 else None
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        kind = (resp.headers.get("Content-Type") or "no content type").split(";")[0]
+        return (
+            f"something answers there, but not an MLflow tracking server (HTTP {code}, {kind}, for "
+            f"{PROBE_ENDPOINT}); point tracking.uri (--uri for status, compare and sample) at an MLflow "
+            "server's address (its port, and its path prefix behind a proxy)"
+        )
+    return None

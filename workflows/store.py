@@ -1,0 +1,279 @@
+"""The MLflow store, written by one process at a time: the lock, the retry policy and the writes.
+
+Workers never talk to MLflow: the driver is the one writer (see ``workflows.tail`` for how training metrics get
+there). Several drivers may still share one store (two submits at once, a sweep per terminal), so every write
+goes through one lock file next to the store (``mlflow.db.lock``, an ``flock``): the store is created (MLflow's
+first-time schema migration, which races when several processes create it together) by exactly one of them,
+find-or-create of a run is atomic (two submits of one spec share their runs, never duplicate them), metric
+forwarding is exactly-once, and a "database is locked" that still gets through (a reader such as the UI) is
+retried with backoff.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from llmcore.io import file_lock, is_no_space
+
+T = TypeVar("T")
+
+TAG_PREFIX = "gptlab."
+
+
+def tag(name: str) -> str:
+    """The MLflow tag of a gptlab name (``role`` -> ``gptlab.role``); MLflow's own ``mlflow.*`` tags as they are."""
+    return name if name.startswith(("mlflow.", TAG_PREFIX)) else TAG_PREFIX + name
+
+
+BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
+PARAM_BATCH = 100
+MAX_PARAM_CHARS = 6000
+
+
+def default_tracking_uri(runs_root: Path) -> str:
+    return f"sqlite:///{runs_root / 'mlflow.db'}"
+
+
+def is_local_store(uri: str) -> bool:
+    """A store in a file on this machine (SQLite or a file store), not a tracking server."""
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def store_lock_path(uri: str, artifact_root: Path) -> Path:
+    """The lock file every gptlab writer of this store takes: beside a SQLite file, else beside the artifacts."""
+    if uri.startswith("sqlite:"):
+        from sqlalchemy.engine import make_url  # parses the path as MLflow's store does (`#`, `;` included)
+
+        db = make_url(uri).database
+        if db and db != ":memory:":
+            return Path(db).with_name(Path(db).name + ".lock")
+    return artifact_root.parent / ".mlflow-tracking.lock"
+
+
+LOCKED_RETRY_SECONDS = 120.0
+
+
+def is_locked_error(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+class TrackingStoreError(RuntimeError):
+    """The MLflow store cannot be written: its disk is full, over quota or read-only, or no MLflow tracking
+    server answers at its URI. Nothing is lost: committed stages stay committed, and a submit after fixing it
+    resumes the runs."""
+
+
+STORE_FULL = (
+    "database or disk is full",
+    "no space left on device",
+    "disk quota exceeded",
+    "attempt to write a readonly database",
+    "read-only file system",
+)
+
+
+def retry_locked(fn: Callable[[], T], seconds: float = LOCKED_RETRY_SECONDS) -> T:
+    """Call ``fn``; retry SQLite's transient "database is locked" with jittered exponential backoff. A store
+    whose disk is full or read-only raises :class:`TrackingStoreError` (one clear sentence, no retry)."""
+    deadline, delay = time.monotonic() + seconds, 0.05
+    while True:
+        try:
+            return fn()
+        except Exception as exc:  # MLflow wraps sqlite3/sqlalchemy errors in MlflowException
+            text = str(exc).lower()
+            if any(w in text for w in STORE_FULL):
+                reason = next(w for w in STORE_FULL if w in text)
+                raise TrackingStoreError(
+                    f"the MLflow store cannot be written ({reason}); free space (or make it writable) and submit "
+                    "again: committed stages are kept and the runs resume"
+                ) from None
+            if not is_locked_error(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay * (0.5 + random.random()))
+        delay = min(delay * 2, 2.0)
+
+
+# A tracking server is asked once, with short timeouts and no retries, before any MLflow call to it: MLflow's
+# own client retries a server that is not there with backoff for minutes, saying nothing.
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dicts/lists -> {"model.n_layer": "4", "data.sources.0.path": "x"}."""
+    out: dict[str, str] = {}
+    if isinstance(tree, dict) and tree:
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        for i, v in enumerate(tree):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        value = tree if isinstance(tree, str) else json.dumps(tree)
+        out[prefix.rstrip(".")] = value[:MAX_PARAM_CHARS]
+    return out
+
+
+def quiet_mlflow_logs() -> None:
+    """MLflow and alembic log every migration step at INFO; users need none of it."""
+    for name in ("mlflow", "alembic", "alembic.runtime.migration"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+class Tracker:
+    """Writes to one experiment of an MLflow store, each write under the store's lock and retried while the store
+    is locked. Tags are gptlab names (``role``); the ``gptlab.`` prefix is added here and only here."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: Path):
+        from workflows.server import check_tracking_server
+
+        quiet_mlflow_logs()
+        check_tracking_server(uri)  # before the lock file, before anything is written: fail fast, in one sentence
+        self.uri = uri
+        self.lock_path = store_lock_path(uri, artifact_root)
+        self._held = threading.local()
+        with self.locked():  # the first client call creates (migrates) a new SQLite store: one process only
+            self.client = retry_locked(lambda: MlflowClient(tracking_uri=uri))
+            exp = retry_locked(lambda: self.client.get_experiment_by_name(experiment))
+            if exp is None:
+                # A local store keeps artifacts under runs_root; a tracking server keeps them where it serves them
+                # from (its --artifacts-destination), which other machines can reach and this path may not be.
+                location = None
+                if is_local_store(uri):
+                    artifact_root.mkdir(parents=True, exist_ok=True)
+                    location = artifact_root.as_uri()
+                self.experiment_id = retry_locked(
+                    lambda: self.client.create_experiment(experiment, artifact_location=location)
+                )
+            else:
+                if exp.lifecycle_stage == "deleted":
+                    retry_locked(lambda: self.client.restore_experiment(exp.experiment_id))
+                self.experiment_id = exp.experiment_id
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the store's lock (re-entrant within a thread; other threads and processes wait)."""
+        depth = getattr(self._held, "depth", 0)
+        if depth:
+            self._held.depth = depth + 1
+            try:
+                yield
+            finally:
+                self._held.depth -= 1
+            return
+        try:
+            with file_lock(self.lock_path, say=lambda _: None):
+                self._held.depth = 1
+                try:
+                    yield
+                finally:
+                    self._held.depth = 0
+        except TrackingStoreError as exc:
+            raise TrackingStoreError(f"{self.uri}: {exc}") from None
+        except OSError as exc:  # the lock file itself, on a read-only or full file system
+            if not is_no_space(exc) and not isinstance(exc, PermissionError):
+                raise
+            raise TrackingStoreError(f"{self.uri}: cannot create {self.lock_path} ({exc.strerror})") from None
+
+    def _write(self, fn: Callable[[], T]) -> T:
+        with self.locked():
+            return retry_locked(fn)
+
+    def find_runs(self, filter_string: str = "", **tags: str) -> list[Any]:
+        """Runs of the experiment with these gptlab tags (and an MLflow filter string), the newest first."""
+        filt = " and ".join(
+            [f"tags.`{tag(k)}` = '{v}'" for k, v in tags.items()] + ([filter_string] if filter_string else [])
+        )
+        return list(
+            retry_locked(
+                lambda: self.client.search_runs([self.experiment_id], filt, order_by=["attributes.start_time DESC"])
+            )
+        )
+
+    def create_run(self, name: str, tags: dict[str, str]) -> str:
+        run = retry_locked(
+            lambda: self.client.create_run(
+                self.experiment_id, tags={tag(k): str(v) for k, v in tags.items()}, run_name=name
+            )  # fmt: skip
+        )
+        return run.info.run_id
+
+    def set_status(self, run_id: str, status: str) -> None:
+        """RUNNING again (a run resumed), or an end state: FINISHED, FAILED, KILLED."""
+        if status == "RUNNING":
+            self._write(lambda: self.client.update_run(run_id, status="RUNNING"))
+        else:
+            self._write(lambda: self.client.set_terminated(run_id, RunStatus.to_string(getattr(RunStatus, status))))
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        batch = [RunTag(tag(k), str(v)) for k, v in tags.items()]
+        self._write(lambda: self.client.log_batch(run_id, tags=batch, synchronous=True))
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        with self.locked():
+            existing = retry_locked(lambda: self.client.get_run(run_id).data.params)
+            todo = [Param(k, v) for k, v in params.items() if k not in existing]
+            for i in range(0, len(todo), PARAM_BATCH):
+                chunk = todo[i : i + PARAM_BATCH]
+                retry_locked(lambda: self.client.log_batch(run_id, params=chunk, synchronous=True))
+
+    def log_metrics(self, run_id: str, metrics: list[Metric], tags: dict[str, str] | None = None) -> None:
+        """Log metrics in batches of MLflow's maximum size; ``tags`` go with the last batch, in the same store
+        transaction (one write, one fsync, where metrics and tags apart would take two)."""
+        run_tags = [RunTag(tag(k), str(v)) for k, v in (tags or {}).items()]
+        if not metrics and not run_tags:
+            return
+        with self.locked():
+            for i in range(0, max(len(metrics), 1), BATCH):
+                chunk = metrics[i : i + BATCH]
+                last = i + BATCH >= len(metrics)
+                retry_locked(
+                    lambda: self.client.log_batch(
+                        run_id, metrics=chunk, tags=run_tags if last else [], synchronous=True
+                    )
+                )
+
+    def log_values(self, run_id: str, values: dict[str, float], step: int) -> None:
+        """Log final values at ``step``, each once: a value the run already holds at that step is not repeated
+        (a second driver finishing the same run, or a re-submit, adds no duplicate points)."""
+        now = int(time.time() * 1000)
+        with self.locked():
+            have = retry_locked(lambda: self.client.get_run(run_id).data)
+            steps = {}
+            todo = [
+                Metric(k, float(v), now, step)
+                for k, v in values.items()
+                if v is not None
+                and not (
+                    k in have.metrics and have.metrics[k] == float(v) and self._latest_step(run_id, k, steps) == step
+                )
+            ]
+            self.log_metrics(run_id, todo)
+
+    def _latest_step(self, run_id: str, key: str, cache: dict[str, int]) -> int:
+        if key not in cache:
+            history = retry_locked(lambda: self.client.get_metric_history(run_id, key))
+            cache[key] = max((m.step for m in history), default=-1)
+        return cache[key]
+
+    def log_artifacts(self, run_id: str, paths: Iterable[tuple[Path, str | None]]) -> None:
+        with self.locked():
+            for path, artifact_dir in paths:
+                if path.is_file():
+                    retry_locked(lambda: self.client.log_artifact(run_id, str(path), artifact_dir))
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self._write(lambda: self.client.log_text(run_id, text, artifact_file))
+
+    def status(self, run_id: str) -> str:
+        return retry_locked(lambda: self.client.get_run(run_id).info.status)
