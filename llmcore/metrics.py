@@ -51,12 +51,12 @@ class TrainLine(_Line):
 
     kind: Literal["train"] = "train"
     loss: float = _metric("train/loss", "Mean training loss of the step's micro-batches, over ranks.", ...)
-    lr: float = _metric("train/lr", "Learning rate of the step.", ...)
+    lr: float | None = _metric("train/lr", "Learning rate of the step.")
     grad_norm: float | None = _metric("train/grad_norm", "Global gradient norm before clipping.")
     tokens_per_sec: float | None = _metric("train/tokens_per_sec", "Training tokens per second, all ranks.")
     mfu: float | None = _metric("train/mfu", "Model FLOPs utilisation (CUDA GPUs with a known peak).")
     peak_mem_mb: float | None = _metric("train/peak_mem_mb", "Peak memory torch allocated on the GPU, MiB.")
-    tokens_seen: int = _metric("train/tokens_seen", "Training tokens consumed so far.", 0)
+    tokens_seen: int | None = _metric("train/tokens_seen", "Training tokens consumed so far.")
     gpu_util: float | None = _metric("gpu/utilization", "GPU busy percentage (NVML), rank 0's GPU.")
     gpu_mem_mb: float | None = _metric("gpu/memory_used_mb", "GPU memory in use (NVML, all processes), MiB.")
 

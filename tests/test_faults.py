@@ -262,6 +262,7 @@ def test_two_submits_of_one_spec_at_once_run_each_stage_once_and_agree(tmp_path)
 WRITER = """
 import json, sys, time
 from pathlib import Path
+from workflows.lifecycle import RunLifecycle
 from workflows.store import Tracker
 from workflows.tail import MetricsForwarder
 uri, root, i, go = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
@@ -269,8 +270,9 @@ uri, root, i, go = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), Path(sys.ar
 while not go.exists():
     time.sleep(0.005)
 t = Tracker(uri, "concurrent", root / "mlartifacts")  # the first one creates the store
-parent, _ = t.start_run("parent", {"role": "parent", "spec_hash": "s"})
-run, _ = t.start_run(f"point{i}", {"role": "sweep_point", "spec_hash": "s", "run_hash": f"h{i}"}, parent_id=parent)
+runs = RunLifecycle(t, None)
+parent, _ = runs.find_or_create("parent", {"role": "parent", "spec_hash": "s"})
+run, _ = runs.find_or_create(f"point{i}", {"role": "sweep_point", "spec_hash": "s", "run_hash": f"h{i}"}, parent)
 d = root / f"train{i}"
 d.mkdir()
 fw = MetricsForwarder(t, run, d / "metrics.jsonl")
@@ -283,8 +285,8 @@ with open(d / "metrics.jsonl", "a") as f:
             fw.poll()  # a small batch per poll: many writes, as a driver forwarding live training
 fw.poll()
 t.log_values(run, {"val/loss": 0.5}, step=STEPS)
-t.finish(run, True)
-t.finish(parent, True)
+runs.end(run, "FINISHED")
+runs.end(parent, "FINISHED")
 """
 
 
@@ -373,9 +375,9 @@ def fill(directory: Path) -> Path:
     return filler
 
 
-def test_full_disk_never_leaves_a_commit_marker_or_temp_file(tmpfs):
+def test_full_disk_never_leaves_a_commit_marker_or_temp_file(tmpfs, tmp_path):
     from site_configs.retry import NEVER, retry_cost
-    from workflows.stages import _run
+    from workflows.stages import run_stage
 
     disk = tmpfs("small", "256k")
     stage = disk / "stages" / "tokenizer-x"
@@ -384,13 +386,16 @@ def test_full_disk_never_leaves_a_commit_marker_or_temp_file(tmpfs):
     with pytest.raises(OSError) as info:
         write_commit_marker(stage, {"step": 1})
     assert info.value.errno == 28
+    corpus = make_corpus(tmp_path / "corpus", n_docs=4)  # on another disk: only the stage's own writes fail
+    config = {"tokenizer": {"model_type": "char", "vocab_size": 64}, "seed": 0, "corpus": [],
+              "sources": [{"type": "files", "path": str(corpus)}]}  # fmt: skip
     with pytest.raises(OSError) as info:
-        _run(str(stage), "tokenizer", lambda d: (d / "out.bin").write_bytes(b"x" * 100_000) and {})
+        run_stage("tokenizer", str(stage), config, {}, {"num_threads": 1})
     assert retry_cost(info.value, None) == NEVER  # retrying cannot free space
     from parsl.app.errors import BashExitFailure
 
     assert retry_cost(BashExitFailure("train", 74), None) == NEVER  # training's "disk full" exit code
-    assert sorted(p.name for p in stage.iterdir() if p.name != "out.bin") == [LOCK_FILE]  # no DONE.json, no temp
+    assert sorted(p.name for p in stage.iterdir()) == [LOCK_FILE]  # no DONE.json, no temp file
 
 
 def test_disk_full_mid_training_exits_74_commits_nothing_torn_and_resumes_once_freed(llm_shards, tmpfs):
@@ -550,13 +555,10 @@ def test_metrics_rewritten_by_a_resume_are_forwarded_without_a_gap_or_duplicate(
     from workflows.tail import MetricsForwarder
 
     def line(step: int, pad: str = "") -> str:
-        return (
-            json.dumps({"kind": "train", "step": step, "time": 1e9 + step, "loss": 1.0 / step, "lr": 1e-3, "note": pad})
-            + "\n"
-        )
+        return json.dumps({"kind": "train", "step": step, "time": 1e9 + step, "loss": 1.0 / step, "note": pad}) + "\n"
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "fw", tmp_path / "mlartifacts")
-    run, _ = tracker.start_run("r", {"role": "sweep_point", "spec_hash": "s", "run_hash": "h"})
+    run = tracker.create_run("r", {"role": "sweep_point", "spec_hash": "s", "run_hash": "h"})
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(line(s) for s in range(1, 31)))
     fw = MetricsForwarder(tracker, run, path)

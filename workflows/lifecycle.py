@@ -75,7 +75,7 @@ class RunLifecycle:
             lambda: tracker.client.set_experiment_tag(tracker.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         )
         driven = driver_tags(p)
-        self.parent_id, _ = self._find_or_create(
+        self.parent_id, _ = self.find_or_create(
             p.spec.name, {"spec_hash": p.spec_hash, "role": "parent", **driven, "spec_file": str(p.loaded.source)}
         )
         sweep = yaml.safe_dump(p.spec.sweep, sort_keys=False).strip() or "{}"
@@ -83,12 +83,12 @@ class RunLifecycle:
         for r in p.runs:
             stages = {"stages": ",".join(s.label for s in r.stages.values()), "stage_labels": ",".join(r.stages)}
             tags = {"run_hash": r.run_hash, "spec_hash": p.spec_hash, "role": "sweep_point", **driven, **stages}
-            run_id, previous = self._find_or_create(r.name, tags, self.parent_id)
+            run_id, previous = self.find_or_create(r.name, tags, self.parent_id)
             if previous != "FINISHED":
                 tracker.log_params(run_id, flatten(r.spec.model_dump(mode="json", exclude={"sweep"})))
             self.children[r.run_hash] = Child(run_id, previous)
 
-    def _find_or_create(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> tuple[str, str]:
+    def find_or_create(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> tuple[str, str]:
         """(run id, previous status): an existing run with the same identity tags is reused, not duplicated."""
         identity = {k: v for k, v in tags.items() if k in ("role", "spec_hash", "run_hash")}
         if parent_id:

@@ -24,7 +24,7 @@ def loss_curve_png(metrics_path: Path, out: Path, title: str) -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    if train and train[-1].step:
+    if train and train[-1].step and train[-1].tokens_seen:
         per_step = train[-1].tokens_seen / train[-1].step
         top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step, lambda t: t / per_step))
         top.set_xlabel("tokens seen")
