@@ -3,9 +3,10 @@
 Parsl's HighThroughputExecutor starts its interchange as a child of the driver (``interchange_launch_cmd``). Two
 things go wrong with a plain child on a login node or a laptop:
 
-- Ctrl-C in the terminal reaches the whole foreground process group: the interchange dies with the driver's
-  first ``^C`` and the driver, trying to shut Parsl down cleanly, waits for it. Here the interchange ignores
-  SIGINT (inherited across ``exec``); the driver handles the interrupt and stops the interchange itself.
+- Ctrl-C in the terminal (SIGINT), and a scheduler's SIGTERM, reach the whole foreground process group: the
+  interchange died with the driver's first ``^C`` and the driver, trying to shut Parsl down cleanly, waited for
+  it. Here the interchange runs in a process group of its own; the driver handles the signal and stops the
+  interchange itself.
 - A driver killed with SIGKILL (the OOM killer, a dropped session) leaves the interchange running, and the worker
   pools it serves keep their nodes until walltime. Here the kernel sends the interchange SIGTERM when the driver
   dies (Linux ``PR_SET_PDEATHSIG``, kept across ``exec``); the pools then miss its heartbeats and exit after
@@ -26,10 +27,10 @@ def main(argv: list[str]) -> None:
     if not argv:
         sys.exit("usage: python -m site_configs.guard CMD [ARGS...]")
     parent = os.getppid()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.setpgid(0, 0)  # out of the terminal's foreground group: its signals are the driver's to handle
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: SIGINT is still ignored
+    except (OSError, AttributeError):  # not Linux: no parent-death signal, the heartbeats still end the pools
         pass
     if os.getppid() != parent:  # the driver died before the watch was set
         sys.exit(1)

@@ -120,3 +120,100 @@ class Evil:
 
     def __reduce__(self):
         return (open, (self.path, "w"))  # unpickling this would create the file
+
+
+# ------------------------------------------------------------------------------- processes the tests start
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+#: Every launcher's rank variables: none may leak from the environment pytest runs in (inside salloc, under
+#: mpiexec; RANK would win over PMI_RANK).
+LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "PMI_RANK",
+    "PMI_SIZE",
+    "PMI_LOCAL_RANK",
+    "PMI_FD",
+    "PMI_PORT",
+    "PMI_ID",
+    "MPI_LOCALRANKID",
+    "MPI_LOCALNRANKS",
+    "PALS_RANKID",
+    "PALS_LOCAL_RANKID",
+    "PBS_NODEFILE",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "GPTLAB_RANKS",
+)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a process a test starts: this repository first on the path, one thread per process (so
+    float reductions happen in the same order in every run), no launcher variables, unbuffered output."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("OMPI_")}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def gptlab(*args: Any, timeout: float = 300, **popen: Any) -> Any:
+    """Run the `gptlab` command line (as `python -m workflows.cli`) to the end; the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "workflows.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, **popen)  # fmt: skip
+
+
+def wait_for(predicate: Callable[[], Any], seconds: float, what: str, every: float = 0.1) -> Any:
+    """Poll ``predicate`` until it returns something true (returned); fail naming ``what`` after ``seconds``."""
+    import time
+
+    deadline = time.time() + seconds
+    while not (found := predicate()):
+        assert time.time() < deadline, f"timed out after {seconds:.0f} s waiting for {what}"
+        time.sleep(every)
+    return found
+
+
+def records(stage_dir: Any, kind: str = "train") -> list[dict[str, Any]]:
+    """A training's metrics.jsonl records of one kind, as dicts (read with llmcore's reader)."""
+    from llmcore.metrics import jsonable, read_metrics
+
+    return [jsonable(r) for r in read_metrics(stage_dir / "metrics.jsonl") if r.kind == kind]
+
+
+def trainings(stage_dir: Any) -> list[Any]:
+    """The live `python -m llmcore.train` processes writing into ``stage_dir``."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = p.info["cmdline"] or []
+        if "llmcore.train" in cmd and str(stage_dir) in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(p)
+    return found
+
+
+def kill_everything_under(root: Any, procs: list[Any]) -> None:
+    """Test cleanup: our drivers, and any process (orphaned training, stopped or not) working under ``root``."""
+    import os
+
+    import psutil
+
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    for p in psutil.process_iter(["cmdline"]):
+        if str(root) in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass

@@ -11,22 +11,14 @@ error training handles: exit code 2, bad input, not retried).
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
-from helpers import make_corpus, tiny_spec, write_spec
+from helpers import gptlab, make_corpus, tiny_spec, write_spec
 from mlflow.tracking import MlflowClient
 
 from workflows.trainlog import exit_meaning, failure_cause, last_try, lines_before
 
 BROKEN, NO_MATCH = "freeze=[]", "freeze=['nomatch.*']"
-
-
-def gptlab(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "workflows.cli", *map(str, args)], capture_output=True, text=True, timeout=300
-    )
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import make_corpus, tiny_spec, write_spec
+from helpers import child_env, kill_everything_under, make_corpus, tiny_spec, trainings, wait_for, write_spec
 
 from llmcore.checkpoint import checkpoints, latest_checkpoint, load_checkpoint
 from llmcore.io import LOCK_FILE, file_lock, write_commit_marker
@@ -27,42 +27,6 @@ pytestmark = pytest.mark.slow
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def wait_for(predicate, seconds: float, what: str, every: float = 0.1):
-    deadline = time.time() + seconds
-    while not (found := predicate()):
-        assert time.time() < deadline, f"timed out after {seconds:.0f} s waiting for {what}"
-        time.sleep(every)
-    return found
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-
-
-def trainings(stage_dir: Path) -> list[psutil.Process]:
-    """The live `python -m llmcore.train` processes writing into ``stage_dir``."""
-    found = []
-    for p in psutil.process_iter(["cmdline", "status"]):
-        cmd = p.info["cmdline"] or []
-        if "llmcore.train" in cmd and str(stage_dir) in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(p)
-    return found
-
-
-def kill_everything_under(root: Path, procs: list[subprocess.Popen]) -> None:
-    """Test cleanup: our drivers, and any process (orphaned training, stopped or not) working under ``root``."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-    for p in psutil.process_iter(["cmdline"]):
-        if str(root) in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
 
 
 def mlflow_runs(runs_root: Path, experiment: str = "tiny") -> dict[str, object]:
@@ -118,7 +82,11 @@ def test_driver_killed_mid_sweep_resubmit_reruns_nothing_resumes_and_duplicates_
     procs: list[subprocess.Popen] = []
     try:
         first = subprocess.Popen(
-            submit_cmd, cwd=tmp_path, env=env(), stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT
+            submit_cmd,
+            cwd=tmp_path,
+            env=child_env(),
+            stdout=open(tmp_path / "first.log", "w"),
+            stderr=subprocess.STDOUT,
         )
         procs.append(first)
         # Freeze the long training once it has a committed checkpoint, so it is mid-run whatever the speed.
@@ -147,7 +115,11 @@ def test_driver_killed_mid_sweep_resubmit_reruns_nothing_resumes_and_duplicates_
         resumed_at = int(json.loads((latest_checkpoint(long["train"].dir) / "meta.json").read_text())["step"])
 
         second = subprocess.Popen(
-            submit_cmd, cwd=tmp_path, env=env(), stdout=open(tmp_path / "second.log", "w"), stderr=subprocess.STDOUT
+            submit_cmd,
+            cwd=tmp_path,
+            env=child_env(),
+            stdout=open(tmp_path / "second.log", "w"),
+            stderr=subprocess.STDOUT,
         )
         procs.append(second)
         log = long["train"].dir / "train.log"
@@ -222,7 +194,7 @@ def test_two_submits_of_one_spec_at_once_run_each_stage_once_and_agree(tmp_path)
                     subprocess.Popen(
                         [sys.executable, "-c", SUBMIT, str(spec)],
                         cwd=tmp_path,
-                        env=env(),
+                        env=child_env(),
                         stdout=open(log, "w"),
                         stderr=subprocess.STDOUT,
                     )
@@ -302,7 +274,7 @@ def test_eight_concurrent_writers_on_one_new_sqlite_store(tmp_path):
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", script, uri, str(tmp_path), str(i), str(tmp_path / "go")],
-            env=env(),
+            env=child_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -430,9 +402,7 @@ def test_disk_full_mid_training_exits_74_commits_nothing_torn_and_resumes_once_f
         "--out",
         str(out),
     ]
-    proc = subprocess.Popen(
-        cmd, env={**env(), "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: (out / "checkpoints" / "step_00000010" / "DONE.json").exists(), 120, "a checkpoint", 0.02)
         psutil.Process(proc.pid).suspend()
@@ -458,7 +428,7 @@ def test_disk_full_mid_training_exits_74_commits_nothing_torn_and_resumes_once_f
     last_good = int(committed[0].name.split("_")[1])
 
     filler.unlink()
-    again = subprocess.run(cmd, env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert f"(step {last_good})" in again.stderr and "resuming from checkpoint" in again.stderr
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -534,7 +504,7 @@ def test_training_on_a_damaged_shard_exits_2_naming_it_and_how_to_rebuild(llm_sh
             "--out",
             str(tmp_path / "out"),
         ],
-        env=env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,

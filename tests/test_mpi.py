@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import child_env, free_port
 
 from llmcore.config import ModelConfig, TrainConfig
 from llmcore.distributed import mpiexec_prefix, read_launch_env
@@ -40,27 +40,6 @@ TRAIN = dict(
 )
 REL_TOL = 1e-5  # 2 ranks (gloo all-reduce) vs 2 micro-batches (accumulation): float summation order only
 
-# every launcher's rank variables: none may leak from the environment pytest runs in (RANK would win over PMI_RANK)
-LAUNCH_VARS = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "PMI_RANK",
-    "PMI_SIZE",
-    "PMI_LOCAL_RANK",
-    "PMI_FD",
-    "PMI_PORT",
-    "PMI_ID",
-    "MPI_LOCALRANKID",
-    "MPI_LOCALNRANKS",
-    "PALS_RANKID",
-    "PALS_LOCAL_RANKID",
-    "PBS_NODEFILE",
-)
-
 
 def require_mpiexec() -> str:
     path = shutil.which("mpiexec")
@@ -69,12 +48,6 @@ def require_mpiexec() -> str:
             "mpiexec is not on PATH: run .ci/mpi-up.sh (installs Debian's mpich) before the MPI tests", pytrace=False
         )
     return path
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("OMPI_")}
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
-    return env
 
 
 def run_shell(command: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
@@ -161,7 +134,7 @@ def test_mpiexec_ranks_see_their_launch_env(ppn, extra, local_ranks):
     )
     proc = run_shell(
         f"{mpiexec_prefix(2, ppn, extra)} {shlex.join([sys.executable, '-c', probe])}",
-        clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT="4321"),
+        child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT="4321"),
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
@@ -185,10 +158,10 @@ def test_mpiexec_two_ranks_equal_one_rank_with_twice_the_micro_batches(llm_shard
     # rendezvous address reaches the ranks through mpiexec's inherited environment
     mpi = run_shell(
         f"{mpiexec_prefix(2, 2)} {train_command(tmp_path / 'mpi.json', llm_shards, tmp_path / 'mpi')}",
-        clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())),
+        child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())),
     )
     assert mpi.returncode == 0, f"mpiexec run failed ({mpi.returncode}):\n{mpi.stderr}"
-    one = run_shell(train_command(tmp_path / "one.json", llm_shards, tmp_path / "one"), clean_env())
+    one = run_shell(train_command(tmp_path / "one.json", llm_shards, tmp_path / "one"), child_env())
     assert one.returncode == 0, one.stderr
 
     # the same curve (train loss at every step, val loss at every eval)
@@ -221,18 +194,18 @@ def test_mpiexec_ranks_agree_on_the_launch_and_on_the_time_budget(llm_shards, tm
     (tmp_path / "b.json").write_text(json.dumps({"model": MODEL.model_dump(), "train": budget.model_dump(), "seed": 5}))
     command = f"{mpiexec_prefix(2, 2)} {train_command(tmp_path / 'b.json', llm_shards, tmp_path / 'out')}"
 
-    wrong = run_shell(command, clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="3"))
+    wrong = run_shell(command, child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="3"))
     assert wrong.returncode == 2 and wrong.stderr.count("launched as 3 ranks but its process sees a world of 2") == 2
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
-    stopped = run_shell(command, clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2"))
+    stopped = run_shell(command, child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2"))
     assert stopped.returncode == 75, stopped.stderr
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["stopped_early"] and summary["steps"] < STEPS
 
     budget = budget.model_copy(update={"time_budget_s": None})
     (tmp_path / "b.json").write_text(json.dumps({"model": MODEL.model_dump(), "train": budget.model_dump(), "seed": 5}))
-    resumed = run_shell(command, clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2"))
+    resumed = run_shell(command, child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2"))
     assert resumed.returncode == 0, resumed.stderr
     assert [r["step"] for r in rows(tmp_path / "out", "train")] == list(range(1, STEPS + 1))
 
@@ -258,7 +231,7 @@ def test_mpiexec_damaged_shard_stops_every_rank_with_exit_2(llm_shards, tmp_path
     )
     proc = run_shell(
         f"{mpiexec_prefix(2, 2)} {train_command(tmp_path / 'c.json', shards, tmp_path / 'out')}",
-        clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2"),
+        child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2"),
         timeout=90,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

@@ -8,29 +8,15 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import make_corpus, tiny_spec, write_spec
+from helpers import make_corpus, records, tiny_spec, wait_for, write_spec
 
 from workflows import submit
 
 pytestmark = pytest.mark.slow
-
-
-def metrics(stage_dir: Path) -> list[dict]:
-    lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(x) for x in lines if json.loads(x)["kind"] == "train"]
-
-
-def wait_for(predicate, seconds: float, what: str):
-    deadline = time.time() + seconds
-    while not (found := predicate()):
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return found
 
 
 def test_killed_training_on_local_processes_is_retried_and_resumes(tmp_path):
@@ -48,7 +34,7 @@ def test_killed_training_on_local_processes_is_retried_and_resumes(tmp_path):
     stages = tmp_path / "runs" / "stages"
     stage = wait_for(lambda: next(stages.glob("train-*"), None) if stages.exists() else None, 120, "the train stage")
     wait_for(lambda: (stage / "checkpoints" / "step_00000080" / "DONE.json").exists(), 180, "a checkpoint")
-    before = {r["step"]: r for r in metrics(stage)}
+    before = {r["step"]: r for r in records(stage)}
     victims = [
         p
         for p in psutil.process_iter(["cmdline"])
@@ -60,7 +46,7 @@ def test_killed_training_on_local_processes_is_retried_and_resumes(tmp_path):
     driver.join(timeout=300)
     result = out["result"]
     assert result.ok, result.runs[0].error
-    after = metrics(stage)
+    after = records(stage)
     assert [r["step"] for r in after] == list(range(1, 401))  # every step once
     # Steps up to the checkpoint were not redone: their lines are the ones written before the kill.
     assert all(after[s - 1] == before[s] for s in range(1, 81))
@@ -105,6 +91,6 @@ def test_two_ranks_through_mpiexec_equal_one_rank_with_twice_the_micro_batches(t
             if json.loads((d / "train.json").read_text())["train"]["ranks_per_node"]
             == (2 if name == "two-ranks" else 1)
         )
-        curves.append([r["loss"] for r in metrics(stage)])
+        curves.append([r["loss"] for r in records(stage)])
     assert len(curves[0]) == 12
     assert curves[0] == pytest.approx(curves[1], rel=1e-5)

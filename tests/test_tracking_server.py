@@ -14,18 +14,10 @@ import sys
 import threading
 
 import pytest
-from helpers import free_port, make_corpus, stop_group, tiny_spec, wait_for_json, write_spec
+from helpers import free_port, gptlab, make_corpus, stop_group, tiny_spec, wait_for_json, write_spec
 from mlflow.tracking import MlflowClient
 
 from workflows import submit
-
-
-def gptlab(*args) -> subprocess.CompletedProcess:
-    # The timeout only keeps a regression (MLflow retrying for minutes) from hanging the suite; the assertions
-    # are on the exit code and the message.
-    return subprocess.run(
-        [sys.executable, "-m", "workflows.cli", *map(str, args)], capture_output=True, text=True, timeout=90
-    )
 
 
 def assert_one_paragraph_naming(r: subprocess.CompletedProcess, uri: str, *words: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import Evil, free_port
+from helpers import Evil, child_env, free_port, records
 
 import llmcore.train as train_mod
 from llmcore.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model
@@ -44,8 +43,7 @@ def cfg(**kw) -> TrainConfig:
 
 
 def lines(out: Path, kind: str = "train") -> list[dict]:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == kind]
+    return records(out, kind)
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -75,16 +73,6 @@ def llm_reference(llm_shards, tmp_path_factory) -> Path:
     summary = train(MODEL, cfg(), llm_shards, out, seed=3)
     assert summary["steps"] == STEPS and not summary["stopped_early"]
     return out
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_RANK", "PMI_SIZE")
-    }
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
-    return env
 
 
 # --------------------------------------------------------------------------------------------- schedule
@@ -200,7 +188,7 @@ def test_killed_mid_checkpoint_resumes_from_last_committed(llm_shards, llm_refer
             str(llm_shards),
             str(out),
         ],
-        env=subprocess_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -287,9 +275,7 @@ def test_two_ranks_equal_one_rank_with_twice_the_micro_batches(llm_shards, tmp_p
                 "--out",
                 str(tmp_path / "ddp"),
             ],
-            env=subprocess_env(
-                RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port
-            ),
+            env=child_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -380,7 +366,7 @@ def test_cli_bad_config_exits_2_with_every_problem(tmp_path, capsys):
     bad.write_text(json.dumps({"model": {"n_head": 3, "n_embd": 32}, "train": {"lr": -1, "bogus": 1}}))
     proc = subprocess.run(
         [sys.executable, "-m", "llmcore.train", "--config", str(bad), "--shards", "x", "--out", str(tmp_path / "out")],
-        env=subprocess_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=60,
@@ -436,7 +422,7 @@ def test_cli_trains(llm_shards, tmp_path, capsys):
         capture_output=True,
         text=True,
         timeout=120,
-        env={**subprocess_env(), "CUDA_VISIBLE_DEVICES": ""},
+        env={**child_env(), "CUDA_VISIBLE_DEVICES": ""},
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "error: train.device / train.precision: device 'cuda' requested but CUDA is not available" in proc.stderr
@@ -457,7 +443,7 @@ def test_cli_trains(llm_shards, tmp_path, capsys):
         capture_output=True,
         text=True,
         timeout=120,
-        env={**subprocess_env(), "PMI_RANK": "1", "PMI_SIZE": "2", "GPTLAB_RANKS": "1"},
+        env={**child_env(), "PMI_RANK": "1", "PMI_SIZE": "2", "GPTLAB_RANKS": "1"},
     )
     assert proc.returncode == 0 and json.loads(proc.stdout)["steps"] == 3, proc.stderr
 
@@ -548,7 +534,7 @@ def test_stop_file_or_sigterm_checkpoints_stops_with_76_and_resumes_the_curve(ll
     args = [sys.executable, "-m", "llmcore.train", "--config", str(tmp_path / "c.json"), "--shards", str(llm_shards)]
     for how in ("stop-file", "sigterm"):
         out = tmp_path / how
-        proc = subprocess.Popen([*args, "--out", str(out)], env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([*args, "--out", str(out)], env=child_env(), stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while not ((out / "metrics.jsonl").is_file() and len(lines(out)) >= 5):
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
@@ -564,7 +550,7 @@ def test_stop_file_or_sigterm_checkpoints_stops_with_76_and_resumes_the_curve(ll
         assert latest_checkpoint(out).name == f"step_{summary['steps']:08d}"
         assert f"stopped at step {summary['steps']}" in err and "Traceback" not in err
         # the STOP file is still there, but older than the next run: it resumes to the end, on the same curve
-        assert subprocess.run([*args, "--out", str(out)], env=subprocess_env(), timeout=300).returncode == 0
+        assert subprocess.run([*args, "--out", str(out)], env=child_env(), timeout=300).returncode == 0
         assert_same_curve(losses(out), losses(reference))
 
 
@@ -591,7 +577,7 @@ def test_freeze_keeps_matching_parameters_fixed(llm_shards, tmp_path):
             "--out",
             str(tmp_path / "cli"),
         ],
-        env=subprocess_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,

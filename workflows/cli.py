@@ -182,7 +182,10 @@ def submit(
     result = run_submit(spec, set_, site=site, quiet=quiet, fail_fast=fail_fast, display=display)
     if result.interrupted:
         typer.echo(f"Interrupted ({result.interrupted}): `gptlab submit {spec}` resumes the runs.", err=True)
-        raise typer.Exit(130 if result.interrupted == "SIGINT" else 143)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Parsl is shut down (or its processes killed): leave now, without waiting on any thread it left behind
+        os._exit(128 + (2 if result.interrupted == "SIGINT" else 15))
     table = make_table(
         f"{result.experiment}: {sum(r.status == 'FINISHED' for r in result.runs)}/{len(result.runs)} "
         f"runs finished in {result.seconds:.0f}s",
