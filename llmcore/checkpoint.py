@@ -227,6 +227,7 @@ def save_sharded_checkpoint(
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -237,11 +238,14 @@ def save_sharded_checkpoint(
     model_sd, optim_sd = get_state_dict(gpt, optimizer)
     aliases = _tied(model_sd)  # the tied head is stored once, as the embedding
     shards = {"model": {k: v for k, v in model_sd.items() if k not in aliases}, "optimizer": optim_sd}
-    dcp.save(shards, checkpoint_id=path)
+    try:
+        dcp.save(shards, checkpoint_id=path)
+    except CheckpointException as e:  # every rank gets every rank's failure: a full disk stays an OSError
+        raise next((exc for exc, _ in e.failures.values() if isinstance(exc, OSError)), e) from None
     full = {}
     if consolidate:  # every rank takes part in the gather; rank 0 alone receives the tensors
         full = get_model_state_dict(gpt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    files: dict[str, dict[str, Any]] = {}
+    blobs = {}
     if rank == 0:
         blobs = {
             STATE_FILE: _state_bytes(step, None, None, rng_states, sampler_state),
@@ -250,17 +254,34 @@ def save_sharded_checkpoint(
         if consolidate:
             weights = {k: v.contiguous() for k, v in full.items() if k not in aliases}
             blobs[MODEL_FILE] = save_safetensors(weights, metadata={"aliases": json.dumps(aliases)})
-        files = _write_blobs(path, blobs)
-    for f in sorted(path.iterdir()):  # this rank's DCP files; rank 0 also DCP's .metadata and anything unknown
-        if f.name not in files and _hashed_by(f.name, world) == rank:
-            files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256_file(f)}
-    everyone: list[Any] = [None] * world
-    dist.all_gather_object(everyone, files)  # also the barrier: every shard is complete
-    if rank == 0:
-        merged = {name: info for part in everyone for name, info in part.items()}
-        write_commit_marker(path, {"step": step, "files": dict(sorted(merged.items()))})
+    files = _gather_files(path, blobs, rank, world)
+    if rank == 0:  # every rank has reported: every shard is complete
+        write_commit_marker(path, {"step": step, "files": files})
         _prune(Path(out_dir), keep)
     return path
+
+
+def _gather_files(path: Path, blobs: dict[str, bytes], rank: int, world: int) -> dict[str, dict[str, Any]]:
+    """Write `blobs` (rank 0's files), hash the files this rank wrote (rank 0 also DCP's .metadata), gather
+    every rank's: the marker's {name: {"bytes", "sha256"}}. A collective; a write or read that fails on any
+    rank raises the OSError on every rank, so that none waits for another in a later collective."""
+    import torch.distributed as dist
+
+    files: dict[str, dict[str, Any]] = {}
+    failed = None
+    try:
+        files = _write_blobs(path, blobs)
+        for f in sorted(path.iterdir()):
+            if f.name not in files and _hashed_by(f.name, world) == rank:
+                files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256_file(f)}
+    except OSError as e:
+        failed = (e.errno, e.strerror, e.filename)
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, (files, failed))
+    errors = [err for _, err in everyone if err is not None]
+    if errors:
+        raise OSError(*errors[0])
+    return dict(sorted((name, info) for part, _ in everyone for name, info in part.items()))
 
 
 def _hashed_by(name: str, world: int) -> int:
@@ -393,6 +414,7 @@ def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     """Read a sharded checkpoint's DCP files into `model` (sharded or not) and `optimizer`: each rank reads
     what its tensors need, whatever the number of ranks that wrote them. A collective unless `no_dist`."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         get_state_dict,
@@ -410,7 +432,7 @@ def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
         with warnings.catch_warnings():  # DCP warns that it assumes one process, which is what no_dist says
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(wanted, checkpoint_id=path, no_dist=no_dist)
-    except Exception as e:  # DCP's CheckpointException wraps every rank's read error
+    except (Exception, CheckpointException) as e:  # DCP's (a BaseException) wraps every rank's read error
         raise CheckpointError(f"{path}: the sharded checkpoint does not load into this model: {e}") from e
     model_sd = {**wanted["model"], **{name: wanted["model"][kept] for name, kept in aliases.items()}}
     if optimizer is None:

@@ -9,6 +9,7 @@ One module fixture launches the reference runs once (each mpiexec launch costs s
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -247,6 +248,29 @@ def test_stopped_fsdp_run_resumes_the_curve_on_two_ranks_and_on_one(runs, llm_sh
     train(MODEL, cfg(grad_accum=2, max_steps=stopped + 1), llm_shards, copy, seed=SEED)
     first = curve(copy)[stopped + 1]
     assert abs(first - curve(runs["fsdp"])[stopped + 1]) <= TOL
+
+
+@pytest.mark.mpi
+def test_full_disk_during_a_sharded_checkpoint_stops_every_rank_with_74(llm_shards, tmp_path):
+    """The output disk (a 1.2 MB tmpfs: two checkpoints fit) fills while the ranks write their shards: both ranks
+    exit 74 (no rank left waiting in a collective), naming the directory; every checkpoint with a marker is
+    whole, the torn one has none. Needs root to mount, as the disk-full tests of test_faults.py."""
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a small tmpfs and needs root (run it as .ci/run does)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k", "tmpfs", str(disk)], check=True)
+    try:
+        proc = launch(tmp_path, "full", cfg(**FSDP, checkpoint_interval=5), llm_shards, out=disk / "run")
+        assert proc.returncode == 74, proc.stderr
+        assert proc.stderr.count("No space left on device") == 2 and "Traceback" not in proc.stderr, proc.stderr
+        steps = sorted((disk / "run" / "checkpoints").iterdir())
+        committed = checkpoints(disk / "run")
+        assert committed and len(steps) == len(committed) + 1  # the one being written when the disk filled
+        for path in committed:
+            read_checkpoint(path)  # every file's size and sha256
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 # ------------------------------------------------------------------------------------------ bad input
