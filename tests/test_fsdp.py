@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import torch
 from helpers import free_port
 from test_mpi import clean_env, require_mpiexec, run_shell, train_command
 
-from llmcore.checkpoint import checkpoints, latest_checkpoint, load_model, read_checkpoint
+from llmcore.checkpoint import CheckpointError, checkpoints, latest_checkpoint, load_model, read_checkpoint
 from llmcore.config import ConfigError, ModelConfig, TrainConfig
 from llmcore.distributed import mpiexec_prefix
 from llmcore.memory import count_params, estimate_memory
@@ -82,24 +83,27 @@ def max_diff(a: dict[int, float], b: dict[int, float]) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(llm_shards, tmp_path_factory) -> dict[str, Path]:
-    """The reference curves: 1 rank x 2 micro-batches (in this process), 2-rank DDP, 2-rank FSDP, 2-rank FSDP with
-    activation checkpointing and without resharding after forward."""
+def runs(llm_shards, tmp_path_factory):
+    """The reference curves: 1 rank x 2 micro-batches (in this process, one thread, as each rank has), 2-rank DDP
+    and FSDP, each also with activation checkpointing (FSDP's also keeping the gathered weights from forward to
+    backward)."""
     require_mpiexec()
     tmp = tmp_path_factory.mktemp("fsdp")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = {"one": tmp / "one", "one_ac": tmp / "one_ac"}
-    train(MODEL, cfg(grad_accum=2), llm_shards, out["one"], seed=SEED)
-    train(MODEL, cfg(grad_accum=2, activation_checkpointing=True), llm_shards, out["one_ac"], seed=SEED)
+    train(MODEL, cfg(grad_accum=2), llm_shards, tmp / "one", seed=SEED)
+    out = {"one": tmp / "one"}
     for name, train_cfg in (
         ("ddp", cfg(ranks_per_node=2)),
+        ("ddp_ac", cfg(ranks_per_node=2, activation_checkpointing=True)),
         ("fsdp", cfg(**FSDP)),
         ("fsdp_ac", cfg(**FSDP, activation_checkpointing=True, reshard_after_forward=False)),
     ):
         proc = launch(tmp, name, train_cfg, llm_shards)
         assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stderr}"
         out[name] = tmp / name
-    return out
+    yield out
+    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------ the same curve
@@ -124,11 +128,10 @@ def test_fsdp_equals_ddp_and_one_rank_with_two_micro_batches(runs):
 
 @pytest.mark.mpi
 def test_activation_checkpointing_gives_the_same_losses(runs):
-    """Recomputing each block in backward changes no number: ddp (1 rank x 2) and fsdp (2 ranks, here also
-    keeping the gathered weights from forward to backward)."""
-    ddp = max_diff(curve(runs["one_ac"]), curve(runs["one"]))
+    """Recomputing each block in backward changes no number, under DDP and under FSDP (2 ranks each)."""
+    ddp = max_diff(curve(runs["ddp_ac"]), curve(runs["ddp"]))
     fsdp = max_diff(curve(runs["fsdp_ac"]), curve(runs["fsdp"]))
-    print(f"activation checkpointing, max |loss difference|: ddp {ddp:.3g}, fsdp {fsdp:.3g}")
+    print(f"activation checkpointing, max |loss difference| over {STEPS} steps: ddp {ddp:.3g}, fsdp {fsdp:.3g}")
     assert ddp <= TOL and fsdp <= TOL
 
 
@@ -178,10 +181,10 @@ def test_sharded_checkpoint_layout_and_consolidated_model(runs, llm_shards):
 
 @pytest.mark.mpi
 def test_torn_sharded_checkpoint_is_skipped_and_resume_continues_the_curve(runs, llm_shards, tmp_path):
-    """A copy of the FSDP run whose newest checkpoint lost its marker, a shard, or half a shard: it is not
-    listed (sizes are checked before use); a byte flipped in a shard is found by the ranks' sha256 check. Each
-    time training resumes from step 30 on 2 ranks (the last case) or 1 rank x 2 micro-batches, and continues the
-    uninterrupted curve."""
+    """Copies of the FSDP run whose newest checkpoint lost its marker, a shard, or half a shard: it is not listed
+    (sizes are checked before use), and training (here 1 rank x 2 micro-batches) resumes from step 30 on the
+    uninterrupted curve. A byte flipped in a shard (same size) is found by the ranks' sha256 check: 2 ranks skip
+    it with a warning naming the file and resume from step 30."""
     damages = {
         "marker": lambda d: (d / "DONE.json").unlink(),
         "missing": lambda d: (d / "__1_0.distcp").unlink(),
@@ -205,7 +208,7 @@ def test_torn_sharded_checkpoint_is_skipped_and_resume_continues_the_curve(runs,
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     assert latest_checkpoint(flipped).name == "step_00000040"  # same size: only the hash tells
-    with pytest.raises(Exception, match="__1_0.distcp is corrupt"):
+    with pytest.raises(CheckpointError, match="__1_0.distcp is corrupt"):
         read_checkpoint(flipped / "checkpoints" / "step_00000040")
     more = cfg(**FSDP, max_steps=STEPS + 2, lr_decay_steps=STEPS)
     proc = launch(tmp_path, "flipped", more, llm_shards, out=flipped)
@@ -225,13 +228,18 @@ def test_stopped_fsdp_run_resumes_the_curve_on_two_ranks_and_on_one(runs, llm_sh
     config = write_config(tmp_path / "stopped.json", cfg(**FSDP))
     command = f"{mpiexec_prefix(2, 2)} {train_command(config, llm_shards, out)}"
     env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2")
-    proc = subprocess.Popen(["bash", "-c", command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
-        time.sleep(0.005)
-    (out / "STOP").write_text("stop\n")  # ranks agree on stopping every 10 steps
-    _, err = proc.communicate(timeout=120)
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(["bash", "-c", command], env=env, **pipes)
+    try:
+        deadline = time.time() + 120
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+            time.sleep(0.005)
+        (out / "STOP").write_text("stop\n")  # ranks agree on stopping every 10 steps
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 76, err
     stopped = json.loads((out / "summary.json").read_text())["steps"]
     assert stopped in (10, 20, 30) and latest_checkpoint(out).name == f"step_{stopped:08d}", err
