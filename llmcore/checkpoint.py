@@ -10,6 +10,14 @@ Layout: ``OUT/checkpoints/step_00001000/`` holding
 Every file is written atomically (temp file, fsync, rename). A directory without a marker, or whose files do
 not match it, is never used; the newest ``keep`` committed checkpoints are kept, older ones are deleted only
 after the new one is committed.
+
+Sharded layout (``train.parallelism: fsdp``; ``meta.json`` says ``"layout": "sharded"``): every rank writes its
+shard of the model and AdamW state with ``torch.distributed.checkpoint`` (DCP: ``__R_0.distcp`` per rank R and
+DCP's ``.metadata``), keyed by parameter name, so they load on any number of ranks, sharded or not (DCP
+reshards); ``state.pt`` holds the rest (step, every rank's RNG state, the data cursors; no optimizer). Each rank
+hashes the shard files it wrote; rank 0 writes ``DONE.json`` last, listing every file, once all have reported.
+The run's final checkpoint (``consolidate``) also holds the whole model as ``model.safetensors``; ``load_model``
+reads the DCP files of the others in one process.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import json
 import random
 import re
 import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +45,9 @@ from llmcore.model import GPT
 CHECKPOINTS = "checkpoints"
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.pt", "meta.json"
 FORMAT = 1
+SHARDED = "sharded"  # meta.json "layout" of checkpoints every rank writes through DCP
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_RANK_FILE = re.compile(r"^__(\d+)_\d+\.distcp$")  # DCP's file of rank R
 
 
 class CheckpointError(ValueError):
@@ -131,35 +143,151 @@ def save_checkpoint(
         shutil.rmtree(path)
     path.mkdir(parents=True)
     tensors, aliases = _weights(gpt)
+    optim = optimizer.state_dict()
+    rng = rng_states if rng_states is not None else [rng_state()]
+    files = _write_blobs(
+        path,
+        {
+            MODEL_FILE: save_safetensors(tensors, metadata={"aliases": json.dumps(aliases)}),
+            STATE_FILE: _state_bytes(step, optim, scaler, rng, sampler_state),
+            META_FILE: _meta_bytes(gpt, step, extra),
+        },
+    )
+    write_commit_marker(path, {"step": step, "files": files})
+    _prune(Path(out_dir), keep)
+    return path
+
+
+def _state_bytes(step: int, optim: Any, scaler: Any, rng: list[dict[str, Any]], sampler_state: Any) -> bytes:
     state = {
         "format": FORMAT,
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optim,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        "rng": rng_states if rng_states is not None else [rng_state()],
+        "rng": rng,
         "sampler": json.dumps(sampler_state),
     }
     buf = io.BytesIO()
     torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _meta_bytes(gpt: GPT, step: int, extra: dict[str, Any] | None, **layout: Any) -> bytes:
     meta = {
         "format": FORMAT,
         "step": step,
         "model": gpt.cfg.model_dump(mode="json"),
         "vocab_size": gpt.vocab_size,
         "extra": extra or {},
+        **layout,
     }
-    blobs = {
-        MODEL_FILE: save_safetensors(tensors, metadata={"aliases": json.dumps(aliases)}),
-        STATE_FILE: buf.getvalue(),
-        META_FILE: (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode(),
-    }
+    return (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _write_blobs(path: Path, blobs: dict[str, bytes]) -> dict[str, dict[str, Any]]:
+    """Write each blob atomically; return the marker's {name: {"bytes", "sha256"}}."""
     files = {}
     for name, data in blobs.items():
         atomic_write_bytes(path / name, data)
         files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    write_commit_marker(path, {"step": step, "files": files})
-    _prune(Path(out_dir), keep)
+    return files
+
+
+def _sha256_file(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tied(state_dict: dict[str, Any]) -> dict[str, str]:
+    """{dropped name: kept name} for entries holding the same tensor object (the tied embedding and head)."""
+    first: dict[int, str] = {}
+    return {k: first[id(v)] for k, v in state_dict.items() if first.setdefault(id(v), k) != k}
+
+
+def save_sharded_checkpoint(
+    out_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler_state: Any,
+    extra: dict[str, Any] | None,
+    *,
+    rng_states: list[dict[str, Any]],
+    consolidate: bool,
+    keep: int = 2,
+) -> Path:
+    """Write a committed sharded checkpoint for `step`; a collective: every rank calls it with its FSDP model.
+
+    Each rank writes its shard of the model and optimizer (DCP) and hashes the files it wrote; rank 0 writes
+    state.pt and meta.json, with `consolidate` also the full weights as model.safetensors (gathered to its CPU:
+    parameters x 4 bytes of host memory), then, when every rank has reported its files, DONE.json.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gpt, path = unwrap(model), step_dir(out_dir, step)
+    if rank == 0 and path.exists():  # a torn attempt (or an older run's) at this step: start clean
+        shutil.rmtree(path)
+    dist.barrier()  # nobody writes into the directory rank 0 is clearing
+    model_sd, optim_sd = get_state_dict(gpt, optimizer)
+    aliases = _tied(model_sd)  # the tied head is stored once, as the embedding
+    shards = {"model": {k: v for k, v in model_sd.items() if k not in aliases}, "optimizer": optim_sd}
+    try:
+        dcp.save(shards, checkpoint_id=path)
+    except CheckpointException as e:  # every rank gets every rank's failure: a full disk stays an OSError
+        raise next((exc for exc, _ in e.failures.values() if isinstance(exc, OSError)), e) from None
+    full = {}
+    if consolidate:  # every rank takes part in the gather; rank 0 alone receives the tensors
+        full = get_model_state_dict(gpt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    blobs = {}
+    if rank == 0:
+        blobs = {
+            STATE_FILE: _state_bytes(step, None, None, rng_states, sampler_state),
+            META_FILE: _meta_bytes(gpt, step, extra, layout=SHARDED, world_size=world),
+        }
+        if consolidate:
+            weights = {k: v.contiguous() for k, v in full.items() if k not in aliases}
+            blobs[MODEL_FILE] = save_safetensors(weights, metadata={"aliases": json.dumps(aliases)})
+    files = _gather_files(path, blobs, rank, world)
+    if rank == 0:  # every rank has reported: every shard is complete
+        write_commit_marker(path, {"step": step, "files": files})
+        _prune(Path(out_dir), keep)
     return path
+
+
+def _gather_files(path: Path, blobs: dict[str, bytes], rank: int, world: int) -> dict[str, dict[str, Any]]:
+    """Write `blobs` (rank 0's files), hash the files this rank wrote (rank 0 also DCP's .metadata), gather
+    every rank's: the marker's {name: {"bytes", "sha256"}}. A collective; a write or read that fails on any
+    rank raises the OSError on every rank, so that none waits for another in a later collective."""
+    import torch.distributed as dist
+
+    files: dict[str, dict[str, Any]] = {}
+    failed = None
+    try:
+        files = _write_blobs(path, blobs)
+        for f in sorted(path.iterdir()):
+            if f.name not in files and _hashed_by(f.name, world) == rank:
+                files[f.name] = {"bytes": f.stat().st_size, "sha256": _sha256_file(f)}
+    except OSError as e:
+        failed = (e.errno, e.strerror, e.filename)
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, (files, failed))
+    errors = [err for _, err in everyone if err is not None]
+    if errors:
+        raise OSError(*errors[0])
+    return dict(sorted((name, info) for part, _ in everyone for name, info in part.items()))
+
+
+def _hashed_by(name: str, world: int) -> int:
+    """The rank that hashes a file of a sharded checkpoint: the one that wrote it, else rank 0."""
+    m = _RANK_FILE.match(name)
+    return int(m.group(1)) if m and int(m.group(1)) < world else 0
 
 
 def _step_dirs(out_dir: Path) -> list[tuple[int, Path]]:
@@ -213,11 +341,16 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _read_verified(path: Path, name: str) -> bytes:
+def _listed(path: Path) -> dict[str, dict[str, Any]]:
+    """The files DONE.json lists, after checking every size; CheckpointError if torn."""
     problem = _check_sizes(path)
     if problem:
         raise CheckpointError(problem)
-    info = read_json(path / COMMIT_MARKER)["files"].get(name)
+    return read_json(path / COMMIT_MARKER)["files"]
+
+
+def _read_verified(path: Path, name: str) -> bytes:
+    info = _listed(path).get(name)
     f = path / name
     if info is None:
         raise CheckpointError(f"{f} is not listed in {path / COMMIT_MARKER}")
@@ -225,6 +358,14 @@ def _read_verified(path: Path, name: str) -> bytes:
     if hashlib.sha256(data).hexdigest() != info["sha256"]:
         raise CheckpointError(f"{f} is corrupt (sha256 differs from {COMMIT_MARKER})")
     return data
+
+
+def _verify_files(path: Path, names: list[str]) -> None:
+    """sha256 of each named file (read in chunks: shards can be large) against DONE.json."""
+    listed = _listed(path)
+    for name in names:
+        if _sha256_file(path / name) != listed[name]["sha256"]:
+            raise CheckpointError(f"{path / name} is corrupt (sha256 differs from {COMMIT_MARKER})")
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -236,7 +377,8 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path / META_FILE} is not valid JSON: {e}") from e
 
 
-def load_weights(path: Path, model: torch.nn.Module) -> None:
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, verified, with the tied names restored."""
     data = _read_verified(path, MODEL_FILE)
     try:
         tensors = load_safetensors(data)
@@ -246,10 +388,121 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
         raise CheckpointError(f"{path / MODEL_FILE} is not a valid safetensors file: {e}") from e
     for name, kept in aliases.items():
         tensors[name] = tensors[kept]
+    return tensors
+
+
+def _apply_weights(path: Path, model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     try:
         unwrap(model).load_state_dict(tensors)
     except RuntimeError as e:
         raise CheckpointError(f"{path / MODEL_FILE} does not fit the model: {e}") from e
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    _apply_weights(path, model, _read_weights(path))
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    data = _read_verified(path, STATE_FILE)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for forbidden globals, others for garbage
+        raise CheckpointError(f"{path / STATE_FILE} cannot be loaded safely (weights_only=True): {e}") from e
+
+
+def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, no_dist: bool) -> None:
+    """Read a sharded checkpoint's DCP files into `model` (sharded or not) and `optimizer`: each rank reads
+    what its tensors need, whatever the number of ranks that wrote them. A collective unless `no_dist`."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    gpt = unwrap(model)
+    model_sd, optim_sd = get_state_dict(gpt, optimizer) if optimizer is not None else (get_model_state_dict(gpt), None)
+    aliases = _tied(model_sd)
+    wanted: dict[str, Any] = {"model": {k: v for k, v in model_sd.items() if k not in aliases}}
+    if optimizer is not None:
+        wanted["optimizer"] = optim_sd
+    try:
+        with warnings.catch_warnings():  # DCP warns that it assumes one process, which is what no_dist says
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(wanted, checkpoint_id=path, no_dist=no_dist)
+    except (Exception, CheckpointException) as e:  # DCP's (a BaseException) wraps every rank's read error
+        raise CheckpointError(f"{path}: the sharded checkpoint does not load into this model: {e}") from e
+    model_sd = {**wanted["model"], **{name: wanted["model"][kept] for name, kept in aliases.items()}}
+    if optimizer is None:
+        set_model_state_dict(gpt, model_sd)
+    else:
+        set_state_dict(gpt, optimizer, model_state_dict=model_sd, optim_state_dict=wanted["optimizer"])
+
+
+@dataclass
+class Checkpoint:
+    """A committed checkpoint read and verified (`read_checkpoint`), not yet applied (`apply_checkpoint`)."""
+
+    path: Path
+    meta: dict[str, Any]
+    state: dict[str, Any]  # step, optimizer (single-file layout), scaler, rng (one per rank), sampler (JSON)
+    weights: dict[str, torch.Tensor] | None  # single-file layout; None: sharded (in the DCP files)
+
+    @property
+    def sharded(self) -> bool:
+        return self.weights is None
+
+
+def read_checkpoint(path: Path, *, rank: int = 0, world: int = 1) -> Checkpoint:
+    """Read and verify a committed checkpoint without touching any model: every file's size, and the sha256 of
+    meta.json, state.pt and the single-file weights. Of a sharded checkpoint's model and optimizer files this
+    rank hashes its share (every `world`-th): the ranks together check them all and must agree (a problem on
+    any rank means no rank uses it). Raises CheckpointError naming the file."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("layout") == SHARDED:
+        shards = sorted(n for n in _listed(path) if n not in (META_FILE, STATE_FILE))
+        _verify_files(path, shards[rank::world])
+        weights = None
+    else:
+        weights = _read_weights(path)
+    return Checkpoint(path, meta, _read_state(path), weights)
+
+
+def apply_checkpoint(
+    ck: Checkpoint,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: Any = None,
+    *,
+    rank: int = 0,
+    restore_rng: bool = True,
+    no_dist: bool = True,
+) -> dict[str, Any]:
+    """Load `ck` into the model (and optimizer, scaler, this rank's RNG when given/asked); returns {"step",
+    "sampler_state", "meta"}. A sharded checkpoint loads into a plain or an FSDP model (a collective over the
+    ranks unless `no_dist`); a single-file one into a plain model only."""
+    from llmcore.parallel import is_sharded
+
+    if restore_rng and rank >= len(ck.state["rng"]):
+        raise CheckpointError(
+            f"{ck.path / STATE_FILE} holds RNG states for {len(ck.state['rng'])} ranks; rank {rank} cannot resume"
+        )
+    if ck.sharded:
+        _load_sharded(ck.path, model, optimizer, no_dist)
+    elif is_sharded(model):
+        raise CheckpointError(f"{ck.path}: a single-file (ddp) checkpoint cannot resume an fsdp training")
+    else:
+        _apply_weights(ck.path, model, ck.weights)
+        if optimizer is not None:
+            optimizer.load_state_dict(ck.state["optimizer"])
+    if scaler is not None and ck.state["scaler"] is not None:
+        scaler.load_state_dict(ck.state["scaler"])
+    if restore_rng:
+        set_rng_state(ck.state["rng"][rank])
+    return {"step": ck.state["step"], "sampler_state": json.loads(ck.state["sampler"]), "meta": ck.meta}
 
 
 def load_checkpoint(
@@ -261,42 +514,29 @@ def load_checkpoint(
     rank: int = 0,
     restore_rng: bool = True,
 ) -> dict[str, Any]:
-    """Load weights (and optimizer, scaler, this rank's RNG when given/asked) from a committed checkpoint.
-
-    Returns {"step", "sampler_state", "meta"}. Any missing, truncated, corrupt or unsafe file raises
-    CheckpointError naming it; nothing is executed from the files (safetensors + weights_only=True).
-    """
-    path = Path(path)
-    meta = read_meta(path)
-    load_weights(path, model)
-    data = _read_verified(path, STATE_FILE)
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError for forbidden globals, others for garbage
-        raise CheckpointError(f"{path / STATE_FILE} cannot be loaded safely (weights_only=True): {e}") from e
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    if restore_rng:
-        if rank >= len(state["rng"]):
-            raise CheckpointError(
-                f"{path / STATE_FILE} holds RNG states for {len(state['rng'])} ranks; rank {rank} cannot resume"
-            )
-        set_rng_state(state["rng"][rank])
-    return {"step": state["step"], "sampler_state": json.loads(state["sampler"]), "meta": meta}
+    """Load weights (and optimizer, scaler, this rank's RNG when given/asked) from a committed checkpoint, in
+    one process. Returns {"step", "sampler_state", "meta"}. Any missing, truncated, corrupt or unsafe file
+    raises CheckpointError naming it, before anything is loaded; nothing is executed from the files
+    (safetensors + weights_only=True)."""
+    return apply_checkpoint(read_checkpoint(path), model, optimizer, scaler, rank=rank, restore_rng=restore_rng)
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, dict[str, Any]]:
-    """(model in eval mode on `device`, meta) from a checkpoint directory or a training directory's latest one."""
+    """(model in eval mode on `device`, meta) from a checkpoint directory or a training directory's latest one.
+    A sharded checkpoint without the consolidated model.safetensors is read from its DCP files (verified)."""
     path = Path(path)
-    if not (path / MODEL_FILE).is_file():  # a training directory (it may hold its own stage marker)
+    if not (path / META_FILE).is_file():  # a training directory (it may hold its own stage marker)
         found = latest_checkpoint(path)
         if found is None:
             raise CheckpointError(f"no committed checkpoint under {path / CHECKPOINTS}")
         path = found
     meta = read_meta(path)
     model = GPT(ModelConfig(**meta["model"]), meta["vocab_size"])
-    load_weights(path, model)
+    listed = _listed(path)
+    if MODEL_FILE in listed or meta.get("layout") != SHARDED:
+        load_weights(path, model)
+    else:
+        _verify_files(path, sorted(n for n in listed if n not in (META_FILE, STATE_FILE)))
+        _load_sharded(path, model, None, no_dist=True)
     meta["path"] = str(path)
     return model.to(device).eval(), meta

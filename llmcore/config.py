@@ -296,6 +296,26 @@ class TrainConfig(RuledModel):
         "`*.ln_*`); `gptlab plan` and the training log list the matches. Each pattern must match a parameter.",
         json_schema_extra=ADDED_LATER,
     )
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="How the ranks share the model. `ddp`: every rank holds the whole model, its gradients and "
+        "AdamW state (16 bytes per parameter in fp32), gradients are all-reduced. `fsdp`: FSDP2 shards parameters, "
+        "gradients and AdamW state over the ranks (each holds 1/N) and gathers each block's weights just before it "
+        "runs: for models whose training state does not fit one GPU. Needs several ranks.",
+        json_schema_extra=ADDED_LATER,
+    )
+    reshard_after_forward: bool = Field(
+        True,
+        description="fsdp: free each block's gathered weights after its forward pass and gather them again for "
+        "backward (least memory); false keeps them until backward (one all-gather less per block, more memory).",
+        json_schema_extra=ADDED_LATER,
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Keep only each transformer block's input and recompute its activations during backward: "
+        "activation memory drops to about one block's, for about a third more compute. ddp and fsdp.",
+        json_schema_extra=ADDED_LATER,
+    )
 
     def _fill_defaults(self) -> None:
         if self.warmup_steps is None:  # the default follows max_steps; stored as a number (it is part of the key)
@@ -311,6 +331,16 @@ class TrainConfig(RuledModel):
             p.append(f"lr_decay_steps: must be >= train.warmup_steps ({self.lr_decay_steps} < {self.warmup_steps})")
         if self.precision == "fp16" and self.device == "cpu":
             p.append("precision: fp16 needs a CUDA device (use bf16 or fp32 on cpu)")
+        if self.parallelism == "fsdp":
+            if self.nodes * self.ranks_per_node == 1:
+                p.append(
+                    "parallelism: fsdp shards the model over several ranks, but train.nodes x train.ranks_per_node "
+                    "is 1 (use ddp on one rank, or more ranks)"
+                )
+            if self.precision == "fp16":
+                p.append("parallelism: fsdp does not scale fp16 gradients over shards; use train.precision bf16")
+        elif not self.reshard_after_forward:
+            p.append("reshard_after_forward: applies to train.parallelism fsdp only")
         return p
 
 

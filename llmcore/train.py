@@ -16,7 +16,9 @@ Exit codes are those of ``llmcore.exitcodes``.
 
 Data: every optimiser step consumes ``world_size * grad_accum`` micro-batches, micro-step m of rank r drawing
 from data stream ``r * grad_accum + m`` (its own seeded BatchSampler). So the curve depends on the global batch
-only, not on how it is split between ranks and accumulation: 2 ranks x 1 micro-step == 1 rank x 2 micro-steps.
+only, not on how it is split between ranks and accumulation: 2 ranks x 1 micro-step == 1 rank x 2 micro-steps,
+with ddp or fsdp (``llmcore.parallel``). fsdp checkpoints are sharded (``llmcore.checkpoint``): each rank writes
+its part, and they resume on any number of ranks with the same number of data streams.
 """
 
 from __future__ import annotations
@@ -42,12 +44,22 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from llmcore import distributed as D
 from llmcore import exitcodes
-from llmcore.checkpoint import CheckpointError, checkpoints, load_checkpoint, rng_state, save_checkpoint
+from llmcore.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    apply_checkpoint,
+    checkpoints,
+    read_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from llmcore.config import ConfigError, ModelConfig, StrictModel, TrainConfig
 from llmcore.hardware import DeviceError, GpuMonitor, enable_tf32, peak_flops, peak_memory_mb, resolve_precision
 from llmcore.io import LOCK_FILE, atomic_write_json, file_lock, is_no_space
 from llmcore.metrics import METRICS_FILE, EvalLine, MetricsWriter, TrainLine, truncate_metrics
 from llmcore.model import GPT
+from llmcore.parallel import checkpoint_blocks, full_value, shard_model
 from llmcore.shards import BatchSampler, ShardDamagedError, ShardError, TokenSplit, fixed_batches
 
 SUMMARY = "summary.json"
@@ -82,16 +94,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def estimate_loss(model, batches, ctx, device: torch.device) -> float:
-    """Mean loss over `batches`, split between ranks (each evaluates batches[rank::world])."""
+def estimate_loss(model, batches, ctx, device: torch.device, lockstep: bool = False) -> float:
+    """Mean loss over `batches`, split between ranks (each evaluates batches[rank::world]). `lockstep`: every
+    rank runs the same number of forward passes (an FSDP forward is a collective), repeating a batch it does
+    not count where the batches do not divide evenly."""
     model.eval()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if D.is_distributed() else (0, 1)
     total = torch.zeros(2, device=device, dtype=torch.float64)
-    for x, y in batches[rank::world]:
+    mine = len(batches[rank::world])
+    rounds = -(-len(batches) // world) if lockstep else mine
+    for i in range(rounds):
+        x, y = batches[(i * world + rank) if i < mine else 0]
         with ctx:
             _, loss = model(x.to(device), y.to(device))
-        total[0] += loss.double()
-        total[1] += 1
+        if i < mine:
+            total[0] += loss.double()
+            total[1] += 1
     if D.is_distributed():
         torch.distributed.all_reduce(total)
     model.train()
@@ -209,11 +227,23 @@ class Trainer:
         ]
         self.tokens_per_step = cfg.batch_size * T * n_streams
 
-        _seed_everything(seed)  # identical initial weights on every rank
-        self.model = GPT(model_cfg, self.train_split.vocab_size).to(self.device)
+        self.fsdp = cfg.parallelism == "fsdp"
+        if self.fsdp and self.world == 1:
+            raise ConfigError(
+                "train.parallelism: fsdp needs several ranks, but this training runs as one process (launch it "
+                "with train.nodes x train.ranks_per_node > 1, or use ddp)"
+            )
+        _seed_everything(seed)  # identical initial weights on every rank (built on the CPU, as with ddp)
+        self.model = GPT(model_cfg, self.train_split.vocab_size)
         self.frozen = freeze_parameters(self.model, cfg.freeze)
         if self.frozen and self.dist.is_main:
             print(f"train.freeze: {len(self.frozen)} parameters kept fixed: {', '.join(self.frozen)}", file=sys.stderr)
+        if cfg.activation_checkpointing:
+            checkpoint_blocks(self.model)
+        if self.fsdp:  # each rank moves only its shards to the device
+            shard_model(self.model, self.device, self.dtype, cfg.reshard_after_forward)
+        else:
+            self.model.to(self.device)
         torch.manual_seed(seed + self.rank)  # dropout masks differ between ranks
         self.optimizer = self.model.configure_optimizer(
             cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), self.device.type
@@ -230,7 +260,7 @@ class Trainer:
                 gradient_as_bucket_view=True,
                 broadcast_buffers=False,
             )
-            if self.world > 1
+            if self.world > 1 and not self.fsdp
             else None
         )
         self.flops_per_token = self.model.flops_per_token()
@@ -241,54 +271,76 @@ class Trainer:
     # ------------------------------------------------------------------------------------- resume
 
     def _resume(self) -> bool:
-        """Continue from the newest checkpoint that loads (rank 0 decides; all ranks load the same one)."""
+        """Continue from the newest checkpoint that every rank finds intact and fitting (rank 0 lists them; each
+        rank verifies its share, they agree, then all load the same one)."""
         path = None
-        if self.dist.is_main:
-            for candidate in checkpoints(self.out_dir):
-                try:
-                    self._load(candidate)
-                    path = str(candidate)
-                    break
-                except CheckpointError as e:
-                    warnings.warn(f"skipping checkpoint: {e}", stacklevel=2)
-        path = D.broadcast_object(path)
-        if path is not None and not self.dist.is_main:
-            self._load(Path(path))
+        for candidate in D.broadcast_object(checkpoints(self.out_dir) if self.dist.is_main else None):
+            try:
+                ck = read_checkpoint(candidate, rank=self.rank, world=self.world)
+                problem = self._misfit(ck)
+            except CheckpointError as e:
+                problem = str(e)
+            problem = next((p for p in D.all_gather_objects(problem) if p), None)
+            if problem is None:
+                self._load(ck)
+                path = str(candidate)
+                break
+            if self.dist.is_main:
+                warnings.warn(f"skipping checkpoint: {problem}", stacklevel=2)
         if self.dist.is_main:
             truncate_metrics(self.out_dir / METRICS_FILE, self.step)
             if path is not None:
                 print(f"resuming from checkpoint {path} (step {self.step})", file=sys.stderr, flush=True)
         return path is not None
 
-    def _load(self, path: Path) -> None:
-        state = load_checkpoint(path, self.model, self.optimizer, self.scaler, rank=self.rank)
-        saved = ModelConfig(**state["meta"]["model"])
-        if saved != self.model.cfg:
-            raise CheckpointError(f"{path / 'meta.json'}: model config differs from this run's")
-        streams = state["sampler_state"]
-        if len(streams) != len(self.samplers) * self.world:
-            raise CheckpointError(
-                f"{path / 'state.pt'}: {len(streams)} data streams (world_size x grad_accum); this run has "
+    def _misfit(self, ck: Checkpoint) -> str | None:
+        """Why this run cannot continue `ck` (another model, another number of data streams), or None."""
+        if ModelConfig(**ck.meta["model"]) != self.model.cfg:
+            return f"{ck.path / 'meta.json'}: model config differs from this run's"
+        streams = len(json.loads(ck.state["sampler"]))
+        if streams != len(self.samplers) * self.world:
+            return (
+                f"{ck.path / 'state.pt'}: {streams} data streams (world_size x grad_accum); this run has "
                 f"{len(self.samplers) * self.world}"
             )
+        return None
+
+    def _load(self, ck: Checkpoint) -> None:
+        state = apply_checkpoint(
+            ck, self.model, self.optimizer, self.scaler, rank=self.rank, no_dist=not D.is_distributed()
+        )
+        streams = state["sampler_state"]
         for m, sampler in enumerate(self.samplers):
             sampler.load_state_dict(streams[self.rank * len(self.samplers) + m])
         self.step, self.extra = state["step"], state["meta"]["extra"]
 
-    def save(self) -> None:
-        """All ranks contribute RNG and data cursors; rank 0 writes."""
+    def save(self, final: bool = False) -> None:
+        """All ranks contribute RNG and data cursors; with ddp rank 0 writes, with fsdp every rank writes its
+        shards (and the `final` checkpoint also gets the consolidated model.safetensors)."""
         mine = {"rng": rng_state(), "samplers": [s.state_dict() for s in self.samplers]}
         everyone = D.all_gather_objects(mine)
-        if self.dist.is_main:
+        streams, rngs = [s for r in everyone for s in r["samplers"]], [r["rng"] for r in everyone]
+        if self.fsdp:
+            save_sharded_checkpoint(
+                self.out_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                streams,
+                self.extra,
+                rng_states=rngs,
+                consolidate=final,
+            )
+        elif self.dist.is_main:
             save_checkpoint(
                 self.out_dir,
                 self.step,
                 self.model,
                 self.optimizer,
                 self.scaler,
-                sampler_state=[s for r in everyone for s in r["samplers"]],
+                sampler_state=streams,
                 extra=self.extra,
-                rng_states=[r["rng"] for r in everyone],
+                rng_states=rngs,
             )
 
     # --------------------------------------------------------------------------------------- loop
@@ -307,7 +359,10 @@ class Trainer:
                     x.pin_memory().to(self.device, non_blocking=True),
                     y.pin_memory().to(self.device, non_blocking=True),
                 )
-            no_sync = self.ddp.no_sync() if self.ddp is not None and m < n - 1 else nullcontext()
+            sync = m == n - 1  # gradients are reduced across ranks after the last micro-batch only
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(sync)
+            no_sync = self.ddp.no_sync() if self.ddp is not None and not sync else nullcontext()
             with no_sync:
                 with self.ctx:
                     _, loss = model(x, y)
@@ -315,7 +370,8 @@ class Trainer:
                 self.scaler.scale(loss / n).backward()
         self.scaler.unscale_(self.optimizer)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        # with fsdp the gradients are DTensor shards: the norm is the global one (a replicated DTensor)
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -369,14 +425,16 @@ class Trainer:
                     metrics.write(self._train_line(self.extra["train_loss"], grad_norm, tokens_per_sec))
                 if self.step % cfg.eval_interval == 0 or last:
                     t_eval = _clock()
-                    self.extra["val_loss"] = estimate_loss(self.fwd, self.val_batches, self.ctx, self.device)
+                    self.extra["val_loss"] = estimate_loss(
+                        self.fwd, self.val_batches, self.ctx, self.device, lockstep=self.fsdp
+                    )
                     metrics.write(
                         EvalLine(step=self.step, time=time.time(), val_loss=self.extra["val_loss"], elapsed_s=elapsed())
                     )
                     t_log += _clock() - t_eval  # tokens/s and MFU measure training steps, not evaluation
                 if self.step % cfg.checkpoint_interval == 0 or last:
                     t_save = _clock()
-                    self.save()
+                    self.save(final=last)
                     save_time, saved_step = _clock() - t_save, self.step
                     t_log += save_time
                 step_time = max(0.8 * step_time, _clock() - t0)  # decays slowly: a cautious estimate
