@@ -217,3 +217,46 @@ def kill_everything_under(root: Any, procs: list[Any]) -> None:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def require_mpiexec() -> str:
+    import shutil
+
+    import pytest
+
+    path = shutil.which("mpiexec")
+    if path is None:
+        pytest.fail(
+            "mpiexec is not on PATH: run .ci/mpi-up.sh (installs Debian's mpich) before the MPI tests", pytrace=False
+        )
+    return path
+
+
+def run_shell(command: str, env: dict[str, str], timeout: float = 120) -> Any:
+    """Run a shell command line as a Parsl bash app would; on timeout kill its whole process group (mpiexec and
+    its ranks), not just the shell."""
+    import os
+    import signal
+    import subprocess
+
+    import pytest
+
+    proc = subprocess.Popen(["bash", "-c", command], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s: {command}\nstdout:\n{out}\nstderr:\n{err}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def train_command(config: Any, shards: Any, out: Any) -> str:
+    """``python -m llmcore.train`` on one config, shards directory and output directory, shell-quoted."""
+    import shlex
+    import sys
+
+    return shlex.join(
+        [sys.executable, "-m", "llmcore.train", "--config", str(config), "--shards", str(shards), "--out", str(out)]
+    )

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
-from test_mpi import clean_env, require_mpiexec, run_shell, train_command
+from helpers import child_env, free_port, records, require_mpiexec, run_shell, train_command
 
 from llmcore.checkpoint import CheckpointError, checkpoints, latest_checkpoint, load_model, read_checkpoint
 from llmcore.config import ConfigError, ModelConfig, TrainConfig
@@ -64,17 +63,12 @@ def launch(tmp: Path, name: str, train_cfg: TrainConfig, shards: Path, out: Path
     """`mpiexec -n 2 --ppn 2 python -m llmcore.train ...` as the driver runs it (GPTLAB_RANKS=2); the result."""
     config = write_config(tmp / f"{name}.json", train_cfg)
     command = f"{mpiexec_prefix(2, 2)} {train_command(config, shards, out or tmp / name)}"
-    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2")
+    env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2")
     return run_shell(command, env, timeout=240)
 
 
-def rows(out: Path, kind: str = "train") -> list[dict]:
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r["kind"] == kind]
-
-
 def curve(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in rows(out)}
+    return {r["step"]: r["loss"] for r in records(out)}
 
 
 def max_diff(a: dict[int, float], b: dict[int, float]) -> float:
@@ -118,9 +112,9 @@ def test_fsdp_equals_ddp_and_one_rank_with_two_micro_batches(runs):
     assert max(diffs.values()) <= TOL, diffs
     assert fsdp[STEPS] < fsdp[1] - 0.5  # it learns
     # evaluation (3 batches over 2 ranks) and the global gradient norm (clipped on DTensor shards)
-    val = {name: [r["val_loss"] for r in rows(runs[name], "eval")] for name in ("one", "ddp", "fsdp")}
+    val = {name: [r["val_loss"] for r in records(runs[name], "eval")] for name in ("one", "ddp", "fsdp")}
     assert val["fsdp"] == pytest.approx(val["ddp"], abs=TOL) and val["fsdp"] == pytest.approx(val["one"], abs=TOL)
-    norms = {name: [r["grad_norm"] for r in rows(runs[name])] for name in ("one", "fsdp")}
+    norms = {name: [r["grad_norm"] for r in records(runs[name])] for name in ("one", "fsdp")}
     assert norms["fsdp"] == pytest.approx(norms["one"], rel=1e-4)
     params = [json.loads((runs[name] / "summary.json").read_text())["params"] for name in ("fsdp", "one")]
     assert params[0] == params[1]  # the whole model's count, not a shard's
@@ -171,7 +165,7 @@ def test_sharded_checkpoint_layout_and_consolidated_model(runs, llm_shards):
 
     val = TokenSplit(llm_shards, "val")
     batches = fixed_batches(val, cfg().eval_batches, cfg().batch_size, MODEL.block_size, SEED)
-    evals = {r["step"]: r["val_loss"] for r in rows(runs["fsdp"], "eval")}
+    evals = {r["step"]: r["val_loss"] for r in records(runs["fsdp"], "eval")}
     for path, step in ((runs["fsdp"], STEPS), (older, 30)):  # the run's directory: its latest checkpoint
         model, meta = load_model(path)
         assert meta["step"] == step and model.wte.weight is model.lm_head.weight
@@ -198,7 +192,7 @@ def test_torn_sharded_checkpoint_is_skipped_and_resume_continues_the_curve(runs,
     # resumed on 1 rank (ddp, 2 micro-batches): DCP reshards the two ranks' shards into whole tensors
     out = tmp_path / "truncated"
     summary = train(MODEL, cfg(grad_accum=2), llm_shards, out, seed=SEED)
-    assert summary["steps"] == STEPS and [r["step"] for r in rows(out)] == list(range(1, STEPS + 1))
+    assert summary["steps"] == STEPS and [r["step"] for r in records(out)] == list(range(1, STEPS + 1))
     assert max_diff(curve(out), curve(runs["fsdp"])) <= TOL
 
     flipped = tmp_path / "flipped"
@@ -215,7 +209,7 @@ def test_torn_sharded_checkpoint_is_skipped_and_resume_continues_the_curve(runs,
     assert proc.returncode == 0, proc.stderr
     assert "skipping checkpoint" in proc.stderr and "__1_0.distcp is corrupt" in proc.stderr
     assert "resuming from checkpoint" in proc.stderr and "(step 30)" in proc.stderr
-    assert [r["step"] for r in rows(flipped)] == list(range(1, STEPS + 3))
+    assert [r["step"] for r in records(flipped)] == list(range(1, STEPS + 3))
     assert max_diff({s: v for s, v in curve(flipped).items() if s <= STEPS}, curve(runs["fsdp"])) <= TOL
 
 
@@ -227,7 +221,7 @@ def test_stopped_fsdp_run_resumes_the_curve_on_two_ranks_and_on_one(runs, llm_sh
     out = tmp_path / "stopped"
     config = write_config(tmp_path / "stopped.json", cfg(**FSDP))
     command = f"{mpiexec_prefix(2, 2)} {train_command(config, llm_shards, out)}"
-    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2")
+    env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2")
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     proc = subprocess.Popen(["bash", "-c", command], env=env, **pipes)
     try:
@@ -249,7 +243,7 @@ def test_stopped_fsdp_run_resumes_the_curve_on_two_ranks_and_on_one(runs, llm_sh
     (out / "STOP").unlink()
     proc = launch(tmp_path, "resumed", cfg(**FSDP), llm_shards, out=out)
     assert proc.returncode == 0, proc.stderr
-    assert [r["step"] for r in rows(out)] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in records(out)] == list(range(1, STEPS + 1))
     assert max_diff(curve(out), curve(runs["fsdp"])) <= TOL
 
     (copy / "STOP").unlink()
@@ -412,7 +406,7 @@ def test_fsdp_state_bytes_per_rank_match_the_estimate(tmp_path):
     model = ModelConfig(n_layer=2, n_head=2, n_embd=48, block_size=16)
     script = tmp_path / "state.py"
     script.write_text(FSDP_STATE_SCRIPT)
-    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), MODEL=model.model_dump_json())
+    env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), MODEL=model.model_dump_json())
     proc = run_shell(f"{mpiexec_prefix(2, 2)} {sys.executable} {script}", env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     ranks = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("STATE")]

@@ -9,16 +9,13 @@ would hide a launch path that no longer works).
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import child_env, free_port
+from helpers import child_env, free_port, records, require_mpiexec, run_shell, train_command
 
 from llmcore.config import ModelConfig, TrainConfig
 from llmcore.distributed import mpiexec_prefix, read_launch_env
@@ -39,47 +36,6 @@ TRAIN = dict(
     device="cpu",
 )
 REL_TOL = 1e-5  # 2 ranks (gloo all-reduce) vs 2 micro-batches (accumulation): float summation order only
-
-
-def require_mpiexec() -> str:
-    path = shutil.which("mpiexec")
-    if path is None:
-        pytest.fail(
-            "mpiexec is not on PATH: run .ci/mpi-up.sh (installs Debian's mpich) before the MPI tests", pytrace=False
-        )
-    return path
-
-
-def run_shell(command: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run a shell command line as a Parsl bash app would; on timeout kill its whole process group (mpiexec and
-    its ranks), not just the shell."""
-    proc = subprocess.Popen(
-        ["bash", "-c", command],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"timed out after {timeout} s: {command}\nstdout:\n{out}\nstderr:\n{err}")
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
-
-
-def train_command(config: Path, shards: Path, out: Path) -> str:
-    return shlex.join(
-        [sys.executable, "-m", "llmcore.train", "--config", str(config), "--shards", str(shards), "--out", str(out)]
-    )
-
-
-def rows(out: Path, kind: str) -> list[dict]:
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r["kind"] == kind]
 
 
 def assert_close(a: list[float], b: list[float], what: str) -> None:
@@ -165,10 +121,10 @@ def test_mpiexec_two_ranks_equal_one_rank_with_twice_the_micro_batches(llm_shard
     assert one.returncode == 0, one.stderr
 
     # the same curve (train loss at every step, val loss at every eval)
-    mpi_train, one_train = rows(tmp_path / "mpi", "train"), rows(tmp_path / "one", "train")
+    mpi_train, one_train = records(tmp_path / "mpi", "train"), records(tmp_path / "one", "train")
     assert [r["step"] for r in mpi_train] == [r["step"] for r in one_train] == list(range(1, STEPS + 1))
     assert_close([r["loss"] for r in mpi_train], [r["loss"] for r in one_train], "train loss")
-    mpi_eval, one_eval = rows(tmp_path / "mpi", "eval"), rows(tmp_path / "one", "eval")
+    mpi_eval, one_eval = records(tmp_path / "mpi", "eval"), records(tmp_path / "one", "eval")
     assert [r["step"] for r in mpi_eval] == [r["step"] for r in one_eval] == [6, 12]
     assert_close([r["val_loss"] for r in mpi_eval], [r["val_loss"] for r in one_eval], "val loss")
     assert mpi_train[-1]["tokens_seen"] == one_train[-1]["tokens_seen"] == STEPS * 2 * 4 * 16
@@ -207,7 +163,7 @@ def test_mpiexec_ranks_agree_on_the_launch_and_on_the_time_budget(llm_shards, tm
     (tmp_path / "b.json").write_text(json.dumps({"model": MODEL.model_dump(), "train": budget.model_dump(), "seed": 5}))
     resumed = run_shell(command, child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2"))
     assert resumed.returncode == 0, resumed.stderr
-    assert [r["step"] for r in rows(tmp_path / "out", "train")] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in records(tmp_path / "out", "train")] == list(range(1, STEPS + 1))
 
 
 @pytest.mark.mpi

@@ -290,3 +290,29 @@ def test_one_run_with_overrides_is_named_after_them(tmp_path):
     assert [r[0] for r in named.runs] == ["max_steps=100,n_layer=2"]  # where it runs is not what it is
     swept = load_spec(spec, ["train.max_steps=100", "sweep.model.n_layer=[1, 2]"])
     assert [r[0] for r in swept.runs] == ["n_layer=1", "n_layer=2"]
+
+
+def test_validate_knows_a_one_document_corpus_cannot_be_split_by_document(tmp_path):
+    (tmp_path / "one.txt").write_text("just one file of text\n" * 200)
+    tree = tiny_spec(tmp_path / "one.txt", tmp_path / "runs", data={"split": "document"})
+    spec = write_spec(tmp_path / "s.yaml", tree)
+    with pytest.raises(SpecError) as info:
+        load_and_check(spec)
+    assert info.value.problems == [
+        "data.split: the corpus is one document with `split: document` (whole documents go to train or val; "
+        "val_fraction 0.2); use `data.split: tail` to hold out the end of every document instead"
+    ]
+    load_and_check(spec, ["data.split=tail"])  # the fix it names works
+
+
+def test_validate_knows_when_a_split_is_certainly_too_short_for_the_context(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus", n_docs=6)
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec(corpus, tmp_path / "runs", data={"split": "tail"}))
+    with pytest.raises(SpecError) as info:
+        load_and_check(spec, ["model.block_size=4096"])
+    assert [p.split(" holds")[0] for p in info.value.problems] == [
+        "model.block_size: the train split",
+        "model.block_size: the val split",
+    ]
+    assert "fewer than block_size + 1 = 4097" in info.value.problems[1]
+    load_and_check(spec, ["model.block_size=32"])  # an upper bound: only what is certain is an error

@@ -202,6 +202,33 @@ def test_compare_tables_and_plots_val_bpb_against_the_swept_parameter(sweep, tmp
     assert (tmp_path / "a-file").read_text() == "mine"
 
 
+def test_compare_writes_one_consistent_report_with_loss_curves_readable_by_the_group(sweep, tmp_path):
+    """A second compare with another metric replaces the first's plot instead of leaving it beside the new
+    table; the loss curves of every run are overlaid in a second figure; files follow the umask (not 0600)."""
+    import stat
+
+    out = tmp_path / "report"
+    (out / "notes.txt").parent.mkdir()
+    (out / "notes.txt").write_text("a file of the user's")
+    assert cli("compare", sweep["spec"], "--out", out).exit_code == 0
+    assert {f.name for f in out.iterdir()} >= {"sweep.csv", "val_bpb.png", "loss_curves.png", "notes.txt"}
+    r = cli("compare", sweep["spec"], "--out", out, "--metric", "final/val_loss")
+    assert r.exit_code == 0, r.output
+    names = {f.name for f in out.iterdir() if not f.name.startswith(".")}
+    assert names == {"sweep.csv", "final_val_loss.png", "loss_curves.png", "notes.txt"}
+    for f in ("sweep.csv", "final_val_loss.png", "loss_curves.png"):
+        assert stat.S_IMODE((out / f).stat().st_mode) == 0o666 & ~current_umask(), f
+    from PIL import Image
+
+    assert Image.open(out / "final_val_loss.png").size[0] >= 1000  # large enough to read
+
+
+def current_umask() -> int:
+    from llmcore.io import current_umask as read
+
+    return read()
+
+
 def test_table_numbers_are_formatted_for_reading():
     from workflows.compare import fmt
 
@@ -353,3 +380,24 @@ def test_fail_fast_cancels_the_other_points(tmp_path):
     assert status["freeze=[]"] == ("FAILED", "cancelled: another sweep point failed and --fail-fast was given")
     client = MlflowClient(result.tracking_uri)
     assert {client.get_run(r.run_id).info.status for r in result.runs} == {"FAILED"}
+
+
+def test_line_mode_prints_a_training_step_only_when_it_has_moved():
+    from workflows.progress import Board, LineDisplay, RunRow
+    from workflows.states import StageState
+
+    said: list[str] = []
+    display = LineDisplay(said.append, every=0)
+    row = RunRow("r", 100, {"train": StageState.RUNNING}, step=5, loss=1.0, tokens_per_sec=10)
+    board = Board([row])
+    display.update(board)
+    display.update(board)  # nothing new: no line
+    row.step, row.loss = 6, 0.9
+    display.update(board)
+    row.stages["train"] = StageState.DONE
+    display.update(board)
+    assert said == [
+        "  [r] step 5/100 loss 1.0000 10 tok/s",
+        "  [r] step 6/100 loss 0.9000 10 tok/s",
+        "  [r] train done",
+    ]

@@ -36,6 +36,10 @@ SiteOpt = typer.Option(None, "--site", help="Site to run on (overrides the spec'
 OptSpecArg = typer.Argument(
     None, help="Experiment spec (YAML); without it, every run in the store under --runs-root.", show_default=False
 )
+CompareSpecArg = typer.Argument(
+    None, help="Experiment spec (YAML); without it, the newest submit in the store under --runs-root (or of "
+    "--experiment).", show_default=False,
+)  # fmt: skip
 RunsRootOpt = typer.Option(
     None,
     "--runs-root",
@@ -246,7 +250,7 @@ def status(
 @app.command()
 @user_errors
 def compare(
-    spec: Path | None = OptSpecArg,
+    spec: Path | None = CompareSpecArg,
     set_: list[str] | None = SetOpt,
     runs_root: Path | None = RunsRootOpt,
     uri: str | None = UriOpt,
@@ -258,10 +262,12 @@ def compare(
         None, "--out", help="Where sweep.csv and the plot go \\[default: <runs_root>/reports/compare-<experiment>]."
     ),
 ) -> None:
-    """Table and plot of the latest submit's sweep points: swept values against results.
+    """Table and plots of one submit's sweep points: swept values against results.
 
-    Writes sweep.csv and a plot of --metric against the swept parameter."""
-    from workflows.compare import METRICS, best, fmt, rows_from_store, write_report
+    The submit is the latest of the spec (with a spec) or of the store's newest experiment (or --experiment).
+    Writes sweep.csv, a plot of --metric against the swept parameter and the runs' loss curves overlaid; files an
+    earlier compare wrote there are replaced or removed."""
+    from workflows.compare import METRICS, best, fmt, loss_histories, rows_from_store, write_report
     from workflows.query import latest_parent, open_store
 
     store = open_store(spec, set_, runs_root, uri, experiment)
@@ -292,7 +298,7 @@ def compare(
     if target.exists() and not target.is_dir():
         raise InputError("gptlab compare", [f"{option}: {target} is a file, not a directory"])
     try:
-        files = write_report(rows, keys, metric, target, f"{name}: {metric}")
+        files = write_report(rows, keys, metric, target, f"{name}: {metric}", loss_histories(store.client, rows))
     except OSError as exc:
         raise InputError("gptlab compare", [f"{option}: cannot write to {target} ({exc.strerror or exc})"]) from None
     typer.echo(

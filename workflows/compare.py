@@ -109,70 +109,145 @@ def x_key(rows: list[SweepRow], keys: list[str]) -> str:
     return keys[0]
 
 
-def plot(rows: list[SweepRow], keys: list[str], metric: str, out: Path, title: str) -> Path | None:
-    """``metric`` against the swept parameter, one line per combination of the other swept keys. None when no
-    finished point has the metric."""
+def _integer(values: list[Any]) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def _figure(width: float = 9.0, height: float = 5.4) -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if r.status == "FINISHED" and metric in r.metrics]
-    if not done or not keys:
-        return None
-    x = x_key(done, keys)
-    others = [k for k in keys if k != x]
-    numeric = _numeric([r.point.get(x) for r in done])
-    categories = list(dict.fromkeys(_cell(r.point.get(x)) for r in done))
-    series: dict[str, list[tuple[Any, float]]] = {}
-    for r in done:
-        label = ",".join(f"{k.rsplit('.', 1)[-1]}={_cell(r.point.get(k))}" for k in others) or metric
-        xv = r.point.get(x) if numeric else categories.index(_cell(r.point.get(x)))
-        series.setdefault(label, []).append((xv, r.metrics[metric]))
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for label, pts in series.items():
-        pts.sort(key=lambda p: p[0])
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-        for xv, yv in pts:
-            ax.annotate(f"{yv:.4f}", (xv, yv), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-    if numeric:
-        xs = [r.point[x] for r in done]
-        if min(xs) > 0 and max(xs) / min(xs) >= 10:
-            ax.set_xscale("log")
-    else:
-        ax.set_xticks(range(len(categories)), categories)
-        ax.set_xlim(-0.5, len(categories) - 0.5)
-    ax.set_xlabel(x)
-    ax.set_ylabel(metric)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
+    return plt.subplots(figsize=(width, height), dpi=120)
+
+
+def _save(fig: Any, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_atomically(fig, out)
     plt.close(fig)
     return out
 
 
-def write_report(rows: list[SweepRow], keys: list[str], metric: str, out_dir: Path, title: str) -> list[Path]:
-    """sweep.csv and <metric>.png (when there is something to plot) in out_dir; returns the files written."""
-    from llmcore.io import atomic_write_bytes
+def plot(rows: list[SweepRow], keys: list[str], metric: str, out: Path, title: str) -> Path | None:
+    """``metric`` against the swept parameter, one line per combination of the other swept keys (legend in the
+    sweep's value order), the best point starred. Integer parameters get integer ticks; a parameter spanning 10x
+    or more a log axis. None when no finished point has the metric."""
+    done = [r for r in rows if r.status == "FINISHED" and metric in r.metrics]
+    if not done or not keys:
+        return None
+    x = x_key(done, keys)
+    others = [k for k in keys if k != x]
+    values = [r.point.get(x) for r in done]
+    numeric = _numeric(values)
+    categories = list(dict.fromkeys(_cell(v) for v in values))
+    series: dict[str, list[tuple[Any, float]]] = {}  # rows come in the sweep's grid order: labels in value order
+    for r in done:
+        label = ",".join(f"{k.rsplit('.', 1)[-1]}={_cell(r.point.get(k))}" for k in others) or metric
+        xv = r.point.get(x) if numeric else categories.index(_cell(r.point.get(x)))
+        series.setdefault(label, []).append((xv, r.metrics[metric]))
+    fig, ax = _figure()
+    for label, pts in series.items():
+        pts.sort(key=lambda p: p[0])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
+        for xv, yv in pts:
+            ax.annotate(f"{yv:.4f}", (xv, yv), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+    top = best(done, metric)
+    if top is not None:
+        tx = top.point.get(x) if numeric else categories.index(_cell(top.point.get(x)))
+        ax.plot([tx], [top.metrics[metric]], marker="*", markersize=18, color="gold", markeredgecolor="black",
+                linestyle="none", label=f"best: {top.name}", zorder=5)  # fmt: skip
+    if numeric:
+        if min(values) > 0 and max(values) / min(values) >= 10:
+            ax.set_xscale("log")
+        if _integer(values) and len(set(values)) <= 12:
+            ax.set_xticks(sorted(set(values)), [str(v) for v in sorted(set(values))])
+            ax.minorticks_off()
+        elif _integer(values):
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    else:
+        ax.set_xticks(range(len(categories)), categories)
+        ax.set_xlim(-0.5, len(categories) - 0.5)
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"{metric} (lower is better)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_loss_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], out: Path, title: str) -> Path | None:
+    """Every run's training loss (line) and validation estimates (markers) against the step, overlaid.
+    ``curves``: {run name: {"train/loss": [(step, value)], "val/loss": [(step, value)]}}. None without curves."""
+    if not any(c.get("train/loss") for c in curves.values()):
+        return None
+    fig, ax = _figure()
+    for i, (name, c) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        train = sorted(c.get("train/loss", []))
+        if train:
+            ax.plot([s for s, _ in train], [v for _, v in train], lw=1, alpha=0.75, color=color, label=name)
+        val = sorted(c.get("val/loss", []))
+        if val:
+            ax.plot([s for s, _ in val], [v for _, v in val], "o--", lw=1, ms=4, color=color)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token): train lines, validation markers")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def loss_histories(client: Any, rows: list[SweepRow]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """The loss curves of the finished rows, from MLflow."""
+    keys = ("train/loss", "val/loss")
+    return {
+        r.name: {k: [(m.step, m.value) for m in client.get_metric_history(r.run_id, k)] for k in keys}
+        for r in rows
+        if r.status == "FINISHED"
+    }
+
+
+REPORT_MANIFEST = ".gptlab-report.json"  # which files the last report wrote into its directory
+
+
+def write_report(rows: list[SweepRow], keys: list[str], metric: str, out_dir: Path, title: str,
+                 curves: dict[str, dict[str, list[tuple[int, float]]]] | None = None) -> list[Path]:  # fmt: skip
+    """sweep.csv, <metric>.png and loss_curves.png (when there is something to plot) in out_dir; returns the files
+    written. Files an earlier report wrote there and this one does not (a plot of another metric, a plot there is
+    nothing for now) are removed, so the directory always holds one consistent report."""
+    from llmcore.io import atomic_write_bytes, atomic_write_json, read_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "sweep.csv"
     atomic_write_bytes(table, csv_text(rows, keys).encode("utf-8"))
-    png = plot(rows, keys, metric, out_dir / f"{metric.replace('/', '_')}.png", title)
-    return [table] + ([png] if png else [])
+    written = [table, plot(rows, keys, metric, out_dir / f"{metric.replace('/', '_')}.png", title)]
+    if curves:
+        written.append(plot_loss_curves(curves, out_dir / "loss_curves.png", f"{title.split(':')[0]}: loss curves"))
+    files = [f for f in written if f is not None]
+    manifest = out_dir / REPORT_MANIFEST
+    try:
+        before = read_json(manifest)["files"] if manifest.is_file() else []
+    except (OSError, ValueError, KeyError, TypeError):
+        before = []
+    for name in set(before) - {f.name for f in files}:
+        (out_dir / Path(name).name).unlink(missing_ok=True)
+    atomic_write_json(manifest, {"files": [f.name for f in files]})
+    return files
 
 
 def log_sweep_summary(tracker: Any, parent_id: str, p: Any, runs: list[Any], metric: str = "val/bpb") -> None:
-    """On the parent run: summary/sweep.csv, summary/val_bpb.png, and the best point's name and metric."""
+    """On the parent run: summary/sweep.csv, summary/val_bpb.png, summary/loss_curves.png, and the best point's
+    name and metric."""
     rows = rows_from_results(runs)
     keys = list(p.spec.sweep)
-    files = write_report(
-        rows, keys, metric, p.runs_root / "reports" / f"sweep-{p.spec_hash}", f"{p.spec.name}: {metric}"
-    )
+    curves = loss_histories(tracker.client, rows)
+    out = p.runs_root / "reports" / f"sweep-{p.spec_hash}"
+    files = write_report(rows, keys, metric, out, f"{p.spec.name}: {metric}", curves)
     tracker.log_artifacts(parent_id, [(f, "summary") for f in files])
     top = best(rows, metric)
     if top is not None:

@@ -36,15 +36,8 @@ def loss_curve_png(metrics_path: Path, out: Path, title: str) -> Path:
 
 
 def save_atomically(fig, out: Path) -> None:
-    """Write a figure to a temporary file beside ``out``, then rename it: readers never see half a PNG."""
-    import os
-    import tempfile
+    """Write a figure through llmcore.io's atomic writer: readers never see half a PNG."""
+    from llmcore.io import atomic_open
 
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=out.suffix.lstrip(".") or "png")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, format=out.suffix.lstrip(".") or "png")
