@@ -157,23 +157,18 @@ def write_spec(path: Path, tree: dict[str, Any]) -> Path:
 
 
 def prepare_data_stages(spec_path: Path):
-    """Plan the spec and run its tokenizer and shards stages (as a submit would, committed), so a later submit
-    or direct run of the same spec only trains and evaluates. Returns the plan."""
-    from workflows import stages
+    """Plan the spec and run its tokenizer and shards stages (committed, through the stage registry as a submit
+    runs them), so a later submit or direct run of the same spec only trains and evaluates. Returns the plan."""
     from workflows.planning import plan
     from workflows.spec import load_spec
+    from workflows.stages import prepare_stage, run_stage
 
     p = plan(load_spec(spec_path))
     for stage in p.stages.values():
-        if stage.kind not in ("tokenizer", "shards") or stage.done:
-            continue
-        run = next(r for r in p.runs if r.stages[stage.kind].key == stage.key)
-        stages.prepare_stage(stage.dir, stage.config)
-        spec = run.spec.model_dump(mode="json")
-        if stage.kind == "tokenizer":
-            stages.tokenizer_stage(str(stage.dir), spec)
-        else:
-            stages.shards_stage(str(stage.dir), spec, str(run.stages["tokenizer"].dir))
+        if stage.kind in ("tokenizer", "shards") and not stage.done:
+            prepare_stage(stage.dir, stage.config)
+            inputs = {k: str(d) for k, d in stage.inputs.items()}
+            run_stage(stage.kind, str(stage.dir), stage.config, inputs, stage.runtime)
     return p
 
 

@@ -85,16 +85,16 @@ class Sides:
 
     def direct(self, r: int) -> float:
         from llmcore.io import atomic_write_json
-        from workflows.driver import Driver
+        from workflows.stages import write_train_config
 
         root = self.tmp / f"direct{r}"
         todo = []
         for run in self.plan.runs:
             train = dataclasses.replace(run.stages["train"], dir=root / run.stages["train"].dir.name)
             train.dir.mkdir(parents=True)
-            Driver._write_train_config(train, run)  # the exact train.json a submit writes
+            write_train_config(train.dir, train.config, train.runtime)  # the exact train.json a submit writes
             eval_dir = root / run.stages["eval"].dir.name
-            atomic_write_json(eval_dir / "eval_config.json", run.spec.eval.model_dump(mode="json"))
+            atomic_write_json(eval_dir / "eval_config.json", run.stages["eval"].config["eval"])
             shards, tok = run.stages["shards"].dir, run.stages["tokenizer"].dir / "tokenizer.model"
             evaluate = [
                 sys.executable,

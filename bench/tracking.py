@@ -41,7 +41,7 @@ TARGET_PCT = 1.0
 
 
 def driver_poll_interval() -> float:
-    from workflows.driver import submit
+    from workflows import submit
 
     return float(inspect.signature(submit).parameters["poll_interval"].default)
 
@@ -50,14 +50,16 @@ class Trainings:
     """One training per call, in a fresh directory, with or without a forwarder on its metrics."""
 
     def __init__(self, tmp: Path, plan, poll_interval: float):
-        from workflows.driver import Driver
+        from workflows.stages import write_train_config
         from workflows.store import Tracker, default_tracking_uri
 
         self.tmp, self.plan, self.poll_interval = tmp, plan, poll_interval
         self.run = plan.runs[0]
         self.stage = self.run.stages["train"]
         self.stage.dir.mkdir(parents=True, exist_ok=True)
-        Driver._write_train_config(self.stage, self.run)  # the exact train.json a submit writes
+        write_train_config(
+            self.stage.dir, self.stage.config, self.stage.runtime
+        )  # the exact train.json a submit writes
         self.tracker = Tracker(default_tracking_uri(tmp / "store"), "bench-tracking", tmp / "store" / "mlartifacts")
         self.forward_cpu: list[float] = []  # CPU seconds inside MetricsForwarder.poll, per tracked training
         self.bench_cpu: dict[str, list[float]] = {}  # "plain" / "tracked" -> this process's CPU seconds per training

@@ -23,7 +23,7 @@ from site_configs.spec import BATCH_SITES, SITES, SiteSpec, resolve, site_proble
 if TYPE_CHECKING:
     from parsl.config import Config
 
-__all__ = ["BATCH_SITES", "SITES", "Site", "SiteSpec", "build_site", "resolve", "site_problems"]
+__all__ = ["BATCH_SITES", "LOCAL_EXECUTORS", "SITES", "Site", "SiteSpec", "build_site", "resolve", "site_problems"]
 
 
 @dataclass
@@ -35,6 +35,10 @@ class Site:
     mpi_executor: str | None = None  # multi-rank training on batch sites; None: local mpiexec
     train_env: dict[str, str] = field(default_factory=dict)
     nodes: dict[str, int] = field(default_factory=dict)  # executor label -> nodes per job (for node-hours)
+
+
+#: The executors of the local sites: (CPU stages, single-rank training). Local sites need no Parsl to name them.
+LOCAL_EXECUTORS = {"local": ("local", "local"), "local-processes": ("local-htex", "local-htex")}
 
 
 def build_site(
@@ -55,12 +59,12 @@ def build_site(
         from site_configs.local import local_threads
 
         cfg = local_threads(max_threads=workers, **common)
-        return Site("local", cfg, "local", "local", None, _thread_env(concurrent_trainings, workers))
+        return Site("local", cfg, *LOCAL_EXECUTORS["local"], None, _thread_env(concurrent_trainings, workers))
     if s.name == "local-processes":
         from site_configs.local import local_processes
 
         cfg = local_processes(max_workers=workers, heartbeat_threshold=s.heartbeat_threshold_s, **common)
-        return Site(s.name, cfg, "local-htex", "local-htex", None, _thread_env(concurrent_trainings, workers))
+        return Site(s.name, cfg, *LOCAL_EXECUTORS[s.name], None, _thread_env(concurrent_trainings, workers))
     from site_configs.polaris import polaris
     from site_configs.slurm import slurm
 

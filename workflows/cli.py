@@ -133,18 +133,24 @@ def _show_site(p: Any) -> None:
     """How stages map to executors and, on batch sites, the job scripts and node-hours (nothing submitted)."""
     import tempfile
 
-    from site_configs import build_site
-    from site_configs.render import render_jobs
+    from site_configs import LOCAL_EXECUTORS, build_site
 
-    trains = [r.spec.train for r in p.runs]
-    site = build_site(p.spec.site, p.runs_root / "parsl", trains, resolve_address=False)
     multi = [r for r in p.runs if r.spec.train.nodes * r.spec.train.ranks_per_node > 1]
-    mpi = site.mpi_executor or ("mpiexec on this machine" if multi else None)
+    if p.spec.site.name in LOCAL_EXECUTORS:  # no job scripts: no need to build Parsl's config (seconds of import)
+        cpu, train = LOCAL_EXECUTORS[p.spec.site.name]
+        site, mpi = None, "mpiexec on this machine" if multi else None
+    else:
+        trains = [r.spec.train for r in p.runs]
+        site = build_site(p.spec.site, p.runs_root / "parsl", trains, resolve_address=False)
+        cpu, train, mpi = site.cpu_executor, site.train_executor, site.mpi_executor
     typer.echo(
-        f"Executors: tokenizer, shards, eval -> {site.cpu_executor}; single-rank training -> "
-        f"{site.train_executor}"
+        f"Executors: tokenizer, shards, eval -> {cpu}; single-rank training -> {train}"
         + (f"; multi-rank training ({', '.join(r.name for r in multi)}) -> {mpi}" if multi else "")
     )
+    if site is None:
+        return
+    from site_configs.render import render_jobs
+
     with tempfile.TemporaryDirectory(prefix="gptlab-plan-") as tmp:
         jobs = render_jobs(site.config, Path(tmp))
     real = str(p.runs_root / "parsl" / "<NNN>" / "submit_scripts")  # where Parsl writes them on submit
