@@ -18,6 +18,8 @@ from mlflow.tracking import MlflowClient
 
 from workflows.trainlog import exit_meaning, failure_cause, last_try, lines_before
 
+slow = pytest.mark.slow  # the tests on the `failed` fixture: a real submit of two failing sweep points
+
 BROKEN, NO_MATCH = "freeze=[]", "freeze=['nomatch.*']"
 
 
@@ -54,6 +56,7 @@ def exception_line(train_dir) -> str:
     return f"NotADirectoryError: [Errno 20] Not a directory: '{step_dir(train_dir, 4)}'"
 
 
+@slow
 def test_submit_names_the_cause_once_with_the_log_path_then_the_log_tail(failed):
     r, train_dir = failed["submit"], failed["train_dir"]
     out = r.stdout + r.stderr
@@ -75,6 +78,7 @@ def test_submit_names_the_cause_once_with_the_log_path_then_the_log_tail(failed)
     assert "Traceback" not in r.stdout
 
 
+@slow
 def test_an_error_training_handles_is_one_line_with_the_meaning_of_its_exit_code(failed):
     r = failed["submit"]
     line = next(x for x in r.stderr.splitlines() if x.startswith(f"[{NO_MATCH}] "))
@@ -86,6 +90,7 @@ def test_an_error_training_handles_is_one_line_with_the_meaning_of_its_exit_code
     assert not after or not after[0].startswith("---"), "no empty tail under a header"
 
 
+@slow
 def test_mlflow_records_the_one_line_cause_and_status_shows_it(failed):
     client = MlflowClient(f"sqlite:///{failed['runs_root'] / 'mlflow.db'}")
     runs = {x.info.run_name: x for x in client.search_runs([client.get_experiment_by_name("tiny").experiment_id])}

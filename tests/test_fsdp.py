@@ -96,6 +96,7 @@ def runs(llm_shards, tmp_path_factory):
         proc = launch(tmp, name, train_cfg, llm_shards)
         assert proc.returncode == 0, f"{name} failed ({proc.returncode}):\n{proc.stderr}"
         out[name] = tmp / name
+        (tmp / name / "stdout.txt").write_text(proc.stdout)
     yield out
     torch.set_num_threads(threads)
 
@@ -118,6 +119,24 @@ def test_fsdp_equals_ddp_and_one_rank_with_two_micro_batches(runs):
     assert norms["fsdp"] == pytest.approx(norms["one"], rel=1e-4)
     params = [json.loads((runs[name] / "summary.json").read_text())["params"] for name in ("fsdp", "one")]
     assert params[0] == params[1]  # the whole model's count, not a shard's
+
+
+@pytest.mark.mpi
+def test_with_several_ranks_rank_0_alone_writes(runs):
+    """One summary on stdout, each metrics line once, tokens counted over every rank, the same files as the 1-rank
+    run (its checkpoints aside, whose layout differs under fsdp)."""
+    for name in ("ddp", "fsdp"):
+        out = runs[name]
+        summaries = [json.loads(x) for x in (out / "stdout.txt").read_text().splitlines() if x.startswith("{")]
+        assert len(summaries) == 1 and summaries[0] == json.loads((out / "summary.json").read_text()), name
+        assert (
+            summaries[0]["steps"] == STEPS
+            and records(out)[-1]["tokens_seen"] == records(runs["one"])[-1]["tokens_seen"]
+        )
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == len(set(lines)) == len(records(runs["one"])) + len(records(runs["one"], "eval"))
+        top = lambda d: sorted(p.name for p in d.iterdir() if p.name not in ("stdout.txt", "checkpoints"))
+        assert top(out) == top(runs["one"]), name
 
 
 @pytest.mark.mpi

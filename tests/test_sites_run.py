@@ -78,6 +78,7 @@ def test_killed_training_on_local_processes_is_retried_and_resumes(tmp_path):
     assert resumed["final_val_loss"] == pytest.approx(uninterrupted["final_val_loss"], abs=1e-3)
 
 
+@pytest.mark.mpi
 def test_two_ranks_through_mpiexec_equal_one_rank_with_twice_the_micro_batches(tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
     curves = []
