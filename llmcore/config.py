@@ -52,6 +52,8 @@ class StrictModel(BaseModel):
 
 
 def _key_form(model: Any, dumped: Any) -> Any:
+    if isinstance(model, StrictModel) and type(model).key_dict is not StrictModel.key_dict:
+        return model.key_dict()  # a section with a key form of its own
     if isinstance(model, BaseModel):
         out = {}
         for name, info in type(model).model_fields.items():

@@ -45,6 +45,8 @@ def _leaves(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any, li
         if path == "data.sources":
             out += _leaves(FilesSource, "data.sources.0.")
             continue
+        if path == "sweep.grid":  # written flat: the grid's keys are the sweep's own keys
+            continue
         out.append((path, ann, list(f.metadata)))
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out += _leaves(ann, path + ".")

@@ -268,35 +268,61 @@ def compare(
         None, "--out", help="Where sweep.csv and the plot go \\[default: <runs_root>/reports/compare-<experiment>]."
     ),
 ) -> None:
-    """Table and plots of one submit's sweep points: swept values against results.
+    """Table and plots of one submit's sweep points (or search trials): swept values against results.
 
     The submit is the latest of the spec (with a spec) or of the store's newest experiment (or --experiment).
-    Writes sweep.csv, a plot of --metric against the swept parameter and the runs' loss curves overlaid; files an
-    earlier compare wrote there are replaced or removed."""
-    from workflows.compare import METRICS, best, fmt, loss_histories, rows_from_store, write_report
+    Replicates are grouped (mean, sd and n per point; the best point by its mean; a note where a point's 95%
+    interval overlaps the best one's). Writes sweep.csv (points.csv with replicates), a plot of --metric against
+    the swept parameter (a search: against the trial number and each searched field) and the runs' loss curves;
+    files an earlier compare wrote there are replaced or removed."""
+    from workflows.compare import (
+        METRICS,
+        Report,
+        best,
+        best_group,
+        fmt,
+        loss_histories,
+        overlaps,
+        rows_from_store,
+        write_report,
+    )  # fmt: skip
     from workflows.query import latest_parent, open_store
 
     store = open_store(spec, set_, runs_root, uri, experiment)
     parent = latest_parent(store)
-    rows, sweep = rows_from_store(store.client, parent)
+    rows, keys, replicate_keys = rows_from_store(store.client, parent)
     known = sorted({k for r in rows for k in r.metrics})
     if known and metric not in known:
         raise InputError(
             store.source,
             [f"--metric: no run of {parent.info.run_name} has a metric '{metric}' (it has: {', '.join(known)})"],
         )
-    keys = list(sweep)
-    top = best(rows, metric)
     name = store.experiment or parent.info.run_name
-    columns = list(dict.fromkeys((metric, *METRICS)))
-    table = make_table(
-        f"{name}: {len(rows)} sweep points, parent run {parent.info.run_id}", ["run", *keys, "status", *columns]
+    report = Report(
+        rows, keys, replicate_keys, metric, f"{name}: {metric}", search=parent.data.params.get("search") is not None
     )
+    top = best(rows, metric)
+    columns = list(dict.fromkeys((metric, *METRICS)))
+    table = make_table(f"{name}: {len(rows)} runs, parent run {parent.info.run_id}", ["run", *keys, "status", *columns])
     for r in rows:
         cells = [r.name, *(str(r.point.get(k)) for k in keys), r.status, *(fmt(r.metrics.get(m), m) for m in columns)]
-        table.add_row(*cells, style="bold green" if r is top else None)
+        table.add_row(*cells, style="bold green" if r is top and not replicate_keys else None)
     out.print(table)
-    if top is not None:
+    groups = report.groups
+    if replicate_keys:
+        top_group = best_group(groups, metric)
+        points = make_table(f"{name}: {len(groups)} points, replicates over {', '.join(replicate_keys)}",
+                            ["point", "n", f"{metric} mean", "sd"])  # fmt: skip
+        for g in groups:
+            points.add_row(g.name, str(len(g.values(metric))), fmt(g.mean(metric)), fmt(g.sd(metric)),
+                           style="bold green" if g is top_group else None)  # fmt: skip
+        out.print(points)
+        if top_group is not None:
+            typer.echo(f"Best {metric} by mean: {top_group.name} ({top_group.mean(metric):.4f} ± "
+                       f"{top_group.sd(metric) or 0:.4f}, n={len(top_group.values(metric))})")  # fmt: skip
+        for note in overlaps(groups, metric):
+            typer.echo(f"Note: {note}")
+    elif top is not None:
         typer.echo(f"Best {metric}: {top.name} ({top.metrics[metric]:.4f}, run {top.run_id})")
     root = store.runs_root or Path(".")
     target = out_dir or root / "reports" / f"compare-{name}"
@@ -304,14 +330,12 @@ def compare(
     if target.exists() and not target.is_dir():
         raise InputError("gptlab compare", [f"{option}: {target} is a file, not a directory"])
     try:
-        files = write_report(rows, keys, metric, target, f"{name}: {metric}", loss_histories(store.client, rows))
+        files = write_report(report, target, loss_histories(store.client, rows))
     except OSError as exc:
         raise InputError("gptlab compare", [f"{option}: cannot write to {target} ({exc.strerror or exc})"]) from None
-    typer.echo(
-        "Wrote "
-        + ", ".join(str(f) for f in files)
-        + ("" if len(files) > 1 else f" (nothing to plot: no finished sweep point has {metric} or nothing was swept)")
-    )
+    plotted = any(f.suffix == ".png" and f.name != "loss_curves.png" for f in files)
+    why = "" if plotted else f" (nothing to plot: no finished run has {metric} or nothing was swept)"
+    typer.echo("Wrote " + ", ".join(str(f) for f in files) + why)
 
 
 @app.command()

@@ -1,9 +1,11 @@
-"""Comparing the points of a sweep: a table of each point's swept values and results, and a plot of a metric
-(val/bpb by default) against the swept parameter.
+"""Comparing the points of a sweep or the trials of a search: tables, and plots of a metric against what was swept.
 
-The same rows come from a finished submit (``rows_from_results``; the driver logs them on the parent run as
-``summary/sweep.csv`` and ``summary/<metric>.png``) or from any MLflow store afterwards (``rows_from_store``;
-``gptlab compare``).
+The same rows come from a finished submit (``rows_from_results``; the driver logs the report on the parent run
+under ``summary/``) or from any MLflow store afterwards (``rows_from_store``; ``gptlab compare``).
+
+Replicates (``sweep.replicates``, or a sweep over a seed) are grouped: each point shows the mean, standard
+deviation and n of its runs, the plot has error bars, the best point is chosen by its mean, and two points whose
+95% confidence intervals overlap are noted, since the seeds cannot tell them apart.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import math
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +23,100 @@ import yaml
 from workflows.report import save_atomically
 
 METRICS = ("final/val_loss", "val/ppl", "val/bpb", "train/tokens_per_sec", "model/params", "stage/train_seconds")
+#: Metrics where higher is better (their last path component); every other metric is a loss, lower is better.
+HIGHER_IS_BETTER = ("acc", "acc_norm", "map3", "tokens_per_sec", "mfu")
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric.rsplit("/", 1)[-1] in HIGHER_IS_BETTER
 
 
 @dataclass
 class SweepRow:
     name: str
-    status: str
+    status: str  # FINISHED, FAILED, KILLED, PRUNED (or RUNNING for an unfinished run)
     point: dict[str, Any]
     metrics: dict[str, float]
     run_id: str
+
+
+@dataclass
+class Group:
+    """One point of a sweep with its replicates (a single run when there are none)."""
+
+    point: dict[str, Any]  # the swept values, replicate keys left out
+    rows: list[SweepRow] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return ",".join(f"{k.rsplit('.', 1)[-1]}={_cell(v)}" for k, v in self.point.items()) or self.rows[0].name
+
+    def values(self, metric: str) -> list[float]:
+        return [r.metrics[metric] for r in self.rows if r.status == "FINISHED" and metric in r.metrics]
+
+    def mean(self, metric: str) -> float | None:
+        v = self.values(metric)
+        return statistics.fmean(v) if v else None
+
+    def sd(self, metric: str) -> float | None:
+        v = self.values(metric)
+        return statistics.stdev(v) if len(v) > 1 else None
+
+    def interval(self, metric: str) -> tuple[float, float] | None:
+        """The 95% confidence interval of the mean (Student's t), or None with fewer than two values."""
+        v = self.values(metric)
+        if len(v) < 2:
+            return None
+        half = _t975(len(v) - 1) * statistics.stdev(v) / math.sqrt(len(v))
+        return statistics.fmean(v) - half, statistics.fmean(v) + half
+
+
+def _t975(df: int) -> float:
+    """Student's t quantile 0.975 for df degrees of freedom (a table for small df, the normal's beyond)."""
+    table = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+             2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+             2.045, 2.042)  # fmt: skip
+    return table[df - 1] if df <= len(table) else 1.96
+
+
+def group_rows(rows: list[SweepRow], keys: list[str], replicate_keys: list[str]) -> list[Group]:
+    """Rows grouped by their swept values without the replicate keys, in the rows' order."""
+    groups: dict[str, Group] = {}
+    for r in rows:
+        point = {k: r.point.get(k) for k in keys if k not in replicate_keys}
+        groups.setdefault(yaml.safe_dump(point, sort_keys=True), Group(point)).rows.append(r)
+    return list(groups.values())
+
+
+def best_group(groups: list[Group], metric: str) -> Group | None:
+    scored = [g for g in groups if g.mean(metric) is not None]
+    pick = max if higher_is_better(metric) else min
+    return pick(scored, key=lambda g: g.mean(metric)) if scored else None
+
+
+def overlaps(groups: list[Group], metric: str) -> list[str]:
+    """A note per point whose 95% interval overlaps the best point's: the seeds cannot tell them apart."""
+    top = best_group(groups, metric)
+    if top is None or top.interval(metric) is None:
+        return []
+    lo, hi = top.interval(metric)
+    notes = []
+    for g in groups:
+        other = g.interval(metric)
+        if g is not top and other is not None and other[0] <= hi and lo <= other[1]:
+            notes.append(f"{g.name} ({g.mean(metric):.4f} ± {g.sd(metric):.4f}, n={len(g.values(metric))}) overlaps "
+                         f"the best, {top.name} ({top.mean(metric):.4f} ± {top.sd(metric):.4f}): the difference is "
+                         "within seed noise")  # fmt: skip
+    return notes
+
+
+def best(rows: list[SweepRow], metric: str) -> SweepRow | None:
+    scored = [r for r in rows if r.status == "FINISHED" and metric in r.metrics]
+    pick = max if higher_is_better(metric) else min
+    return pick(scored, key=lambda r: r.metrics[metric]) if scored else None
+
+
+# -------------------------------------------------------------------------------------------- the rows
 
 
 def rows_from_results(runs: list[Any]) -> list[SweepRow]:
@@ -36,27 +124,30 @@ def rows_from_results(runs: list[Any]) -> list[SweepRow]:
     return [SweepRow(r.name, r.status, dict(r.point), dict(r.metrics), r.run_id) for r in runs]
 
 
-def rows_from_store(client: Any, parent: Any) -> tuple[list[SweepRow], dict[str, list[Any]]]:
-    """(rows, sweep) for the children of one parent run, in the order of the sweep's grid.
+def rows_from_store(client: Any, parent: Any) -> tuple[list[SweepRow], list[str], list[str]]:
+    """(rows, swept keys, replicate keys) for the children of one parent run, in the order of the sweep's grid.
 
-    The swept keys come from the parent's ``sweep`` param, each point's values from the child's params (the
-    full resolved spec, flattened with dotted names)."""
-    sweep = yaml.safe_load(parent.data.params.get("sweep", "{}")) or {}
+    The swept keys are the parent's ``swept`` param (a submit before it: the keys of its ``sweep`` param), each
+    point's values the child's params (the full resolved spec, flattened with dotted names)."""
+    params = parent.data.params
+    sweep = yaml.safe_load(params.get("sweep", "{}")) or {}
+    grid = {k: v for k, v in sweep.items() if isinstance(v, list)}
+    keys = yaml.safe_load(params["swept"]) if "swept" in params else list(grid)
+    replicate_keys = yaml.safe_load(params.get("replicate_keys", "[]")) or []
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=50000
     )
     rows = []
     for child in children:
-        params = child.data.params
-        point = {k: yaml.safe_load(params[k]) if k in params else None for k in sweep}
-        rows.append(
-            SweepRow(child.info.run_name, child.info.status, point, dict(child.data.metrics), child.info.run_id)
-        )
+        p = child.data.params
+        point = {k: yaml.safe_load(p[k]) if k in p else None for k in keys}
+        status = "PRUNED" if child.data.tags.get("gptlab.pruned") == "true" else child.info.status
+        rows.append(SweepRow(child.info.run_name, status, point, dict(child.data.metrics), child.info.run_id))
 
     def order(row: SweepRow) -> tuple:
-        return tuple(_index(sweep[k], row.point[k]) for k in sweep)
+        return tuple(_index(grid.get(k, []), row.point.get(k)) for k in keys) + (row.name,)
 
-    return sorted(rows, key=order), sweep
+    return sorted(rows, key=order), keys, replicate_keys
 
 
 def _index(values: list[Any], value: Any) -> int:
@@ -66,51 +157,57 @@ def _index(values: list[Any], value: Any) -> int:
     return len(values)
 
 
-def best(rows: list[SweepRow], metric: str) -> SweepRow | None:
-    scored = [r for r in rows if r.status == "FINISHED" and metric in r.metrics]
-    return min(scored, key=lambda r: r.metrics[metric]) if scored else None
+# -------------------------------------------------------------------------------------------- tables
 
 
-def csv_text(rows: list[SweepRow], keys: list[str]) -> str:
+def csv_text(rows: list[SweepRow], keys: list[str], extra: tuple[str, ...] = ()) -> str:
+    columns = list(dict.fromkeys((*METRICS, *extra)))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["run", *keys, "status", *METRICS, "run_id"])
+    w.writerow(["run", *keys, "status", *columns, "run_id"])
     for r in rows:
-        w.writerow(
-            [
-                r.name,
-                *(_cell(r.point.get(k)) for k in keys),
-                r.status,
-                *(r.metrics.get(m, "") for m in METRICS),
-                r.run_id,
-            ]
-        )
+        w.writerow([r.name, *(_cell(r.point.get(k)) for k in keys), r.status,
+                    *(r.metrics.get(m, "") for m in columns), r.run_id])  # fmt: skip
+    return buf.getvalue()
+
+
+def points_csv(groups: list[Group], metric: str) -> str:
+    """One line per point: its swept values, n, mean and standard deviation of ``metric``."""
+    keys = list(groups[0].point) if groups else []
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["point", *keys, "n", f"{metric} mean", f"{metric} sd"])
+    for g in groups:
+        mean, sd = g.mean(metric), g.sd(metric)
+        w.writerow([g.name, *(_cell(g.point[k]) for k in keys), len(g.values(metric)),
+                    "" if mean is None else mean, "" if sd is None else sd])  # fmt: skip
     return buf.getvalue()
 
 
 def _cell(value: Any) -> str:
-    return (
-        value
-        if isinstance(value, str)
-        else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-    )
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _numeric(values: list[Any]) -> bool:
     return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
 
 
-def x_key(rows: list[SweepRow], keys: list[str]) -> str:
+def _integer(values: list[Any]) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
+def x_key(points: list[dict[str, Any]], keys: list[str]) -> str:
     """The parameter on the x axis: the first swept key with numeric values, else the first key."""
     for k in keys:
-        values = [r.point.get(k) for r in rows]
+        values = [p.get(k) for p in points]
         if _numeric(values) and len(set(values)) > 1:
             return k
     return keys[0]
 
 
-def _integer(values: list[Any]) -> bool:
-    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+# -------------------------------------------------------------------------------------------- plots
 
 
 def _figure(width: float = 9.0, height: float = 5.4) -> tuple[Any, Any]:
@@ -131,34 +228,8 @@ def _save(fig: Any, out: Path) -> Path:
     return out
 
 
-def plot(rows: list[SweepRow], keys: list[str], metric: str, out: Path, title: str) -> Path | None:
-    """``metric`` against the swept parameter, one line per combination of the other swept keys (legend in the
-    sweep's value order), the best point starred. Integer parameters get integer ticks; a parameter spanning 10x
-    or more a log axis. None when no finished point has the metric."""
-    done = [r for r in rows if r.status == "FINISHED" and metric in r.metrics]
-    if not done or not keys:
-        return None
-    x = x_key(done, keys)
-    others = [k for k in keys if k != x]
-    values = [r.point.get(x) for r in done]
-    numeric = _numeric(values)
-    categories = list(dict.fromkeys(_cell(v) for v in values))
-    series: dict[str, list[tuple[Any, float]]] = {}  # rows come in the sweep's grid order: labels in value order
-    for r in done:
-        label = ",".join(f"{k.rsplit('.', 1)[-1]}={_cell(r.point.get(k))}" for k in others) or metric
-        xv = r.point.get(x) if numeric else categories.index(_cell(r.point.get(x)))
-        series.setdefault(label, []).append((xv, r.metrics[metric]))
-    fig, ax = _figure()
-    for label, pts in series.items():
-        pts.sort(key=lambda p: p[0])
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=label)
-        for xv, yv in pts:
-            ax.annotate(f"{yv:.4f}", (xv, yv), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
-    top = best(done, metric)
-    if top is not None:
-        tx = top.point.get(x) if numeric else categories.index(_cell(top.point.get(x)))
-        ax.plot([tx], [top.metrics[metric]], marker="*", markersize=18, color="gold", markeredgecolor="black",
-                linestyle="none", label=f"best: {top.name}", zorder=5)  # fmt: skip
+def _x_axis(ax: Any, values: list[Any], numeric: bool, categories: list[str]) -> None:
+    """Log scale for a numeric parameter spanning 10x or more; integer ticks for integers; names for others."""
     if numeric:
         if min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_xscale("log")
@@ -172,11 +243,78 @@ def plot(rows: list[SweepRow], keys: list[str], metric: str, out: Path, title: s
     else:
         ax.set_xticks(range(len(categories)), categories)
         ax.set_xlim(-0.5, len(categories) - 0.5)
+
+
+def plot(groups: list[Group], metric: str, out: Path, title: str) -> Path | None:
+    """``metric`` against the swept parameter, one line per combination of the other swept keys (legend in the
+    sweep's value order), error bars of one standard deviation where points have replicates, the best point
+    starred. None when no finished point has the metric."""
+    done = [g for g in groups if g.mean(metric) is not None]
+    keys = list(done[0].point) if done else []
+    if not done or not keys:
+        return None
+    x = x_key([g.point for g in done], keys)
+    others = [k for k in keys if k != x]
+    values = [g.point.get(x) for g in done]
+    numeric = _numeric(values)
+    categories = list(dict.fromkeys(_cell(v) for v in values))
+    series: dict[str, list[tuple[Any, float, float]]] = {}  # groups come in grid order: labels in value order
+    for g in done:
+        label = ",".join(f"{k.rsplit('.', 1)[-1]}={_cell(g.point.get(k))}" for k in others) or metric
+        xv = g.point.get(x) if numeric else categories.index(_cell(g.point.get(x)))
+        series.setdefault(label, []).append((xv, g.mean(metric), g.sd(metric) or 0.0))
+    fig, ax = _figure()
+    for label, pts in series.items():
+        pts.sort(key=lambda p: p[0])
+        xs, ys, errs = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+        if any(errs):
+            ax.errorbar(xs, ys, yerr=errs, fmt="o-", capsize=4, label=f"{label} (mean ± sd)")
+        else:
+            ax.plot(xs, ys, "o-", label=label)
+        for xv, yv in zip(xs, ys):
+            ax.annotate(f"{yv:.4f}", (xv, yv), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+    top = best_group(done, metric)
+    if top is not None:
+        tx = top.point.get(x) if numeric else categories.index(_cell(top.point.get(x)))
+        ax.plot([tx], [top.mean(metric)], marker="*", markersize=18, color="gold", markeredgecolor="black",
+                linestyle="none", label=f"best: {top.name}", zorder=5)  # fmt: skip
+    _x_axis(ax, values, numeric, categories)
     ax.set_xlabel(x)
-    ax.set_ylabel(f"{metric} (lower is better)")
+    ax.set_ylabel(f"{metric} ({'higher' if higher_is_better(metric) else 'lower'} is better)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_search(rows: list[SweepRow], keys: list[str], metric: str, out: Path, title: str) -> Path | None:
+    """A search's trials: ``metric`` against the trial number (with the best so far) and against each searched
+    field, side by side. None when no trial finished."""
+    done = [(i, r) for i, r in enumerate(rows) if r.status == "FINISHED" and metric in r.metrics]
+    if not done:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 1 + len(keys), figsize=(5.0 * (1 + len(keys)), 4.6), dpi=110, squeeze=False)
+    ax = axes[0][0]
+    ys = [r.metrics[metric] for _, r in done]
+    pick = max if higher_is_better(metric) else min
+    ax.plot([i for i, _ in done], ys, "o", label="trial")
+    ax.plot([i for i, _ in done], [pick(ys[: j + 1]) for j in range(len(ys))], "-", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    for k, ax in zip(keys, axes[0][1:]):
+        values = [r.point.get(k) for _, r in done]
+        numeric = _numeric(values)
+        categories = list(dict.fromkeys(_cell(v) for v in values))
+        xs = values if numeric else [categories.index(_cell(v)) for v in values]
+        ax.plot(xs, ys, "o")
+        _x_axis(ax, values, numeric, categories)
+        ax.set_xlabel(k)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
     return _save(fig, out)
 
 
@@ -198,61 +336,94 @@ def plot_loss_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], out:
     ax.set_ylabel("loss (nats/token): train lines, validation markers")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2 if len(curves) > 8 else 1)
     return _save(fig, out)
 
 
 def loss_histories(client: Any, rows: list[SweepRow]) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """The loss curves of the finished rows, from MLflow."""
+    """The loss curves of the rows that trained (finished or pruned), from MLflow."""
     keys = ("train/loss", "val/loss")
     return {
         r.name: {k: [(m.step, m.value) for m in client.get_metric_history(r.run_id, k)] for k in keys}
         for r in rows
-        if r.status == "FINISHED"
+        if r.status in ("FINISHED", "PRUNED")
     }
 
+
+# -------------------------------------------------------------------------------------------- reports
 
 REPORT_MANIFEST = ".gptlab-report.json"  # which files the last report wrote into its directory
 
 
-def write_report(rows: list[SweepRow], keys: list[str], metric: str, out_dir: Path, title: str,
-                 curves: dict[str, dict[str, list[tuple[int, float]]]] | None = None) -> list[Path]:  # fmt: skip
-    """sweep.csv, <metric>.png and loss_curves.png (when there is something to plot) in out_dir; returns the files
-    written. Files an earlier report wrote there and this one does not (a plot of another metric, a plot there is
-    nothing for now) are removed, so the directory always holds one consistent report."""
+@dataclass
+class Report:
+    """What a report compares: the rows, the swept keys and which of them are replicate seeds, the metric, and
+    whether it is a search (its trials are plotted in order too)."""
+
+    rows: list[SweepRow]
+    keys: list[str]
+    replicate_keys: list[str]
+    metric: str
+    title: str
+    search: bool = False
+
+    @property
+    def groups(self) -> list[Group]:
+        return group_rows(self.rows, self.keys, self.replicate_keys)
+
+
+def write_report(report: Report, out_dir: Path, curves: dict[str, Any] | None = None) -> list[Path]:
+    """sweep.csv (a line per run), points.csv (per point, with replicates), <metric>.png, search.png (a search)
+    and loss_curves.png in out_dir, those there is something for; returns the files written. Files an earlier
+    report wrote there and this one does not are removed, so the directory always holds one consistent report."""
     from llmcore.io import atomic_write_bytes, atomic_write_json, read_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "sweep.csv"
-    atomic_write_bytes(table, csv_text(rows, keys).encode("utf-8"))
-    written = [table, plot(rows, keys, metric, out_dir / f"{metric.replace('/', '_')}.png", title)]
+    atomic_write_bytes(table, csv_text(report.rows, report.keys, (report.metric,)).encode("utf-8"))
+    written = [table]
+    groups = report.groups
+    if report.replicate_keys:
+        written.append(out_dir / "points.csv")
+        atomic_write_bytes(written[-1], points_csv(groups, report.metric).encode("utf-8"))
+    name = report.metric.replace("/", "_")
+    if report.search:
+        written.append(plot_search(report.rows, report.keys, report.metric, out_dir / "search.png", report.title))
+    else:
+        written.append(plot(groups, report.metric, out_dir / f"{name}.png", report.title))
     if curves:
-        written.append(plot_loss_curves(curves, out_dir / "loss_curves.png", f"{title.split(':')[0]}: loss curves"))
+        written.append(plot_loss_curves(curves, out_dir / "loss_curves.png", f"{report.title.split(':')[0]}: loss"))
     files = [f for f in written if f is not None]
     manifest = out_dir / REPORT_MANIFEST
     try:
         before = read_json(manifest)["files"] if manifest.is_file() else []
     except (OSError, ValueError, KeyError, TypeError):
         before = []
-    for name in set(before) - {f.name for f in files}:
-        (out_dir / Path(name).name).unlink(missing_ok=True)
+    for stale in set(before) - {f.name for f in files}:
+        (out_dir / Path(stale).name).unlink(missing_ok=True)
     atomic_write_json(manifest, {"files": [f.name for f in files]})
     return files
 
 
 def log_sweep_summary(tracker: Any, parent_id: str, p: Any, runs: list[Any], metric: str = "val/bpb") -> None:
-    """On the parent run: summary/sweep.csv, summary/val_bpb.png, summary/loss_curves.png, and the best point's
-    name and metric."""
-    rows = rows_from_results(runs)
-    keys = list(p.spec.sweep)
-    curves = loss_histories(tracker.client, rows)
-    out = p.runs_root / "reports" / f"sweep-{p.spec_hash}"
-    files = write_report(rows, keys, metric, out, f"{p.spec.name}: {metric}", curves)
+    """On the parent run: the report's files under summary/, the best point's (or trial's) name and metric, and,
+    with replicates, its mean."""
+    from workflows.spec import replicate_keys, swept_keys
+
+    spec = p.spec
+    if spec.search is not None:
+        metric = spec.search.metric
+    report = Report(rows_from_results(runs), swept_keys(spec), replicate_keys(spec), metric,
+                    f"{spec.name}: {metric}", search=spec.search is not None)  # fmt: skip
+    curves = loss_histories(tracker.client, report.rows)
+    files = write_report(report, p.runs_root / "reports" / f"sweep-{p.spec_hash}", curves)
     tracker.log_artifacts(parent_id, [(f, "summary") for f in files])
-    top = best(rows, metric)
+    top = best_group(report.groups, metric)
     if top is not None:
-        tracker.set_tags(parent_id, {"best_run": top.name, "best_run_id": top.run_id})
-        tracker.log_values(parent_id, {f"best/{metric.split('/')[-1]}": top.metrics[metric]}, step=0)
+        run = best([r for r in top.rows], metric)
+        tracker.set_tags(parent_id, {"best_run": top.name if report.replicate_keys else run.name,
+                                     "best_run_id": run.run_id})  # fmt: skip
+        tracker.log_values(parent_id, {f"best/{metric.split('/')[-1]}": top.mean(metric)}, step=0)
 
 
 def fmt(value: float | None, name: str = "") -> str:

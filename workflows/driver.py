@@ -71,7 +71,8 @@ class SubmitResult:
 
     @property
     def ok(self) -> bool:
-        return all(r.status == "FINISHED" for r in self.runs)
+        """Every run finished (or was pruned: an early stop the spec asked for)."""
+        return all(r.status in ("FINISHED", "PRUNED") for r in self.runs)
 
 
 # --------------------------------------------------------------------------------------------- signals
@@ -122,31 +123,54 @@ class Driver:
         self.board = Board([RunRow(r.name, r.spec.train.max_steps, self._initial_states(r)) for r in p.runs])
         self.results: dict[str, RunResult] = {}  # run hash -> result, as runs end
         self.stop = StopRequest(self._force)
+        self.study: Any = None  # the Optuna study of a search or a pruned grid (workflows.search.Study)
+        self.pruned: dict[str, int] = {}  # run hash -> the step its training was asked to stop at
+        self.reported: dict[str, int] = {}  # run hash -> the last validation step reported to its trial
 
     # ---- the whole submit
 
     def run(self, started: float) -> SubmitResult:
-        lifecycle = self.lifecycle
+        lifecycle, p = self.lifecycle, self.plan
         for run_id in lifecycle.mark_dead_runs_killed():
             self.say(f"run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
         lifecycle.start()
-        todo = [
-            r
-            for r in self.plan.runs
-            if lifecycle.children[r.run_hash].previous != "FINISHED" or not all(s.done for s in r.stages.values())
-        ]
-        for r in self.plan.runs:
-            if r in todo:
+        if p.spec.search is not None or p.spec.sweep.prune is not None:
+            from workflows.search import Study, default_parallel
+
+            self.study = Study(p, default_parallel(p.spec))
+            if p.spec.search is not None:
+                for r in self.study.resumable():
+                    self._add_row(r)
+                    lifecycle.start_child(r)
+                self.say(f"search: study {self.study.path} holds {len(p.runs)} of {p.spec.search.trials} trials")
+            else:
+                self.study.grid_trials()
+        todo = []
+        for r in p.runs:
+            ended = self.study.state(r) if self.study is not None else "NONE"
+            if ended in ("COMPLETE", "PRUNED", "FAIL") or (
+                lifecycle.children[r.run_hash].previous == "FINISHED" and all(s.done for s in r.stages.values())
+            ):
+                self._close(r, self._earlier_result(r, ended))
+            else:
+                todo.append(r)
                 states = self.board.rows[r.name].stages
                 self.say(f"[{r.name}] " + ", ".join(self._describe(r, label, st) for label, st in states.items()))
-            else:
-                self._close(r, RunResult(r.name, lifecycle.child(r), "FINISHED", r.point, lifecycle.metrics_of(r),
-                                         dict.fromkeys(r.stages, StageState.CACHED)))  # fmt: skip
         self.display.update(self.board)
-        if todo:
+        if todo or (self.study is not None and self.study.search is not None):
             with self.stop:
                 self._execute(todo)
         return self._end(started)
+
+    def _earlier_result(self, run: RunPlan, trial_state: str) -> RunResult:
+        """A run an earlier submit ended (finished, or pruned or failed as a trial): what MLflow holds."""
+        status = {"PRUNED": "PRUNED", "FAIL": "FAILED"}.get(trial_state, "FINISHED")
+        states = {label: StageState.CACHED if s.done else StageState.PRUNED if s.kind == "train" and status == "PRUNED"
+                  else StageState.NOT_RUN for label, s in run.stages.items()}  # fmt: skip
+        return RunResult(run.name, self.lifecycle.child(run), status, run.point, self.lifecycle.metrics_of(run), states)
+
+    def _add_row(self, run: RunPlan) -> None:
+        self.board.rows[run.name] = RunRow(run.name, run.spec.train.max_steps, self._initial_states(run))
 
     def _end(self, started: float) -> SubmitResult:
         from workflows.compare import log_sweep_summary
@@ -154,12 +178,13 @@ class Driver:
         p, lifecycle = self.plan, self.lifecycle
         runs = [self.results[r.run_hash] for r in p.runs]
         tracker = lifecycle.tracker
-        tracker.set_tags(lifecycle.parent_id, {"runs_finished": str(sum(r.status == "FINISHED" for r in runs))})
-        if p.spec.sweep:
+        counts = {f"runs_{s.lower()}": str(sum(r.status == s for r in runs)) for s in ("FINISHED", "PRUNED")}
+        tracker.set_tags(lifecycle.parent_id, counts)
+        if p.spec.sweep or p.spec.search is not None:
             log_sweep_summary(tracker, lifecycle.parent_id, p, runs)
         if self.stop.signal:
             lifecycle.end(lifecycle.parent_id, "KILLED", f"interrupted by {self.stop.signal}")
-        elif all(r.status == "FINISHED" for r in runs):
+        elif all(r.status in ("FINISHED", "PRUNED") for r in runs):
             lifecycle.end(lifecycle.parent_id, "FINISHED")
         else:
             lifecycle.end(lifecycle.parent_id, "FAILED", "; ".join(f"{r.name}: {r.cause}" for r in runs if r.error))
@@ -194,27 +219,32 @@ class Driver:
 
         p = self.plan
         trainings = sum(1 for s in p.stages.values() if s.kind == "train" and not s.done)
-        site = build_site(p.spec.site, p.runs_root / "parsl", [r.spec.train for r in todo], trainings)
+        if self.study is not None and self.study.search is not None:
+            trainings = max(trainings, self.study.max_parallel)
+        trains = [r.spec.train for r in todo] or [p.loaded.base.train]
+        site = build_site(p.spec.site, p.runs_root / "parsl", trains, trainings)
         with file_lock(p.runs_root / "parsl" / ".lock", "the Parsl run directory"):  # Parsl numbers run dirs racily
             dfk = parsl.load(site.config)
         try:
             for r in todo:
                 self.lifecycle.tracker.set_tags(self.lifecycle.child(r), {"parsl_run_id": dfk.run_id})
-            apps = make_apps(site)
-            for stage in p.stages.values():
-                self.futures[stage.key] = None if stage.done else self._launch(stage, apps, site.train_env)
+            self.apps, self.train_env = make_apps(site), site.train_env
+            for r in todo:
+                self._launch_run(r)
             self._loop(list(todo), dfk)
         finally:
             shutdown(dfk, self.say)
 
     def _loop(self, pending: list[RunPlan], dfk: Any) -> None:
-        while pending:
+        while True:
             if self.stop.signal:
                 self._interrupt(pending)
                 return
             check_executors(dfk)
             for r in pending:
                 self._forward(r)
+            if self.study is not None:
+                self._prune(pending)
             self._refresh(pending)
             for r in [r for r in pending if self._run_done(r)]:
                 pending.remove(r)
@@ -223,9 +253,46 @@ class Driver:
             if self.fail_fast and pending and any(x.status == "FAILED" for x in self.results.values()):
                 self._cancel(pending)
                 return
+            if self.study is not None:
+                for r in self.study.more(len(pending)):
+                    self._add_row(r)
+                    self.lifecycle.start_child(r)
+                    self._launch_run(r)
+                    pending.append(r)
+                    self.say(f"[{r.name}] new trial: " + ", ".join(f"{k}={v}" for k, v in r.point.items()))
+                for why in self.study.rejected:
+                    self.say(f"search: {why}: told FAIL")
+                self.study.rejected.clear()
             self.display.update(self.board)
-            if pending:
-                self._wait(pending)
+            if not pending:
+                return
+            self._wait(pending)
+
+    def _launch_run(self, run: RunPlan) -> None:
+        """Launch every stage of a run not launched (or committed) yet."""
+        for stage in run.stages.values():
+            if stage.key not in self.futures:
+                if stage.done:
+                    self.cached.add(stage.key)
+                self.futures[stage.key] = None if stage.done else self._launch(stage, self.apps, self.train_env)
+
+    def _prune(self, pending: list[RunPlan], stop: bool = True) -> None:
+        """Report new validation estimates to each trial (those of runs that ended too: the pruner judges later
+        trials against them); ask the running trials the pruner stops to stop."""
+        for r in pending:
+            fw = self.forwarders.get(r.run_hash)
+            if fw is None or r.run_hash in self.pruned:
+                continue
+            new = {s: v for s, v in fw.tail.evals.items() if s > self.reported.get(r.run_hash, -1)}
+            if not new:
+                continue
+            self.reported[r.run_hash] = max(new)
+            proc = self.processes.get(r.training.key)
+            if self.study.report(r, new) and stop and proc is not None and not proc.done():
+                self.pruned[r.run_hash] = max(new)
+                request_stop(r.training.dir)
+                self.say(f"[{r.name}] pruned at step {max(new)} (its validation loss is not among the best at this "
+                         "rung): its training saves a checkpoint and stops")  # fmt: skip
 
     def _launch(self, stage: Stage, apps: dict[str, Any], train_env: dict[str, str]) -> Future:
         prepare_stage(stage.dir, stage.config)
@@ -313,7 +380,9 @@ class Driver:
         cached = ",".join(k for k, v in states.items() if v == StageState.CACHED) or "none"
         self.lifecycle.tracker.set_tags(run_id, {"cached_stages": cached})
         failed = self._failure(run)
-        if failed or not all(s.done for s in run.stages.values()):
+        if run.run_hash in self.pruned and not run.training.done:
+            result = self._pruned(run, states)
+        elif failed or not all(s.done for s in run.stages.values()):
             label, error = failed or (next(k for k, v in states.items() if v == StageState.NOT_RUN),
                                       "a stage did not commit")  # fmt: skip
             states[label] = StageState.FAILED
@@ -323,8 +392,21 @@ class Driver:
             metrics = self.lifecycle.log_outputs(run)
             self.lifecycle.end(run_id, "FINISHED")
             result = RunResult(run.name, run_id, "FINISHED", run.point, metrics, states)
+        if self.study is not None:
+            self._prune([run], stop=False)
+            self.study.tell(run, result.status, result.metrics)
         self._close(run, result)
         return result
+
+    def _pruned(self, run: RunPlan, states: dict[str, StageState]) -> RunResult:
+        """A run whose training the pruner stopped: KILLED in MLflow, tagged pruned, with its last metrics."""
+        run_id, step = self.lifecycle.child(run), self.pruned[run.run_hash]
+        states = {label: StageState.PRUNED if s.kind == "train" else st for (label, st), s in
+                  zip(states.items(), run.stages.values())}  # fmt: skip
+        why = f"pruned at step {step} by ASHA: its checkpoint is kept (a submit without the pruner resumes it)"
+        self.lifecycle.tracker.set_tags(run_id, {"pruned": "true", "pruned_at_step": str(step)})
+        self.lifecycle.end(run_id, "KILLED", why)
+        return RunResult(run.name, run_id, "PRUNED", run.point, self.lifecycle.metrics_of(run), states, why)
 
     def _close(self, run: RunPlan, result: RunResult) -> None:
         self.results[run.run_hash] = result

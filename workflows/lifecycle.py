@@ -69,24 +69,31 @@ class RunLifecycle:
         return killed
 
     def start(self) -> None:
-        """Find or create the parent run and every sweep point's child run, tagged with where they are driven."""
+        """Find or create the parent run and every planned sweep point's child run, tagged with where they are
+        driven."""
         p, tracker = self.plan, self.tracker
         retry_locked(
             lambda: tracker.client.set_experiment_tag(tracker.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         )
-        driven = driver_tags(p)
-        self.parent_id, _ = self.find_or_create(
-            p.spec.name, {"spec_hash": p.spec_hash, "role": "parent", **driven, "spec_file": str(p.loaded.source)}
-        )
-        sweep = yaml.safe_dump(p.spec.sweep, sort_keys=False).strip() or "{}"
-        tracker.log_params(self.parent_id, {"sweep": sweep, "runs": str(len(p.runs))})
+        self.driven = driver_tags(p)
+        tags = {"spec_hash": p.spec_hash, "role": "parent", **self.driven, "spec_file": str(p.loaded.source)}
+        self.parent_id, _ = self.find_or_create(p.spec.name, tags)
+        tracker.log_params(self.parent_id, sweep_params(p))
+        if p.spec.search is not None:
+            tracker.set_tags(self.parent_id, {"search_trials": str(p.spec.search.trials)})
         for r in p.runs:
-            stages = {"stages": ",".join(s.label for s in r.stages.values()), "stage_labels": ",".join(r.stages)}
-            tags = {"run_hash": r.run_hash, "spec_hash": p.spec_hash, "role": "sweep_point", **driven, **stages}
-            run_id, previous = self.find_or_create(r.name, tags, self.parent_id)
-            if previous != "FINISHED":
-                tracker.log_params(run_id, flatten(r.spec.model_dump(mode="json", exclude={"sweep"})))
-            self.children[r.run_hash] = Child(run_id, previous)
+            self.start_child(r)
+
+    def start_child(self, r: RunPlan) -> Child:
+        """Find or create one sweep point's (or trial's) run under the parent."""
+        stages = {"stages": ",".join(s.label for s in r.stages.values()), "stage_labels": ",".join(r.stages)}
+        tags = {"run_hash": r.run_hash, "spec_hash": self.plan.spec_hash, "role": "sweep_point", **self.driven,
+                **stages}  # fmt: skip
+        run_id, previous = self.find_or_create(r.name, tags, self.parent_id)
+        if previous != "FINISHED":
+            self.tracker.log_params(run_id, flatten(r.spec.model_dump(mode="json", exclude={"sweep", "search"})))
+        self.children[r.run_hash] = Child(run_id, previous)
+        return self.children[r.run_hash]
 
     def find_or_create(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> tuple[str, str]:
         """(run id, previous status): an existing run with the same identity tags is reused, not duplicated."""
@@ -144,6 +151,21 @@ class RunLifecycle:
     def metrics_of(self, run: RunPlan) -> dict[str, float]:
         """What MLflow holds for a run finished by an earlier submit (nothing is logged again)."""
         return dict(retry_locked(lambda: self.tracker.client.get_run(self.child(run)).data.metrics))
+
+
+def sweep_params(p: Plan) -> dict[str, str]:
+    """The parent run's record of what its children vary (compare reads it back): the sweep as written, the swept
+    fields, those that only repeat a point with another seed, and the search."""
+    from workflows.spec import replicate_keys, swept_keys
+
+    dump = lambda value: yaml.safe_dump(value, sort_keys=False, default_flow_style=True).strip()
+    params = {"sweep": dump(p.spec.sweep.model_dump(mode="json")), "swept": dump(swept_keys(p.spec)),
+              "replicate_keys": dump(replicate_keys(p.spec))}  # fmt: skip
+    if p.spec.search is not None:  # (its trial budget may be raised by a later submit: a tag, see start)
+        params["search"] = dump(p.spec.search.model_dump(mode="json", exclude_none=True, exclude={"trials"}))
+    else:
+        params["runs"] = str(len(p.runs))
+    return params
 
 
 def driver_tags(p: Plan) -> dict[str, str]:

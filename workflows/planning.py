@@ -76,10 +76,21 @@ class Plan:
     spec_hash: str
     runs: list[RunPlan]
     stages: dict[str, Stage] = field(default_factory=dict)  # key -> stage, in dependency order
+    planner: _Planner | None = field(default=None, repr=False)
 
     @property
     def spec(self) -> ExperimentSpec:
         return self.loaded.spec
+
+    def add_run(self, name: str, point: dict[str, Any], spec: ExperimentSpec) -> RunPlan:
+        """Plan one more run (a search's trial) into this plan: its stages are shared with equal ones already here."""
+        assert self.planner is not None
+        with gc_paused():
+            stages = self.planner.stages_of(spec)
+        identity = [s.key for s in stages.values() if s.kind in IDENTITY_KINDS]
+        run = RunPlan(name, point, spec, stages, canonical_hash({"name": name, "stages": identity}))
+        self.runs.append(run)
+        return run
 
     def users(self, stage: Stage) -> list[RunPlan]:
         """The runs that use a stage."""
@@ -93,8 +104,12 @@ IDENTITY_KINDS = ("tokenizer", "shards", "train", "eval")
 
 def spec_identity(spec: ExperimentSpec) -> dict[str, Any]:
     """What makes two submissions 'the same experiment' (where it runs and is tracked excluded; settings added
-    to gptlab later count only when set)."""
-    return {k: v for k, v in spec.key_dict().items() if k not in ("site", "tracking", "runs_root")}
+    to gptlab later count only when set; a search's trial budget and parallelism excluded, so raising them
+    continues the same study)."""
+    identity = {k: v for k, v in spec.key_dict().items() if k not in ("site", "tracking", "runs_root")}
+    if identity.get("search"):
+        identity["search"] = {k: v for k, v in identity["search"].items() if k not in ("trials", "max_parallel")}
+    return identity
 
 
 class _Planner:
@@ -135,13 +150,10 @@ def plan(loaded: LoadedSpec) -> Plan:
     spec = loaded.spec
     runs_root = Path(spec.runs_root).expanduser().resolve()
     result = Plan(loaded, runs_root, canonical_hash(spec_identity(spec)), [])
-    planner = _Planner(result)
+    result.planner = _Planner(result)
     with gc_paused():
         for name, point, run_spec in loaded.runs:
-            stages = planner.stages_of(run_spec)
-            identity = [s.key for label, s in stages.items() if s.kind in IDENTITY_KINDS]
-            run_hash = canonical_hash({"name": name, "stages": identity})
-            result.runs.append(RunPlan(name, point, run_spec, stages, run_hash))
+            result.add_run(name, point, run_spec)
     return result
 
 

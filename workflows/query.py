@@ -218,7 +218,13 @@ def _row(experiment: str, name: str, run: Any | None, dirs: dict[str, Path]) -> 
     if run is None:
         return StatusRow(experiment, name, None, "NOT SUBMITTED", states, step, loss)
     error = run.data.tags.get(tag("error"))
-    return StatusRow(experiment, name, run.info.run_id, run.info.status, states, step, loss, dict(run.data.metrics),
+    status = run.info.status
+    if run.data.tags.get(tag("pruned")) == "true":
+        status = "PRUNED"
+        states = {
+            k: StageState.PRUNED if k == "train" and v == StageState.INTERRUPTED else v for k, v in states.items()
+        }
+    return StatusRow(experiment, name, run.info.run_id, status, states, step, loss, dict(run.data.metrics),
                      error.splitlines()[0] if error else None)  # fmt: skip
 
 

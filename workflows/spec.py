@@ -15,16 +15,25 @@ import re
 import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
 
-from llmcore.config import RULES_ERROR, DataConfig, EvalConfig, ModelConfig, StrictModel, TokenizerConfig, TrainConfig
+from llmcore.config import (
+    ADDED_LATER,
+    RULES_ERROR,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    StrictModel,
+    TokenizerConfig,
+    TrainConfig,
+)
 from site_configs.spec import SiteSpec
 
 # Sections a sweep may not vary: they describe where and how the whole experiment runs, not a run.
-UNSWEEPABLE = ("name", "runs_root", "sweep", "site", "tracking")
+UNSWEEPABLE = ("name", "runs_root", "sweep", "search", "site", "tracking")
 
 
 class SpecError(Exception):
@@ -65,6 +74,122 @@ class TrackingSpec(StrictModel):
     )
 
 
+class PruneSpec(StrictModel):
+    """Early stopping of clearly losing trainings: Optuna's asynchronous successive halving (ASHA). Each training's
+    validation estimates (``train.eval_interval``) are reported at rungs of ``min_steps * reduction_factor**k``
+    steps; a training not among the best ``1 / reduction_factor`` of those that reached its rung is asked to stop
+    (it saves a resumable checkpoint) and is recorded as pruned."""
+
+    method: Literal["asha"] = Field("asha", description="The pruning rule: asynchronous successive halving.")
+    min_steps: int = Field(
+        ..., ge=1, description="Steps every training runs before it can be stopped (the first rung)."
+    )
+    reduction_factor: int = Field(3, ge=2, description="Keep the best 1/reduction_factor at each rung.")
+
+
+class SweepSpec(StrictModel):
+    """A grid over dotted fields, written flat: ``{model.n_layer: [2, 4], train.lr: [1e-3, 3e-4]}``, plus two
+    settings: ``replicates`` (run every point with that many training seeds) and ``prune`` (stop clearly losing
+    points early)."""
+
+    grid: dict[str, list[Any]] = Field(default_factory=dict, description="Dotted field -> the values it takes.")
+    replicates: int = Field(
+        1, ge=1, description="Training seeds per grid point (train.seed = the point's seed + 0, 1, ...); the data "
+        "stages are shared. compare shows each point's mean, standard deviation and n.",
+    )  # fmt: skip
+    prune: PruneSpec | None = Field(None, description="Stop clearly losing points early (ASHA); null: run all.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_flat(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "grid" not in value:
+            settings = {k: value[k] for k in ("replicates", "prune") if k in value}
+            return {"grid": {k: v for k, v in value.items() if k not in settings}, **settings}
+        return value
+
+    @field_validator("grid")
+    @classmethod
+    def _lists_non_empty(cls, grid: dict[str, Any]) -> dict[str, list[Any]]:
+        for key, values in grid.items():
+            if not isinstance(values, list):
+                raise ValueError(f"'{key}' must be a list of values (got {values!r})")
+            if not values:
+                raise ValueError(f"'{key}' has no values")
+        return grid
+
+    @model_serializer(mode="wrap")
+    def _to_flat(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        return {**data["grid"], **{k: data[k] for k in ("replicates", "prune") if data[k] != SWEEP_DEFAULTS[k]}}
+
+    def key_dict(self) -> dict[str, Any]:
+        """The flat form (what stage keys and spec hashes of sweeps before these settings hashed)."""
+        return self.model_dump(mode="json")
+
+    def __bool__(self) -> bool:
+        return bool(self.grid) or self.replicates > 1
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "description": cls.__doc__.split("\n\n")[0].replace("\n", " "),
+            "properties": {
+                "replicates": {"type": "integer", "minimum": 1, "default": 1,
+                               "description": cls.model_fields["replicates"].description},
+                "prune": {"anyOf": [handler(PruneSpec.__pydantic_core_schema__), {"type": "null"}], "default": None,
+                          "description": cls.model_fields["prune"].description},
+            },
+            "additionalProperties": {"type": "array", "minItems": 1, "description": "A dotted field's values."},
+        }  # fmt: skip
+
+
+SWEEP_DEFAULTS = {"replicates": 1, "prune": None}
+
+
+class Distribution(StrictModel):
+    """Where a searched field's values come from: exactly one of the four."""
+
+    log_uniform: tuple[float, float] | None = Field(None, description="[low, high], both > 0: uniform in log space.")
+    uniform: tuple[float, float] | None = Field(None, description="[low, high]: uniform.")
+    int_uniform: tuple[int, int] | None = Field(None, description="[low, high]: an integer, both ends included.")
+    choice: list[Any] | None = Field(None, min_length=1, description="One of these values.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Distribution:
+        given = [k for k in type(self).model_fields if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of log_uniform, uniform, int_uniform, choice (got {given or 'none'})")
+        low_high = self.log_uniform or self.uniform or self.int_uniform
+        if low_high is not None and not low_high[0] < low_high[1]:
+            raise ValueError(f"{given[0]}: the low bound must be below the high one (got {list(low_high)})")
+        if self.log_uniform is not None and self.log_uniform[0] <= 0:
+            raise ValueError(f"log_uniform: bounds must be > 0 (got {list(self.log_uniform)})")
+        return self
+
+    def values_to_check(self) -> list[Any]:
+        """The values whose specs must validate: both bounds, or every choice."""
+        return list(self.choice if self.choice is not None else (self.log_uniform or self.uniform or self.int_uniform))
+
+
+class SearchSpec(StrictModel):
+    """A search over a space of dotted fields with Optuna (ask and tell), as an alternative to a grid. Every trial
+    is a normal run (its stages, its MLflow child run); the study lives in a journal file under runs_root, so a
+    re-submit continues it (finished trials are not redone) and raising ``trials`` goes on."""
+
+    method: Literal["random", "tpe"] = Field("tpe", description="Optuna's sampler: random, or TPE (Bayesian).")
+    trials: int = Field(..., ge=1, description="Trials in the study, counting those earlier submits ran.")
+    metric: str = Field("val/bpb", min_length=1, description="The run metric the search optimises.")
+    direction: Literal["minimize", "maximize"] = Field("minimize", description="Lower or higher metric is better.")
+    max_parallel: int | None = Field(
+        None, ge=1, description="Trials running at once; null: as many as the site has workers."
+    )
+    space: dict[str, Distribution] = Field(
+        ..., min_length=1, description="Dotted field -> its distribution, e.g. `train.lr: {log_uniform: [1e-4, 1e-2]}`."
+    )
+    prune: PruneSpec | None = Field(None, description="Stop clearly losing trials early (ASHA); null: run all.")
+
+
 class ExperimentSpec(StrictModel):
     """One experiment: a corpus, a tokenizer, a model, how to train and evaluate it, and a sweep."""
 
@@ -85,28 +210,34 @@ class ExperimentSpec(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig, description="GPT architecture.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Optimisation and training run.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Final evaluation and samples.")
-    sweep: dict[str, list[Any]] = Field(
-        default_factory=dict,
-        description="Grid over dotted fields, e.g. `model.n_layer: [2, 4]`; one run per combination.",
+    sweep: SweepSpec = Field(
+        default_factory=SweepSpec,
+        description="Grid over dotted fields, e.g. `model.n_layer: [2, 4]`; one run per combination (times "
+        "`replicates`); `prune` stops clearly losing points early.",
     )
+    search: SearchSpec | None = Field(
+        None, description="Search a space with Optuna (random or TPE) instead of a grid; null: no search.",
+        json_schema_extra=ADDED_LATER,
+    )  # fmt: skip
     site: SiteSpec = Field(default_factory=SiteSpec, description="Where the stages run.")
     tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="MLflow tracking target.")
 
-    @field_validator("sweep")
-    @classmethod
-    def _sweep_lists_non_empty(cls, sweep: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        for key, values in sweep.items():
-            if not values:
-                raise ValueError(f"'{key}' has no values")
-        return sweep
+    @model_validator(mode="after")
+    def _search_or_grid(self) -> ExperimentSpec:
+        if self.search is not None and self.sweep:
+            raise ValueError("search: give a search or a sweep grid (with replicates), not both")
+        return self
 
 
 # ------------------------------------------------------------------------------------- loading helpers
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
-    # Pydantic puts the union tag in the location of discriminated unions (sources.0.files.path): drop it.
-    parts = [str(p) for p in loc if p not in ("files", "python_stdlib") or not isinstance(p, str)]
+    # Pydantic puts the union tag in the location of discriminated unions (sources.0.files.path), and the sweep's
+    # grid is written flat in a spec (sweep.model.n_layer, not sweep.grid.model.n_layer): drop both.
+    tags = ("files", "python_stdlib")
+    grid = [i for i, p in enumerate(loc) if p == "grid" and i and loc[i - 1] == "sweep"]
+    parts = [str(p) for i, p in enumerate(loc) if not (isinstance(p, str) and p in tags) and i not in grid]
     return ".".join(parts)
 
 
@@ -120,7 +251,7 @@ def format_validation_error(err: ValidationError | list[Any], prefix: str = "") 
             lines += [f"{prefix}{loc + '.' if loc else ''}{problem}" for problem in e["ctx"]["problems"]]
             continue
         path = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(top level)"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")  # a validator's own message says what is wrong
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(e["loc"][-1]), _fields_at(e["loc"][:-1]), n=1, cutoff=0.6)
             msg = (
@@ -353,18 +484,20 @@ def _copy_path(tree: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def expand(
-    tree: dict[str, Any], sweep: dict[str, list[Any]], experiment: str, source: str
+    tree: dict[str, Any], sweep: SweepSpec, experiment: str, source: str
 ) -> list[tuple[str, dict[str, Any], ExperimentSpec]]:
-    """One (run name, swept values, run spec) per sweep point; every invalid point is reported at once (a
-    problem every point has, once, without naming the points)."""
-    problems = [f"sweep.{k}: {why}" for k in sweep if (why := _known_path(k))]
+    """One (run name, swept values, run spec) per sweep point (times ``sweep.replicates``, each with its own
+    ``train.seed``); every invalid point is reported at once (a problem every point has, once, without naming the
+    points)."""
+    problems = [f"sweep.{k}: {why}" for k in sweep.grid if (why := _known_path(k))]
     if problems:
         raise SpecError(source, problems)
     runs = []
-    per_point: list[tuple[str, list[str]]] = []  # (point name, its problems without the point's name)
+    per_point: list[tuple[str, dict[str, Any]]] = []  # (point name, its problems without the point's name)
     base = copy.deepcopy({k: v for k, v in tree.items() if k != "sweep"})
+    points = sweep_points(sweep.grid)
     with gc_paused():
-        for point in sweep_points(sweep):
+        for point in points:
             run_tree = base
             for key, value in point.items():
                 run_tree = _copy_path(run_tree, key)
@@ -377,13 +510,47 @@ def expand(
                 continue
             if found := cross_field_problems(run_spec):
                 per_point.append((name, found))
-            runs.append((name, point, run_spec))
+            runs += _replicates(name, point, run_spec, sweep.replicates)
     if per_point:
-        raise SpecError(source, _merge_point_problems(per_point, n_points=len(sweep_points(sweep)) if sweep else 1))
+        raise SpecError(source, _merge_point_problems(per_point, n_points=len(points)))
     names = [r[0] for r in runs]
     if len(set(names)) != len(names):
         raise SpecError(source, ["sweep: two sweep points have the same values (a value is listed twice)"])
     return runs
+
+
+REPLICATE_KEY = "train.seed"
+
+
+def _replicates(
+    name: str, point: dict[str, Any], spec: ExperimentSpec, n: int
+) -> list[tuple[str, dict[str, Any], ExperimentSpec]]:
+    """The point itself (n = 1), or n copies with training seeds seed, seed + 1, ... (named ``...,seed=S``)."""
+    if n == 1:
+        return [(name, point, spec)]
+    first = spec.train.seed if spec.train.seed is not None else spec.seed
+    out = []
+    for r in range(n):
+        seed = first + r
+        train = spec.train.model_copy(update={"seed": seed})
+        rep = {**point, REPLICATE_KEY: seed}
+        out.append(
+            (run_name(rep, spec.name) if point else f"seed={seed}", rep, spec.model_copy(update={"train": train}))
+        )
+    return out
+
+
+def swept_keys(spec: ExperimentSpec) -> list[str]:
+    """The dotted fields that tell a spec's runs apart: the grid's keys, the training seed of replicates, the
+    search's space."""
+    if spec.search is not None:
+        return list(spec.search.space)
+    return list(spec.sweep.grid) + ([REPLICATE_KEY] if spec.sweep.replicates > 1 else [])
+
+
+def replicate_keys(spec: ExperimentSpec) -> list[str]:
+    """The swept fields that only repeat a point with another seed: replicates, or a grid over a seed."""
+    return [k for k in swept_keys(spec) if k in ("seed", REPLICATE_KEY)]
 
 
 def _merge_point_problems(per_point: list[tuple[str, list[str]]], n_points: int) -> list[str]:
@@ -409,13 +576,61 @@ class LoadedSpec:
         self.source = source
         self.tree = tree
         self.overrides = overrides
-        sweep = spec.sweep if spec is not None else tree["sweep"]
+        sweep = spec.sweep if spec is not None else SweepSpec.model_validate(tree["sweep"])
         name = spec.name if spec is not None else tree.get("name", ExperimentSpec.model_fields["name"].default)
         self.runs = expand(tree, sweep, name, source)
         self.spec = spec if spec is not None else self.runs[0][2].model_copy(update={"sweep": sweep})
         changed = _changed_by(overrides)
         if not sweep and changed:  # one run with --set values: named after what they change, as a sweep point is
             self.runs = [(run_name(changed, name), {}, self.runs[0][2])]
+        self.base = self.runs[0][2]  # the spec every trial of a search starts from
+        if self.spec.search is not None:
+            problems = search_problems(self)
+            if problems:
+                raise SpecError(source, problems)
+            self.runs = []  # a search's runs come from its study, trial by trial
+
+    def trial(self, number: int, values: dict[str, Any]) -> tuple[str, dict[str, Any], ExperimentSpec]:
+        """(run name, values, run spec) of a search's trial; SpecError when the values break a rule of the spec."""
+        run_tree = copy.deepcopy({k: v for k, v in self.tree.items() if k not in ("sweep", "search")})
+        for key, value in values.items():
+            set_dotted(run_tree, key, value)
+        try:
+            spec = ExperimentSpec.model_validate(run_tree)
+        except ValidationError as err:
+            raise SpecError(self.source, format_validation_error(err)) from None
+        if found := cross_field_problems(spec):
+            raise SpecError(self.source, found)
+        return f"trial={number}", dict(values), spec
+
+
+#: The run metrics a search can optimise, besides the benchmark tasks' (``task/<name>/acc`` ...).
+FINAL_METRICS = ("val/bpb", "final/val_loss", "val/ppl")
+
+
+def search_problems(loaded: LoadedSpec) -> list[str]:
+    """A search's fields must name spec fields outside the experiment-wide sections, its values must make valid
+    specs (both bounds, every choice), and its metric must be one its runs report."""
+    search = loaded.spec.search
+    problems = [f"search.space.{k}: {why}" for k in search.space if (why := _known_path(k))]
+    if problems:
+        return problems
+    for key, d in search.space.items():
+        for value in d.values_to_check():
+            try:
+                loaded.trial(0, {key: value})
+            except SpecError as err:
+                problems.append(
+                    f"search.space.{key}: the value {value!r} makes an invalid spec ({'; '.join(err.problems)})"
+                )
+            if d.choice is not None and not (value is None or isinstance(value, (bool, int, float, str))):
+                problems.append(f"search.space.{key}.choice: {value!r} is not a number, string or boolean")
+    tasks = loaded.base.eval.tasks if hasattr(loaded.base.eval, "tasks") else []
+    known = [*FINAL_METRICS, *(f"task/{t.name}/{m}" for t in tasks for m in ("acc", "acc_norm", "map3"))]
+    if search.metric not in known:
+        problems.append(f"search.metric: runs of this spec report no metric {search.metric!r} (they report: "
+                        f"{', '.join(known)})")  # fmt: skip
+    return problems
 
 
 def _changed_by(overrides: list[str]) -> dict[str, Any]:
