@@ -202,6 +202,23 @@ class TokenizerConfig(RuledModel):
 # ------------------------------------------------------------------------------------------------ model
 
 
+class HuggingFaceInit(StrictModel):
+    """Start from a Hugging Face model folder (GPT-2 or Llama family): ``config.json`` and its weights."""
+
+    type: Literal["huggingface"] = Field("huggingface", description="Source kind: a local Hugging Face folder.")
+    path: str = Field(..., min_length=1, description="The folder (`huggingface-cli download gpt2 --local-dir DIR`).")
+
+
+class RunInit(StrictModel):
+    """Start from a finished gptlab run's final weights (continued pre-training, fine-tuning on another corpus)."""
+
+    type: Literal["run"] = Field("run", description="Source kind: an earlier gptlab run.")
+    run: str = Field(..., min_length=1, description="Its run name, MLflow run id, or a unique id prefix.")
+
+
+InitFrom = Annotated[HuggingFaceInit | RunInit, Field(discriminator="type")]
+
+
 class ModelConfig(RuledModel):
     """GPT architecture. The vocabulary size comes from the tokenizer."""
 
@@ -216,16 +233,47 @@ class ModelConfig(RuledModel):
     )
     rope_theta: float = Field(10000.0, gt=0.0, description="RoPE base frequency.")
     norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="Normalisation in pre-norm blocks.")
-    mlp: Literal["gelu", "swiglu"] = Field("gelu", description="MLP: GPT-2 GELU (4x) or SwiGLU (8/3x).")
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = Field(
+        "gelu", description="MLP: GELU (exact, 4x), GPT-2's tanh-approximated GELU (4x), or SwiGLU (8/3x)."
+    )
     attention: Literal["sdpa", "plain"] = Field(
         "sdpa",
         description="`sdpa`: torch's scaled_dot_product_attention (flash on GPU). `plain`: explicit softmax "
         "attention, for teaching; numerically the same.",
     )
+    n_kv_head: int | None = Field(
+        None, ge=1, description="Key/value heads (grouped-query attention, Llama); null: n_head (multi-head).",
+        json_schema_extra=ADDED_LATER,
+    )  # fmt: skip
+    mlp_hidden: int | None = Field(
+        None, ge=1, description="MLP hidden width (Llama's intermediate_size); null: 4 x n_embd (GELU) or 8/3 x n_embd "
+        "rounded up to a multiple of 64 (SwiGLU).", json_schema_extra=ADDED_LATER,
+    )  # fmt: skip
+    norm_eps: float = Field(1e-5, gt=0.0, description="Epsilon of the norms.", json_schema_extra=ADDED_LATER)
+    tie_embeddings: bool = Field(
+        True, description="One matrix for the token embedding and the output layer (GPT-2); false: two (TinyLlama).",
+        json_schema_extra=ADDED_LATER,
+    )  # fmt: skip
+    init_from: InitFrom | None = Field(
+        None, description="Start from pretrained weights: `{type: huggingface, path: DIR}` or `{type: run, run: "
+        "NAME}`. The architecture comes from them: fields set here must agree, fields left unset take theirs.",
+        json_schema_extra=ADDED_LATER,
+    )  # fmt: skip
 
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden(self) -> int:
+        """The MLP's hidden width."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        return 64 * -(-8 * self.n_embd // (3 * 64)) if self.mlp == "swiglu" else 4 * self.n_embd
 
     def problems(self) -> list[str]:
         p = []
@@ -235,6 +283,8 @@ class ModelConfig(RuledModel):
             p.append(f"pos_encoding: rope needs an even head size (n_embd/n_head = {self.head_size})")
         if self.pos_encoding == "sinusoidal" and self.n_embd % 2:
             p.append(f"n_embd: sinusoidal encoding needs an even width (got {self.n_embd})")
+        if self.n_head % self.kv_heads:
+            p.append(f"n_kv_head: must divide model.n_head (n_head={self.n_head}, n_kv_head={self.kv_heads})")
         return p
 
 

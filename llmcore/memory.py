@@ -36,7 +36,6 @@ upper bound.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from llmcore.config import ModelConfig, TrainConfig
@@ -63,24 +62,26 @@ class ParamCount:
 
 def count_params(model: ModelConfig, vocab_size: int) -> ParamCount:
     """The parameters of ``llmcore.model.GPT(model, vocab_size)``, by shape."""
-    C, L, bias = model.n_embd, model.n_layer, model.bias
+    C, L, bias, D = model.n_embd, model.n_layer, model.bias, model.head_size
     norm = C * (2 if model.norm == "layernorm" and bias else 1)
     norm_tensors = 2 if model.norm == "layernorm" and bias else 1
-    hidden = 64 * math.ceil(8 * C / 3 / 64) if model.mlp == "swiglu" else 4 * C
+    hidden = model.hidden
+    qkv = (model.n_head + 2 * model.kv_heads) * D
     fc_out = 2 * hidden if model.mlp == "swiglu" else hidden
-    linear = C * 3 * C + C * C + C * fc_out + hidden * C  # c_attn, attn.c_proj, c_fc, mlp.c_proj
-    biases = (3 * C + C + fc_out + C) if bias else 0
+    linear = C * qkv + C * C + C * fc_out + hidden * C  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    biases = (qkv + C + fc_out + C) if bias else 0
     block = 2 * norm + linear + biases
     position = model.block_size * C if model.pos_encoding == "learned" else 0
-    root = vocab_size * C + position + norm
-    tensors = L * (2 * norm_tensors + 4 * (2 if bias else 1)) + 1 + (position > 0) + norm_tensors
+    head = 0 if model.tie_embeddings else vocab_size * C  # an untied output layer of its own
+    root = vocab_size * C + position + norm + head
+    tensors = L * (2 * norm_tensors + 4 * (2 if bias else 1)) + 1 + (position > 0) + norm_tensors + (head > 0)
     return ParamCount(
         total=root + L * block,
         position=position,
         tensors=tensors,
         root=root,
         block=block,
-        linear=L * linear + vocab_size * C,
+        linear=L * linear + vocab_size * C + head,
     )
 
 
@@ -125,7 +126,7 @@ def activation_bytes(model: ModelConfig, vocab_size: int, batch_size: int, act: 
     """Bytes autograd keeps for backward for one micro-batch of `batch_size` sequences (`act`: activation bytes)."""
     C, H, T, L = model.n_embd, model.n_head, model.block_size, model.n_layer
     tokens = batch_size * T
-    hidden = 64 * math.ceil(8 * C / 3 / 64) if model.mlp == "swiglu" else 4 * C
+    hidden = model.hidden
     mlp = 4 * hidden if model.mlp == "swiglu" else 2 * hidden
     rms = model.norm == "rmsnorm"
     norm = 4 * C * (2 if rms else 1) + (4 if rms else 8)  # fp32 input (RMSNorm: and its normalised copy), stats

@@ -1,7 +1,8 @@
 """A GPT language model, readable top to bottom (in the spirit of nanoGPT's model.py).
 
 Shapes in comments: B batch, T tokens in this call, Tk tokens attended to (T plus any cached ones),
-C = n_embd, H = n_head, D = C // H (head size), V vocabulary size.
+C = n_embd, H = n_head, K = n_kv_head (key/value heads: K = H is multi-head attention, K < H grouped-query
+attention as in Llama), D = C // H (head size), V vocabulary size.
 
 References: GPT-2 (OpenAI), nanoGPT (Karpathy), RoPE (Su et al. 2021), RMSNorm (Zhang & Sennrich 2019),
 SwiGLU (Shazeer 2020), PaLM appendix B for the FLOPs estimate.
@@ -57,7 +58,7 @@ class KVCache:
         return 0 if self.layers[0] is None else self.layers[0][0].size(2)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append this call's k, v (B, H, T, D) to the layer's cache; return all of them (B, H, Tk, D)."""
+        """Append this call's k, v (B, K, T, D) to the layer's cache; return all of them (B, K, Tk, D)."""
         past = self.layers[layer]
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
@@ -67,29 +68,34 @@ class KVCache:
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.n_embd, eps=1e-5)
-    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head, self.n_embd, self.dropout, self.impl = cfg.n_head, cfg.n_embd, cfg.dropout, cfg.attention
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v for all heads at once
+        self.n_head, self.n_kv, self.head = cfg.n_head, cfg.kv_heads, cfg.head_size
+        self.dropout, self.impl = cfg.dropout, cfg.attention
+        qkv = (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_size  # q for every head, k and v for each kv head
+        self.c_attn = nn.Linear(cfg.n_embd, qkv, bias=cfg.bias)  # q, k, v at once
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)  # output projection (residual)
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        H, K, D = self.n_head, self.n_kv, self.head
+        q, k, v = self.c_attn(x).split([H * D, K * D, K * D], dim=2)  # (B, T, H*D), (B, T, K*D) x 2
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, H, Tk, D): the cached tokens come first
+            k, v = cache.update(layer, k, v)  # (B, K, Tk, D): the cached tokens come first
+        if K != H:  # grouped-query attention: each kv head serves H / K query heads
+            k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # (B, H, Tk, D)
         Tk = k.size(2)
         if self.impl == "plain":
             # query i (absolute position Tk - T + i) may look at keys 0 .. Tk - T + i
@@ -110,12 +116,14 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2's GELU MLP (hidden 4C) or SwiGLU (hidden 8C/3 rounded up to a multiple of 64; same parameters)."""
+    """GPT-2's GELU MLP (hidden 4C; exact or tanh-approximated GELU) or SwiGLU (hidden 8C/3 rounded up to a multiple
+    of 64: the same parameters; gate and up projections in one matrix); ``mlp_hidden`` overrides the width."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.swiglu = cfg.mlp == "swiglu"
-        hidden = 64 * math.ceil(8 * cfg.n_embd / 3 / 64) if self.swiglu else 4 * cfg.n_embd
+        self.approximate = "tanh" if cfg.mlp == "gelu_tanh" else "none"
+        hidden = cfg.hidden
         self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)  # residual projection
         self.dropout = nn.Dropout(cfg.dropout)
@@ -126,7 +134,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up  # (B, T, hidden)
         else:
-            h = F.gelu(h)
+            h = F.gelu(h, approximate=self.approximate)
         return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
@@ -149,22 +157,18 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
-        head_dim = cfg.head_size  # a ModelConfig is valid by construction: n_head divides n_embd, and so on
+        # a ModelConfig is valid by construction: n_head divides n_embd, n_kv_head divides n_head, and so on
         self.cfg, self.vocab_size = cfg, vocab_size
         self.wte = nn.Embedding(vocab_size, cfg.n_embd)  # token embedding, tied to lm_head below
         if cfg.pos_encoding == "learned":
             self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        elif cfg.pos_encoding == "sinusoidal":  # fixed buffers are rebuilt, never saved (persistent=False)
-            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
-        else:
-            cos, sin = rope_tables(cfg.block_size, head_dim, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+        self.rebuild_buffers()  # fixed tables (sinusoids, RoPE angles) are built, never saved
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
-        self.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017): one (V, C) matrix
+        if cfg.tie_embeddings:
+            self.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017): one (V, C) matrix
 
         # GPT-2 init: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2 * n_layer)
         self.apply(self._init_weights)
@@ -179,12 +183,14 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                all_logits: bool = False):  # fmt: skip
         """idx (B, T) token ids -> (logits, loss).
 
         With targets (B, T): logits (B, T, V) and the mean cross-entropy (targets of -1 are ignored).
-        Without: logits of the last position only, (B, 1, V), and loss None. With a cache, idx holds only the
-        new tokens and their positions continue after the cached ones.
+        Without: logits of the last position only, (B, 1, V), and loss None; with ``all_logits``, of every position
+        (B, T, V) (scoring a continuation). With a cache, idx holds only the new tokens and their positions
+        continue after the cached ones.
         """
         B, T = idx.size()
         t0 = len(cache) if cache is not None else 0  # position of idx[:, 0]
@@ -203,12 +209,35 @@ class GPT(nn.Module):
             x = block(x, rope, cache, i)  # (B, T, C)
         x = self.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): only the next token is needed
+            return self.lm_head(x if all_logits else x[:, [-1], :]), None  # (B, T or 1, V)
         logits = self.lm_head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
     # ------------------------------------------------------------------------------- bookkeeping
+
+    def rebuild_buffers(self) -> None:
+        """(Re)build the fixed position tables: at construction, and after weights were loaded into a model built
+        without memory (on torch's meta device)."""
+        cfg = self.cfg
+        if cfg.pos_encoding == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), persistent=False)
+        elif cfg.pos_encoding == "rope":
+            cos, sin = rope_tables(cfg.block_size, cfg.head_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shorten the context (a pretrained model's n_positions to a spec's smaller block_size), as nanoGPT does:
+        the position table keeps its first block_size rows; fixed tables are rebuilt."""
+        assert block_size <= self.cfg.block_size, (block_size, self.cfg.block_size)
+        self.cfg = self.cfg.model_copy(update={"block_size": block_size})
+        if self.cfg.pos_encoding == "learned":
+            self.wpe.weight = nn.Parameter(self.wpe.weight[:block_size].detach().clone())
+        elif self.cfg.pos_encoding == "sinusoidal":
+            self.pos_table = self.pos_table[:block_size]
+        else:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters (tied ones once). non_embedding drops the learned position table; the token

@@ -159,13 +159,8 @@ def plan(loaded: LoadedSpec) -> Plan:
 
 def param_count(spec: ExperimentSpec, vocab_size: int) -> int:
     """Parameters of a run's model as training reports them (``GPT.num_params``: tied weights once, the learned
-    position table left out, as nanoGPT counts), by arithmetic: no torch, no model built."""
-    m = spec.model
-    C, V = m.n_embd, vocab_size
-    norm = C * (2 if m.norm == "layernorm" and m.bias else 1)
-    bias = 1 if m.bias else 0
-    hidden = 64 * -(-8 * C // (3 * 64)) if m.mlp == "swiglu" else 4 * C
-    up = 2 * hidden if m.mlp == "swiglu" else hidden
-    attention = C * 3 * C + 3 * C * bias + C * C + C * bias
-    mlp = C * up + up * bias + hidden * C + C * bias
-    return V * C + m.n_layer * (2 * norm + attention + mlp) + norm
+    position table left out, as nanoGPT counts), by arithmetic (``llmcore.memory``): no torch, no model built."""
+    from llmcore.memory import count_params
+
+    counted = count_params(spec.model, vocab_size)
+    return counted.total - counted.position

@@ -1,0 +1,391 @@
+"""Hugging Face model folders, both ways: GPT-2 and Llama checkpoints in, gptlab models out.
+
+Read with llmcore's own code (``config.json`` with the json module, weights with safetensors, or ``torch.load``
+with ``weights_only=True`` for a ``pytorch_model.bin``), as nanoGPT's ``from_pretrained`` and litgpt's converters
+do: an explicit name map from the foreign checkpoint to ours, transposes and concatenations spelled out, every
+shape checked, nothing left over; the same map read backwards exports. ``transformers`` is never imported.
+
+GPT-2 family (``GPT2LMHeadModel``: gpt2, gpt2-medium, distilgpt2, ...): learned positions, LayerNorm with biases,
+tied embeddings, GELU (``gelu_new`` is the tanh approximation: ``mlp: gelu_tanh``), ``Conv1D`` weights stored
+(in, out), so transposed. Llama family (``LlamaForCausalLM``: TinyLlama, SmolLM, ...): RoPE, RMSNorm, SwiGLU,
+grouped-query attention, no biases, tied or untied embeddings; q, k, v and gate, up are separate matrices there
+and one here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmcore.config import ConfigError, ModelConfig
+
+CONFIG = "config.json"
+SAFETENSORS, BIN = "model.safetensors", "pytorch_model.bin"
+INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+#: What exports, and as what: the fields a model must have for each Hugging Face architecture.
+EXPORTABLE = {
+    "GPT2LMHeadModel": {"pos_encoding": ["learned"], "norm": ["layernorm"], "mlp": ["gelu", "gelu_tanh"]},
+    "LlamaForCausalLM": {"pos_encoding": ["rope"], "norm": ["rmsnorm"], "mlp": ["swiglu"], "bias": [False]},
+}
+#: Fields that are training choices, not architecture: a spec may set them whatever the checkpoint says.
+FREE_FIELDS = ("dropout", "attention", "init_from", "block_size")
+
+
+class HFError(ConfigError):
+    """A Hugging Face folder that cannot be read or written as asked; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class HFModel:
+    """A Hugging Face model folder as far as gptlab needs it: its architecture as ModelConfig fields."""
+
+    dir: Path
+    family: str  # "gpt2" or "llama"
+    fields: dict[str, Any]  # ModelConfig fields the checkpoint fixes (block_size: its largest context)
+    vocab_size: int
+    dropout: float
+    bos_id: int | None
+    eos_id: int | None
+
+    @property
+    def n_positions(self) -> int:
+        return self.fields["block_size"]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG
+    if not folder.is_dir():
+        raise HFError(f"model.init_from.path: {folder} is not a directory (a Hugging Face model folder)")
+    if not path.is_file():
+        raise HFError(f"model.init_from.path: {path} is missing: a Hugging Face model folder holds config.json and "
+                      "its weights (e.g. `huggingface-cli download gpt2 --local-dir DIR`)")  # fmt: skip
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise HFError(f"{path}: cannot be read as JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise HFError(f"{path}: not a JSON object")
+    return config
+
+
+def read_model(folder: str | Path) -> HFModel:
+    """The architecture of a GPT-2 or Llama folder, from its config.json alone (no weights read)."""
+    folder = Path(folder).expanduser()
+    c = _config(folder)
+    path = folder / CONFIG
+    kind = c.get("model_type")
+    try:
+        if kind == "gpt2":
+            return _gpt2(folder, c, path)
+        if kind == "llama":
+            return _llama(folder, c, path)
+    except KeyError as e:
+        raise HFError(f"{path}: {e.args[0]}: field missing") from None
+    archs = ", ".join(c.get("architectures") or []) or "none given"
+    raise HFError(f"{path}: model_type {kind!r} (architectures: {archs}) is not supported: gptlab imports the GPT-2 "
+                  "family (model_type gpt2) and the Llama family (model_type llama)")  # fmt: skip
+
+
+def _refuse(path: Path, problems: list[str]) -> None:
+    if problems:
+        raise HFError(f"{path}: " + "; ".join(problems))
+
+
+def _gpt2(folder: Path, c: dict[str, Any], path: Path) -> HFModel:
+    act = c.get("activation_function", "gelu_new")
+    problems = []
+    if act not in GPT2_ACTIVATIONS:
+        problems.append(f"activation_function: {act!r} is not supported (gelu_new, gelu_pytorch_tanh, gelu)")
+    if c.get("scale_attn_by_inverse_layer_idx"):
+        problems.append("scale_attn_by_inverse_layer_idx: true is not supported")
+    if not c.get("scale_attn_weights", True):
+        problems.append("scale_attn_weights: false is not supported")
+    if c.get("add_cross_attention"):
+        problems.append("add_cross_attention: true is not supported (a decoder-only model is)")
+    _refuse(path, problems)
+    C = c["n_embd"]
+    inner = c.get("n_inner")
+    fields = {
+        "n_layer": c["n_layer"], "n_head": c["n_head"], "n_embd": C, "n_kv_head": None,
+        "block_size": c.get("n_positions", c.get("n_ctx")), "pos_encoding": "learned", "norm": "layernorm",
+        "bias": True, "mlp": GPT2_ACTIVATIONS.get(act, "gelu"), "mlp_hidden": None if inner in (None, 4 * C) else inner,
+        "norm_eps": c.get("layer_norm_epsilon", 1e-5), "tie_embeddings": c.get("tie_word_embeddings", True),
+    }  # fmt: skip
+    if fields["block_size"] is None:
+        raise HFError(f"{path}: n_positions: field missing")
+    return HFModel(folder, "gpt2", fields, c["vocab_size"], c.get("resid_pdrop", 0.0), c.get("bos_token_id"),
+                   c.get("eos_token_id"))  # fmt: skip
+
+
+def _llama(folder: Path, c: dict[str, Any], path: Path) -> HFModel:
+    C, H = c["hidden_size"], c["num_attention_heads"]
+    problems = []
+    if c.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act: {c['hidden_act']!r} is not supported (silu)")
+    rope = c.get("rope_parameters") or {}  # transformers 5; before it: rope_theta and rope_scaling at the top
+    if c.get("rope_scaling") not in (None, {}) or rope.get("rope_type", "default") != "default":
+        problems.append(
+            f"rope_scaling / rope_parameters: {c.get('rope_scaling') or rope} is not supported (plain RoPE)"
+        )
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        problems.append("attention_bias / mlp_bias: biases are not supported in Llama models")
+    if c.get("head_dim") not in (None, C // H):
+        problems.append(f"head_dim: {c['head_dim']} differs from hidden_size / num_attention_heads ({C // H})")
+    _refuse(path, problems)
+    kv = c.get("num_key_value_heads") or H
+    fields = {
+        "n_layer": c["num_hidden_layers"], "n_head": H, "n_embd": C, "n_kv_head": None if kv == H else kv,
+        "block_size": c["max_position_embeddings"], "pos_encoding": "rope", "norm": "rmsnorm", "bias": False,
+        "mlp": "swiglu", "mlp_hidden": c["intermediate_size"], "norm_eps": c.get("rms_norm_eps", 1e-6),
+        "rope_theta": float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+        "tie_embeddings": c.get("tie_word_embeddings", False),
+    }  # fmt: skip
+    eos = c.get("eos_token_id")
+    return HFModel(folder, "llama", fields, c["vocab_size"], c.get("attention_dropout", 0.0), c.get("bos_token_id"),
+                   eos[0] if isinstance(eos, list) else eos)  # fmt: skip
+
+
+def merge_config(spec: ModelConfig, hf: HFModel) -> ModelConfig:
+    """The architecture a run gets: the checkpoint's; fields the spec sets must agree (every conflict listed in one
+    error), fields it leaves unset take the checkpoint's. ``block_size`` may be smaller (the position table is
+    cropped), not larger; ``dropout`` is a training choice (unset: the checkpoint's)."""
+    given = spec.model_fields_set
+    differ = [k for k, v in hf.fields.items() if k in given and k not in FREE_FIELDS and getattr(spec, k) != v]
+    conflicts = [f"model.{k}: {getattr(spec, k)!r} but {hf.dir / CONFIG} has {hf.fields[k]!r}" for k in differ]
+    if "block_size" in given and spec.block_size > hf.n_positions:
+        conflicts.append(f"model.block_size: {spec.block_size} is beyond the checkpoint's {hf.n_positions} positions "
+                         f"({hf.dir / CONFIG}); at most {hf.n_positions}")  # fmt: skip
+    if conflicts:
+        raise HFError(
+            f"model: the spec disagrees with the pretrained model ({len(conflicts)}): " + "; ".join(conflicts)
+        )
+    merged = {**spec.model_dump(exclude_unset=True), **{k: v for k, v in hf.fields.items() if k not in given}}
+    if "dropout" not in given:
+        merged["dropout"] = hf.dropout
+    return ModelConfig.model_validate(merged)
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The weight files of a folder, in the order they are read: one safetensors or .bin file, or the shards an
+    index names."""
+    folder = Path(folder)
+    for index in INDEXES:
+        if (folder / index).is_file():
+            try:
+                weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise HFError(f"{folder / index}: weight_map cannot be read ({e})") from None
+            return [folder / name for name in sorted(set(weight_map.values()))]
+    for name in (SAFETENSORS, BIN):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise HFError(f"model.init_from.path: {folder} has no weights ({SAFETENSORS}, {BIN} or a sharded *.index.json)")
+
+
+def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's weights, in fp32 on the CPU, keyed by its Hugging Face name."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        if not path.is_file():
+            raise HFError(f"{path}: missing (named by the folder's index)")
+        if path.suffix == ".safetensors":
+            try:
+                part = load_file(str(path))
+            except Exception as e:  # safetensors raises its own types
+                raise HFError(f"{path}: not a valid safetensors file ({e})") from None
+        else:
+            try:
+                part = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # UnpicklingError for anything but plain tensors
+                raise HFError(f"{path}: not plain weights: torch.load(weights_only=True) refused it ({e})") from None
+            if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+                raise HFError(f"{path}: not a mapping of tensor names to tensors")
+        tensors.update({k: v.float() for k, v in part.items()})
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------- the name maps
+# One row per gptlab tensor: (our name, their name(s), how). "copy": the same tensor; "T": transposed (GPT-2's
+# Conv1D stores (in, out)); "cat": theirs concatenated along dim 0, in order (Llama's q, k, v; gate, up).
+
+
+def _gpt2_rows(cfg: ModelConfig) -> list[tuple[str, list[str], str]]:
+    rows = [("wte.weight", ["wte.weight"], "copy"), ("wpe.weight", ["wpe.weight"], "copy")]
+    for i in range(cfg.n_layer):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        for ours, theirs, how in (("ln_1", "ln_1", "copy"), ("attn.c_attn", "attn.c_attn", "T"),
+                                  ("attn.c_proj", "attn.c_proj", "T"), ("ln_2", "ln_2", "copy"),
+                                  ("mlp.c_fc", "mlp.c_fc", "T"), ("mlp.c_proj", "mlp.c_proj", "T")):  # fmt: skip
+            rows.append((f"{b}{ours}.weight", [f"{h}{theirs}.weight"], how))
+            rows.append((f"{b}{ours}.bias", [f"{h}{theirs}.bias"], "copy"))
+    rows += [("ln_f.weight", ["ln_f.weight"], "copy"), ("ln_f.bias", ["ln_f.bias"], "copy")]
+    if not cfg.tie_embeddings:
+        rows.append(("lm_head.weight", ["lm_head.weight"], "copy"))
+    return rows
+
+
+def _llama_rows(cfg: ModelConfig) -> list[tuple[str, list[str], str]]:
+    rows = [("wte.weight", ["model.embed_tokens.weight"], "copy")]
+    for i in range(cfg.n_layer):
+        m, b = f"model.layers.{i}.", f"blocks.{i}."
+        rows += [
+            (f"{b}ln_1.weight", [f"{m}input_layernorm.weight"], "copy"),
+            (f"{b}attn.c_attn.weight", [f"{m}self_attn.{x}_proj.weight" for x in "qkv"], "cat"),
+            (f"{b}attn.c_proj.weight", [f"{m}self_attn.o_proj.weight"], "copy"),
+            (f"{b}ln_2.weight", [f"{m}post_attention_layernorm.weight"], "copy"),
+            (f"{b}mlp.c_fc.weight", [f"{m}mlp.gate_proj.weight", f"{m}mlp.up_proj.weight"], "cat"),
+            (f"{b}mlp.c_proj.weight", [f"{m}mlp.down_proj.weight"], "copy"),
+        ]
+    rows.append(("ln_f.weight", ["model.norm.weight"], "copy"))
+    if not cfg.tie_embeddings:
+        rows.append(("lm_head.weight", ["lm_head.weight"], "copy"))
+    return rows
+
+
+def _rows(family: str, cfg: ModelConfig) -> list[tuple[str, list[str], str]]:
+    return _gpt2_rows(cfg) if family == "gpt2" else _llama_rows(cfg)
+
+
+#: Tensors a checkpoint may hold that are not weights: causal-mask buffers, cached RoPE frequencies, a tied head.
+DROPPED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def to_gptlab(theirs: dict[str, torch.Tensor], family: str, cfg: ModelConfig, where: Path) -> dict[str, torch.Tensor]:
+    """Their state dict -> ours, every tensor accounted for."""
+    prefix = "transformer." if family == "gpt2" and any(k.startswith("transformer.") for k in theirs) else ""
+    ours, used = {}, set()
+    for name, sources, how in _rows(family, cfg):
+        keys = [prefix + s if not s.startswith("lm_head") else s for s in sources]
+        missing = [k for k in keys if k not in theirs]
+        if missing:
+            raise HFError(f"{where}: tensor {missing[0]} is missing (needed for {name})")
+        parts = [theirs[k] for k in keys]
+        ours[name] = parts[0].t() if how == "T" else torch.cat(parts, 0) if how == "cat" else parts[0]
+        used.update(keys)
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    left = [k for k in theirs if k not in used and k not in tied and not k.endswith(DROPPED)]
+    if left:
+        raise HFError(f"{where}: {len(left)} tensor(s) this architecture has no place for, e.g. {left[0]}")
+    return ours
+
+
+def load_pretrained(folder: str | Path, cfg: ModelConfig | None = None) -> tuple[Any, HFModel]:
+    """(a GPT with the folder's weights, the folder's description). ``cfg``: the run's architecture (from
+    ``merge_config``; default the checkpoint's); a smaller block_size crops the position table."""
+    from llmcore.model import GPT
+
+    hf = read_model(folder)
+    cfg = cfg or merge_config(ModelConfig(), hf)
+    full = cfg.model_copy(update={"block_size": hf.n_positions})
+    with torch.device("meta"):
+        model = GPT(full, hf.vocab_size)
+    ours = to_gptlab(read_weights(folder), hf.family, full, hf.dir)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    for name, tensor in ours.items():
+        if tuple(tensor.shape) != tuple(expected[name]):
+            raise HFError(f"{hf.dir}: {name} has shape {tuple(tensor.shape)}, the architecture in {CONFIG} needs "
+                          f"{tuple(expected[name])}")  # fmt: skip
+    missing = set(expected) - set(ours) - ({"lm_head.weight"} if full.tie_embeddings else set())
+    missing -= {k for k in expected if k.endswith(".bias") and not full.bias}
+    if missing:
+        raise HFError(f"{hf.dir}: no tensor for {sorted(missing)[0]} ({len(missing)} missing)")
+    model.load_state_dict(ours, strict=False, assign=True)
+    if cfg.tie_embeddings:
+        model.wte.weight = model.lm_head.weight = torch.nn.Parameter(ours["wte.weight"])
+    model.rebuild_buffers()
+    if cfg.block_size < hf.n_positions:
+        model.crop_block_size(cfg.block_size)
+    model.cfg = cfg
+    return model, hf
+
+
+# ---------------------------------------------------------------------------------------------- exporting
+
+
+def export_family(cfg: ModelConfig) -> str:
+    """The Hugging Face architecture a model exports as, or an HFError naming what has no equivalent."""
+    for arch, need in EXPORTABLE.items():
+        if all(getattr(cfg, k) in v for k, v in need.items()) and (
+            arch != "GPT2LMHeadModel" or cfg.kv_heads == cfg.n_head
+        ):
+            return arch
+    wrong = {arch: [f"{k}={getattr(cfg, k)!r}" for k, v in need.items() if getattr(cfg, k) not in v]
+             for arch, need in EXPORTABLE.items()}  # fmt: skip
+    if cfg.kv_heads != cfg.n_head:
+        wrong["GPT2LMHeadModel"].append(f"n_kv_head={cfg.n_kv_head}")
+    differs = "; ".join(f"as {arch}: {', '.join(w)}" for arch, w in wrong.items())
+    combos = ("learned positions + layernorm + gelu or gelu_tanh -> GPT2LMHeadModel; rope + rmsnorm + swiglu "
+              "without biases -> LlamaForCausalLM")  # fmt: skip
+    raise HFError(f"model: these fields have no Hugging Face equivalent ({differs}); what exports: {combos}")
+
+
+def from_gptlab(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(their state dict, their config.json) of a GPT: the name map read backwards."""
+    cfg, V = model.cfg, model.vocab_size
+    arch = export_family(cfg)
+    family = "gpt2" if arch == "GPT2LMHeadModel" else "llama"
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    theirs: dict[str, torch.Tensor] = {}
+    prefix = "transformer." if family == "gpt2" else ""
+    D, H, K = cfg.head_size, cfg.n_head, cfg.kv_heads
+    for name, targets, how in _rows(family, cfg):
+        tensor = state.get(name)
+        if tensor is None:  # a bias the model does not have (bias: false): GPT-2 has them, and zeros are exact
+            tensor = torch.zeros(state[name.removesuffix(".bias") + ".weight"].shape[0])
+        keys = [t if t.startswith("lm_head") else prefix + t for t in targets]
+        if how == "T":
+            theirs[keys[0]] = tensor.t().contiguous()
+        elif how == "cat":
+            sizes = [H * D, K * D, K * D] if "c_attn" in name else [cfg.hidden, cfg.hidden]
+            for key, part in zip(keys, torch.split(tensor, sizes, 0)):
+                theirs[key] = part.contiguous()
+        else:
+            theirs[keys[0]] = tensor.contiguous()
+    return theirs, _hf_config(arch, cfg, V)
+
+
+def _hf_config(arch: str, cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
+    if arch == "GPT2LMHeadModel":
+        return {
+            "architectures": [arch], "model_type": "gpt2", "vocab_size": vocab_size, "n_positions": cfg.block_size,
+            "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+            "n_inner": cfg.mlp_hidden, "activation_function": "gelu_new" if cfg.mlp == "gelu_tanh" else "gelu",
+            "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+            "attn_pdrop": cfg.dropout, "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
+        }  # fmt: skip
+    return {
+        "architectures": [arch], "model_type": "llama", "vocab_size": vocab_size, "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.hidden, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_size, "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": None, "hidden_act": "silu",
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers 5 reads this
+        "attention_bias": False, "mlp_bias": False, "attention_dropout": cfg.dropout,
+        "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
+    }  # fmt: skip
+
+
+def export_model(model: Any, out_dir: str | Path, *, bos_id: int | None, eos_id: int | None) -> list[Path]:
+    """Write config.json, model.safetensors and generation_config.json that transformers'
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads as this model; returns the files."""
+    from safetensors.torch import save as save_safetensors
+
+    from llmcore.io import atomic_write_bytes, atomic_write_json
+
+    out = Path(out_dir)
+    theirs, config = from_gptlab(model)
+    config.update(bos_token_id=bos_id, eos_token_id=eos_id)
+    atomic_write_bytes(out / SAFETENSORS, save_safetensors(theirs, metadata={"format": "pt"}))
+    atomic_write_json(out / CONFIG, config)
+    generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
+    atomic_write_json(out / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
+    return [out / SAFETENSORS, out / CONFIG, out / "generation_config.json"]
