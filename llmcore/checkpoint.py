@@ -158,6 +158,19 @@ def save_checkpoint(
     return path
 
 
+def save_weights(path: Path, model: torch.nn.Module, extra: dict[str, Any] | None = None) -> Path:
+    """A weights-only committed checkpoint (model.safetensors and meta.json, the marker last): what training
+    starts from when the spec says ``model.init_from`` (imported from a Hugging Face folder or an earlier run)."""
+    gpt = unwrap(model)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors, aliases = _weights(gpt)
+    files = _write_blobs(path, {MODEL_FILE: save_safetensors(tensors, metadata={"aliases": json.dumps(aliases)}),
+                                META_FILE: _meta_bytes(gpt, 0, extra)})  # fmt: skip
+    write_commit_marker(path, {"step": 0, "files": files})
+    return path
+
+
 def _state_bytes(step: int, optim: Any, scaler: Any, rng: list[dict[str, Any]], sampler_state: Any) -> bytes:
     state = {
         "format": FORMAT,

@@ -156,8 +156,19 @@ class DataConfig(StrictModel):
 
 
 class TokenizerConfig(RuledModel):
-    """SentencePiece tokenizer training options."""
+    """The tokenizer: a SentencePiece model trained on the corpus (the default), or a pretrained one (Hugging Face
+    tokenizer files, or a SentencePiece ``tokenizer.model``) imported as it is. The training options below apply to
+    ``sentencepiece`` only."""
 
+    type: Literal["sentencepiece", "pretrained"] = Field(
+        "sentencepiece", description="`sentencepiece`: train one on the corpus. `pretrained`: import the one at "
+        "`path` (with `model.init_from` of type huggingface, its folder's tokenizer is the default).",
+        json_schema_extra=ADDED_LATER,
+    )  # fmt: skip
+    path: str | None = Field(
+        None, description="`pretrained`: a folder (or file) with `tokenizer.json`, `vocab.json` + `merges.txt`, or a "
+        "SentencePiece `tokenizer.model`.", json_schema_extra=ADDED_LATER,
+    )  # fmt: skip
     model_type: Literal["bpe", "unigram", "char", "word"] = Field("bpe", description="SentencePiece model type.")
     vocab_size: int = Field(
         4096,
@@ -191,6 +202,10 @@ class TokenizerConfig(RuledModel):
         return 4 + symbols + (256 if self.byte_fallback else 0)
 
     def problems(self) -> list[str]:
+        if self.type == "pretrained":
+            return [] if self.path else ["path: a pretrained tokenizer needs the folder or file to import"]
+        if self.path is not None:
+            return ["path: only a pretrained tokenizer reads one (set tokenizer.type: pretrained)"]
         if self.vocab_size <= self.reserved():
             return [
                 f"vocab_size: {self.vocab_size} leaves no room for pieces: {self.reserved()} entries are reserved "

@@ -16,6 +16,7 @@ import math
 import sys
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import ValidationError
@@ -26,7 +27,7 @@ from llmcore.config import EvalConfig
 from llmcore.hardware import resolve_device, resolve_precision
 from llmcore.io import atomic_write_bytes, atomic_write_json
 from llmcore.shards import ShardError, TokenSplit, fixed_batches, iter_sequential
-from llmcore.tokenizer import Tokenizer
+from llmcore.tokenizer import load_tokenizer
 
 
 @torch.no_grad()
@@ -46,7 +47,7 @@ def token_loss(model, batches, device: torch.device, dtype: torch.dtype | None) 
     return total.item(), count
 
 
-def sample(model, tok: Tokenizer, cfg: EvalConfig, device: torch.device, seed: int) -> list[dict[str, str]]:
+def sample(model, tok: Any, cfg: EvalConfig, device: torch.device, seed: int) -> list[dict[str, str]]:
     """One continuation per prompt (an empty prompt starts from EOS); `text` is the continuation only."""
     generator = torch.Generator(device=device).manual_seed(seed)
     out = []
@@ -63,7 +64,7 @@ def sample(model, tok: Tokenizer, cfg: EvalConfig, device: torch.device, seed: i
 def evaluate(
     train_dir: Path,
     shards_dir: Path,
-    tokenizer_model: Path,
+    tokenizer: Path,
     cfg: EvalConfig,
     out_dir: Path,
     seed: int,
@@ -80,7 +81,7 @@ def evaluate(
         batches = fixed_batches(val, cfg.batches, cfg.batch_size, T, seed)
     nats, n = token_loss(model, batches, dev, resolve_precision("auto", dev))
     val_loss = nats / n
-    tok = Tokenizer.load(tokenizer_model)
+    tok = load_tokenizer(tokenizer)
     result = {
         "val_loss": val_loss,
         "val_ppl": math.exp(val_loss),
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llmcore.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--train-dir", type=Path, required=True, help="training output (or one checkpoint) directory")
     p.add_argument("--shards", type=Path, required=True, help="shards directory (with manifest.json)")
-    p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.model")
+    p.add_argument("--tokenizer", type=Path, required=True, help="the tokenizer stage directory (or its file)")
     p.add_argument("--out", type=Path, required=True, help="where eval.json and samples.txt go")
     p.add_argument("--config", type=Path, help="JSON EvalConfig (defaults if omitted)")
     p.add_argument("--seed", type=int, default=0)

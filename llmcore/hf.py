@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from llmcore.config import ConfigError, ModelConfig
+
+if TYPE_CHECKING:  # torch is imported by the functions that move tensors: reading a config.json needs none
+    import torch
 
 CONFIG = "config.json"
 SAFETENSORS, BIN = "model.safetensors", "pytorch_model.bin"
@@ -51,10 +52,15 @@ class HFModel:
     dropout: float
     bos_id: int | None
     eos_id: int | None
+    source: Path | None = None  # the file the architecture was read from (default: dir / config.json)
 
     @property
     def n_positions(self) -> int:
         return self.fields["block_size"]
+
+    @property
+    def config_file(self) -> Path:
+        return self.source or self.dir / CONFIG
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -159,15 +165,16 @@ def merge_config(spec: ModelConfig, hf: HFModel) -> ModelConfig:
     cropped), not larger; ``dropout`` is a training choice (unset: the checkpoint's)."""
     given = spec.model_fields_set
     differ = [k for k, v in hf.fields.items() if k in given and k not in FREE_FIELDS and getattr(spec, k) != v]
-    conflicts = [f"model.{k}: {getattr(spec, k)!r} but {hf.dir / CONFIG} has {hf.fields[k]!r}" for k in differ]
+    conflicts = [f"model.{k}: {getattr(spec, k)!r} but {hf.config_file} has {hf.fields[k]!r}" for k in differ]
     if "block_size" in given and spec.block_size > hf.n_positions:
         conflicts.append(f"model.block_size: {spec.block_size} is beyond the checkpoint's {hf.n_positions} positions "
-                         f"({hf.dir / CONFIG}); at most {hf.n_positions}")  # fmt: skip
+                         f"({hf.config_file}); at most {hf.n_positions}")  # fmt: skip
     if conflicts:
         raise HFError(
             f"model: the spec disagrees with the pretrained model ({len(conflicts)}): " + "; ".join(conflicts)
         )
     merged = {**spec.model_dump(exclude_unset=True), **{k: v for k, v in hf.fields.items() if k not in given}}
+    merged["init_from"] = spec.init_from
     if "dropout" not in given:
         merged["dropout"] = hf.dropout
     return ModelConfig.model_validate(merged)
@@ -192,6 +199,7 @@ def weight_files(folder: str | Path) -> list[Path]:
 
 def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a folder's weights, in fp32 on the CPU, keyed by its Hugging Face name."""
+    import torch
     from safetensors.torch import load_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -262,6 +270,8 @@ DROPPED = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 def to_gptlab(theirs: dict[str, torch.Tensor], family: str, cfg: ModelConfig, where: Path) -> dict[str, torch.Tensor]:
     """Their state dict -> ours, every tensor accounted for."""
+    import torch
+
     prefix = "transformer." if family == "gpt2" and any(k.startswith("transformer.") for k in theirs) else ""
     ours, used = {}, set()
     for name, sources, how in _rows(family, cfg):
@@ -282,6 +292,8 @@ def to_gptlab(theirs: dict[str, torch.Tensor], family: str, cfg: ModelConfig, wh
 def load_pretrained(folder: str | Path, cfg: ModelConfig | None = None) -> tuple[Any, HFModel]:
     """(a GPT with the folder's weights, the folder's description). ``cfg``: the run's architecture (from
     ``merge_config``; default the checkpoint's); a smaller block_size crops the position table."""
+    import torch
+
     from llmcore.model import GPT
 
     hf = read_model(folder)
@@ -331,6 +343,8 @@ def export_family(cfg: ModelConfig) -> str:
 
 def from_gptlab(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(their state dict, their config.json) of a GPT: the name map read backwards."""
+    import torch
+
     cfg, V = model.cfg, model.vocab_size
     arch = export_family(cfg)
     family = "gpt2" if arch == "GPT2LMHeadModel" else "llama"

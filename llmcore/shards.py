@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ import torch
 from llmcore.config import DataConfig
 from llmcore.corpus import CorpusError, is_val_document, iter_documents, resolve_files
 from llmcore.io import atomic_open, atomic_write_json, read_json
-from llmcore.tokenizer import Tokenizer, encode_chunk, init_encode_worker
+from llmcore.tokenizer import encode_chunk, init_encode_worker, load_tokenizer
 
 MAGIC = b"GPTLTOK\x00"
 FORMAT_VERSION = 1
@@ -194,7 +195,7 @@ def _encoded(
     dies raises ``BrokenProcessPool`` instead of hanging.
     """
     if workers <= 1:
-        tok = Tokenizer.load(model)
+        tok = load_tokenizer(model)
         for splits, texts in chunks:
             yield splits, encode_chunk(texts, tok)
         return
@@ -241,7 +242,7 @@ def _check_splits(data: DataConfig, writers: dict[str, _SplitWriter]) -> None:
     )
 
 
-def _manifest(data: DataConfig, tok: Tokenizer, dtype: str, seed: int, writers: dict[str, _SplitWriter]) -> dict:
+def _manifest(data: DataConfig, tok: Any, dtype: str, seed: int, writers: dict[str, _SplitWriter]) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "dtype": dtype,
@@ -256,7 +257,7 @@ def _manifest(data: DataConfig, tok: Tokenizer, dtype: str, seed: int, writers: 
     }
 
 
-def write_shards(data: DataConfig, tokenizer_model: Path, out_dir: Path, seed: int) -> dict:
+def write_shards(data: DataConfig, tokenizer: Path, out_dir: Path, seed: int) -> dict:
     """Tokenize the corpus into train/val shards in ``out_dir`` and write ``manifest.json`` last.
 
     Documents stream from the corpus (never all in memory) and are encoded by ``data.num_workers`` processes
@@ -264,13 +265,13 @@ def write_shards(data: DataConfig, tokenizer_model: Path, out_dir: Path, seed: i
     output is identical for any worker count. EOS follows every document. Returns the manifest.
     """
     out_dir = Path(out_dir)
-    tok = Tokenizer.load(tokenizer_model)
+    tok = load_tokenizer(tokenizer)
     dtype = resolve_dtype(data, tok.vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     writers = {s: _SplitWriter(out_dir, s, dtype, data.shard_tokens) for s in SPLITS}
     eos = np.array([tok.eos_id], dtype=np.uint32)
     try:
-        for splits, encoded in _encoded(_chunks(_split_pieces(data, seed)), Path(tokenizer_model), _worker_count(data)):
+        for splits, encoded in _encoded(_chunks(_split_pieces(data, seed)), Path(tokenizer), _worker_count(data)):
             for split, (ids, nbytes) in zip(splits, encoded):
                 writers[split].add(np.concatenate([ids, eos]), nbytes)
         for w in writers.values():

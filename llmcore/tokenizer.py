@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -199,9 +201,11 @@ def train_tokenizer(data: DataConfig, cfg: TokenizerConfig, out_dir: Path, seed:
 class Tokenizer:
     """A loaded SentencePiece model. ``decode(encode(text)) == text`` for text within its alphabet."""
 
+    kind = "sentencepiece"
+
     def __init__(self, model_bytes: bytes):
         self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-        proto = sp_pb2.ModelProto.FromString(model_bytes)
+        self.proto = proto = sp_pb2.ModelProto.FromString(model_bytes)
         self.model_type: str = _MODEL_TYPES[proto.trainer_spec.model_type]
         self._byte_fallback = proto.trainer_spec.byte_fallback
         self._newline_id = self._sp.piece_to_id(NEWLINE)
@@ -279,6 +283,215 @@ class Tokenizer:
         return "".join(rows)
 
 
+# ---------------------------------------------------------------------------------- pretrained tokenizers
+
+TOKENIZER_JSON, SP_MODEL = "tokenizer.json", "tokenizer.model"
+#: Files of a Hugging Face tokenizer folder gptlab reads (and copies when it imports or exports one).
+HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+#: EOS tokens of well-known families, tried in order when a folder does not name its own.
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+
+
+def tokenizers_module() -> Any:
+    try:
+        import tokenizers
+    except ImportError:
+        raise TokenizerError(
+            "tokenizer.type", "pretrained tokenizers need the `tokenizers` package: pip install 'gptlab[hf]'"
+        ) from None
+    return tokenizers
+
+
+def _special(folder: Path, name: str) -> str | None:
+    """A special token named in a folder's tokenizer_config.json or special_tokens_map.json (``eos_token``)."""
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            value = json.loads((folder / file).read_text(encoding="utf-8")).get(name)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer (``tokenizer.json``, or GPT-2's ``vocab.json`` + ``merges.txt``), read with the
+    ``tokenizers`` library: the same ids as ``transformers.AutoTokenizer`` for the same files, no special tokens
+    added (``add_special_tokens=False``), batch encoding in Rust threads."""
+
+    kind = "huggingface"
+
+    def __init__(self, folder: Path):
+        tokenizers = tokenizers_module()
+        self.folder = folder
+        if (folder / TOKENIZER_JSON).is_file():
+            data = (folder / TOKENIZER_JSON).read_bytes()
+            try:
+                self._tok = tokenizers.Tokenizer.from_str(data.decode("utf-8"))
+            except Exception as e:  # tokenizers raises its own Exception type
+                raise TokenizerError("tokenizer.path", f"{folder / TOKENIZER_JSON} cannot be read ({e})") from None
+        else:  # GPT-2's original files: byte-level BPE
+            data = (folder / "vocab.json").read_bytes() + (folder / "merges.txt").read_bytes()
+            model = tokenizers.models.BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+            self._tok = tokenizers.Tokenizer(model)
+            self._tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+            self._tok.decoder = tokenizers.decoders.ByteLevel()
+        self.sha256: str = hashlib.sha256(data).hexdigest()
+        self.model_type = type(self._tok.model).__name__.lower()
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        eos = _special(folder, "eos_token") or next((t for t in EOS_CANDIDATES if t in vocab), None)
+        bos = _special(folder, "bos_token") or eos
+        self._eos = vocab.get(eos) if eos else None
+        self._bos = vocab.get(bos) if bos else None
+        self.eos_token = eos
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int:
+        if self._eos is None:
+            raise TokenizerError("tokenizer.path", f"{self.folder}: no end-of-text token known (name eos_token in "
+                                 "tokenizer_config.json)")  # fmt: skip
+        return self._eos
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Iterable[str], num_threads: int = -1) -> list[list[int]]:
+        """Token ids of each text (the ``tokenizers`` library's own threads; ``num_threads`` is for the
+        SentencePiece interface)."""
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer | HFTokenizer:
+    """The tokenizer in a tokenizer stage directory, a Hugging Face folder, or one of their files: a SentencePiece
+    ``tokenizer.model`` or a Hugging Face ``tokenizer.json`` (or ``vocab.json`` + ``merges.txt``)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return Tokenizer.load(path) if path.suffix == ".model" else HFTokenizer(path.parent)
+    if (path / TOKENIZER_JSON).is_file() or ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
+        return HFTokenizer(path)
+    if (path / SP_MODEL).is_file():
+        return Tokenizer.load(path / SP_MODEL)
+    what = (
+        "no such file or directory"
+        if not path.exists()
+        else "no tokenizer.json, vocab.json + merges.txt or tokenizer.model"
+    )
+    raise TokenizerError("tokenizer.path", f"{path}: {what}")
+
+
+def tokenizer_files(path: str | os.PathLike) -> list[Path]:
+    """The files a pretrained tokenizer is read from (what an import copies and hashes)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return [path]
+    if (path / TOKENIZER_JSON).is_file() or (path / "vocab.json").is_file():
+        return [path / f for f in HF_FILES if (path / f).is_file()]
+    return [path / SP_MODEL] if (path / SP_MODEL).is_file() else []
+
+
+def import_tokenizer(cfg: TokenizerConfig, out_dir: Path, expected_vocab: int | None = None) -> dict:
+    """A pretrained tokenizer's stage: check it and copy its files into ``out_dir`` (atomically); the stats.
+
+    It must load, know its end-of-text token (appended after every document), and, when it goes with a pretrained
+    model, have that model's vocabulary size."""
+    out_dir = Path(out_dir)
+    tok = load_tokenizer(cfg.path)
+    eos = tok.eos_id
+    if expected_vocab is not None and tok.vocab_size != expected_vocab:
+        raise TokenizerError("tokenizer.path", f"{cfg.path}: {tok.vocab_size} tokens, but the model's vocabulary has "
+                             f"{expected_vocab}: a tokenizer and a model must match")  # fmt: skip
+    for f in tokenizer_files(cfg.path):
+        atomic_write_bytes(out_dir / f.name, f.read_bytes())
+    stats = {"vocab_size": tok.vocab_size, "type": "pretrained", "format": tok.kind, "model_type": tok.model_type,
+             "eos_id": eos, "sha256": tok.sha256, "source": str(Path(cfg.path).expanduser().resolve())}  # fmt: skip
+    atomic_write_json(out_dir / "stats.json", stats)
+    return stats
+
+
+def export_tokenizer(
+    tokenizer: str | os.PathLike, out_dir: str | os.PathLike, model_max_length: int | None = None
+) -> list[Path]:
+    """Write a tokenizer as Hugging Face files (``tokenizer.json``, ``tokenizer_config.json``,
+    ``special_tokens_map.json``) that ``transformers.AutoTokenizer.from_pretrained(out_dir)`` loads and that give
+    exactly llmcore's ids on any text; returns the files. A pretrained Hugging Face tokenizer is copied as it is.
+
+    A SentencePiece model becomes the ``tokenizers`` equivalent of how SentencePiece encodes with gptlab's training
+    options: spaces become U+2581 (identity normalisation otherwise, no dummy prefix); text is split where
+    SentencePiece splits it into words (a run of whitespace goes with the word after it: whitespace-only pieces);
+    BPE merges in the order of the merged pieces' scores (unknown characters fused, as SentencePiece does), or the
+    unigram lattice with the same scores; byte fallback; the newline and user symbols as added tokens. Control
+    tokens (``<s>``, ``</s>``, ``<pad>``) and byte pieces stay plain vocabulary entries that text never matches, and
+    ``split_special_tokens`` keeps transformers from matching them in text either. Word models are refused:
+    SentencePiece's word segmentation has no exact ``tokenizers`` equivalent."""
+    out = Path(out_dir)
+    tok = load_tokenizer(tokenizer)
+    if isinstance(tok, HFTokenizer):
+        for f in tokenizer_files(tokenizer):
+            atomic_write_bytes(out / f.name, f.read_bytes())
+        return [out / f.name for f in tokenizer_files(tokenizer)]
+    if tok.model_type == "word":
+        raise TokenizerError("tokenizer.model_type", "a SentencePiece word model has no exact Hugging Face tokenizer "
+                             "equivalent; export a bpe, unigram or char tokenizer")  # fmt: skip
+    hf = _sentencepiece_to_hf(tok.proto)
+    atomic_write_bytes(out / TOKENIZER_JSON, hf.to_str(pretty=True).encode("utf-8"))
+    specials = {"bos_token": tok.id_to_piece(tok.bos_id), "eos_token": tok.id_to_piece(tok.eos_id),
+                "unk_token": tok.id_to_piece(tok.unk_id), "pad_token": tok.id_to_piece(tok.pad_id)}  # fmt: skip
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "split_special_tokens": True,
+              "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False}  # fmt: skip
+    if model_max_length:
+        config["model_max_length"] = model_max_length
+    atomic_write_json(out / "tokenizer_config.json", config)
+    atomic_write_json(out / "special_tokens_map.json", specials)
+    return [out / TOKENIZER_JSON, out / "tokenizer_config.json", out / "special_tokens_map.json"]
+
+
+# SentencePiece piece types (sentencepiece_model.proto)
+_NORMAL, _UNKNOWN, _CONTROL, _USER, _BYTE = 1, 2, 3, 4, 6
+
+
+def _sentencepiece_to_hf(proto: Any) -> Any:
+    tokenizers = tokenizers_module()
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+
+    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    byte_fallback = proto.trainer_spec.byte_fallback
+    if proto.trainer_spec.model_type == 2:  # bpe: a merge for every split of a piece into two pieces, by its score
+        merges = []
+        for piece, score, kind in pieces:
+            if kind == _NORMAL and len(piece) > 1:
+                local = [
+                    (piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab
+                ]
+                merges += [(a, b, score) for a, b in sorted(local, key=lambda ab: (vocab[ab[0]], vocab[ab[1]]))]
+        merges.sort(key=lambda m: -m[2])
+        model = models.BPE(vocab=vocab, merges=[(a, b) for a, b, _ in merges], unk_token=pieces[0][0], fuse_unk=True,
+                           byte_fallback=byte_fallback)  # fmt: skip
+    else:  # unigram and char: the same lattice; control and byte pieces kept out of it by their score
+        out_of_lattice = (_UNKNOWN, _CONTROL, _BYTE)
+        model = models.Unigram([(p, -1e9 if kind in out_of_lattice else score) for p, score, kind in pieces], unk_id=0,
+                               byte_fallback=byte_fallback)  # fmt: skip
+    hf = tokenizers.Tokenizer(model)
+    hf.normalizer = normalizers.Replace(" ", "\u2581")
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex("\u2581+[^\u2581]*|[^\u2581]+"), behavior="isolated")
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    hf.add_tokens([AddedToken(p, special=False, normalized=False) for p, _, kind in pieces if kind == _USER])
+    return hf
+
+
 # ----------------------------------------------------------------------------- parallel encoding helpers
 
 _worker_tok: Tokenizer | None = None
@@ -287,7 +500,7 @@ _worker_tok: Tokenizer | None = None
 def init_encode_worker(model_path: str) -> None:
     """Pool initializer: load the tokenizer once per worker process."""
     global _worker_tok
-    _worker_tok = Tokenizer.load(model_path)
+    _worker_tok = load_tokenizer(model_path)
 
 
 def encode_chunk(texts: list[str], tok: Tokenizer | None = None) -> list[tuple[np.ndarray, int]]:

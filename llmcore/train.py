@@ -49,6 +49,7 @@ from llmcore.checkpoint import (
     CheckpointError,
     apply_checkpoint,
     checkpoints,
+    load_weights,
     read_checkpoint,
     rng_state,
     save_checkpoint,
@@ -193,7 +194,8 @@ class StopSignal:
 class Trainer:
     """State of one rank's training run; `run()` is the loop."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, shards_dir: Path, out_dir: Path, seed: int):
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainConfig, shards_dir: Path, out_dir: Path, seed: int,
+                 init: Path | None = None):  # fmt: skip
         self.t_start = _clock()  # the time budget counts from here
         self.cfg, self.out_dir, self.seed = cfg, Path(out_dir), seed
         self.dist = D.init_distributed(cfg.device)
@@ -235,6 +237,8 @@ class Trainer:
             )
         _seed_everything(seed)  # identical initial weights on every rank (built on the CPU, as with ddp)
         self.model = GPT(model_cfg, self.train_split.vocab_size)
+        if init is not None:  # pretrained weights (model.init_from); a checkpoint of this run's own wins below
+            load_weights(init, self.model)
         self.frozen = freeze_parameters(self.model, cfg.freeze)
         if self.frozen and self.dist.is_main:
             print(f"train.freeze: {len(self.frozen)} parameters kept fixed: {', '.join(self.frozen)}", file=sys.stderr)
@@ -481,8 +485,10 @@ class Trainer:
         return summary
 
 
-def train(model_cfg: ModelConfig, train_cfg: TrainConfig, shards_dir: Path, out_dir: Path, seed: int) -> dict:
-    """Train (or continue training) in out_dir; returns the summary also written to out_dir/summary.json."""
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, shards_dir: Path, out_dir: Path, seed: int,
+          init: Path | None = None) -> dict:  # fmt: skip
+    """Train (or continue training) in out_dir; returns the summary also written to out_dir/summary.json.
+    ``init``: a weights-only checkpoint to start from (``checkpoint.save_weights``) when out_dir has none."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     # One training per out_dir at a time: rank 0 holds the lock from before it reads a checkpoint until the
     # summary is written (the other ranks wait for rank 0 at the rendezvous).
@@ -493,7 +499,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, shards_dir: Path, out_
     )
     with lock:
         try:
-            return Trainer(model_cfg, train_cfg, shards_dir, out_dir, seed).run()
+            return Trainer(model_cfg, train_cfg, shards_dir, out_dir, seed, init).run()
         finally:
             D.cleanup()
 
@@ -535,13 +541,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="JSON with model, train and seed")
     parser.add_argument("--shards", type=Path, required=True, help="shards directory (with manifest.json)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (resumed if it has checkpoints)")
+    parser.add_argument("--init", type=Path, help="weights to start from (a weights-only checkpoint directory)")
     args = parser.parse_args(argv)
     run, problems = load_run_config(args.config)
     if problems:
         print("invalid training config:\n  " + "\n  ".join(problems), file=sys.stderr)
         return exitcodes.BAD_INPUT
     try:
-        summary = train(run.model, run.train, args.shards, args.out, run.seed)
+        summary = train(run.model, run.train, args.shards, args.out, run.seed, args.init)
     except ShardError as e:
         hint = (
             f"\nthe shards directory is damaged or incomplete: delete {args.shards} and submit again to rebuild it"

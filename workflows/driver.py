@@ -306,7 +306,8 @@ class Driver:
         self.launched_log[stage.key] = log_size(stage.dir)
         log = str(stage.dir / TRAIN_LOG)
         # Keyword arguments only past the first three: Parsl merges the function's defaults into the call.
-        proc = app(str(stage.dir), dirs["shards"], env, launcher=launcher, inputs=deps, stdout=log, stderr=log, **extra)
+        proc = app(str(stage.dir), dirs["shards"], env, launcher=launcher, init_dir=dirs.get("init"), inputs=deps,
+                   stdout=log, stderr=log, **extra)  # fmt: skip
         self.processes[stage.key] = proc
         return apps["commit_train"](str(stage.dir), inputs=[proc])
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from llmcore.io import COMMIT_MARKER, is_committed, read_json
 from workflows.spec import ExperimentSpec, LoadedSpec, gc_paused
-from workflows.stages import STAGES, Facts, StageKind
+from workflows.stages import LOCATE, STAGES, Facts, StageKind
 
 
 def canonical_hash(obj: Any, length: int = 16) -> str:
@@ -99,7 +99,7 @@ class Plan:
 
 #: Stage kinds whose keys make up a run's identity in MLflow (adding a benchmark task to a finished run records
 #: it on the same run instead of starting another).
-IDENTITY_KINDS = ("tokenizer", "shards", "train", "eval")
+IDENTITY_KINDS = ("tokenizer", "shards", "init", "train", "eval")
 
 
 def spec_identity(spec: ExperimentSpec) -> dict[str, Any]:
@@ -135,7 +135,8 @@ class _Planner:
 
     def _stage(self, kind: StageKind, config: dict[str, Any], deps: tuple[str, ...], spec: ExperimentSpec,
                by_kind: dict[str, Stage]) -> Stage:  # fmt: skip
-        key = canonical_hash({"kind": kind.name, "version": kind.version, "config": config, "inputs": deps})
+        hashed = {k: v for k, v in config.items() if k != LOCATE}  # where an input is found is not what it is
+        key = canonical_hash({"kind": kind.name, "version": kind.version, "config": hashed, "inputs": deps})
         stage = self.result.stages.get(key)
         if stage is None:
             inputs = {k: by_kind[k].dir for k in kind.inputs if k in by_kind}

@@ -23,6 +23,7 @@ from pydantic import Field, ValidationError, field_validator, model_serializer, 
 from llmcore.config import (
     ADDED_LATER,
     RULES_ERROR,
+    ConfigError,
     DataConfig,
     EvalConfig,
     ModelConfig,
@@ -504,9 +505,12 @@ def expand(
                 set_dotted(run_tree, key, value)
             name = run_name(point, experiment)
             try:
-                run_spec = ExperimentSpec.model_validate(run_tree)
+                run_spec = resolve_pretrained(ExperimentSpec.model_validate(run_tree))
             except ValidationError as err:
                 per_point.append((name, format_validation_error(err)))
+                continue
+            except ConfigError as err:  # the pretrained weights the run starts from
+                per_point.append((name, [str(err)]))
                 continue
             if found := cross_field_problems(run_spec):
                 per_point.append((name, found))
@@ -517,6 +521,15 @@ def expand(
     if len(set(names)) != len(names):
         raise SpecError(source, ["sweep: two sweep points have the same values (a value is listed twice)"])
     return runs
+
+
+def resolve_pretrained(spec: ExperimentSpec) -> ExperimentSpec:
+    """A run starting from pretrained weights: its architecture and tokenizer from them (workflows.pretrained)."""
+    if spec.model.init_from is None:
+        return spec
+    from workflows.pretrained import resolve
+
+    return resolve(spec)
 
 
 REPLICATE_KEY = "train.seed"
@@ -596,9 +609,11 @@ class LoadedSpec:
         for key, value in values.items():
             set_dotted(run_tree, key, value)
         try:
-            spec = ExperimentSpec.model_validate(run_tree)
+            spec = resolve_pretrained(ExperimentSpec.model_validate(run_tree))
         except ValidationError as err:
             raise SpecError(self.source, format_validation_error(err)) from None
+        except ConfigError as err:
+            raise SpecError(self.source, [str(err)]) from None
         if found := cross_field_problems(spec):
             raise SpecError(self.source, found)
         return f"trial={number}", dict(values), spec

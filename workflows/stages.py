@@ -103,6 +103,12 @@ class StageKind:
         return out
 
 
+#: A key in a stage's config that says where to find an input whose content is already in the key (a pretrained
+#: folder's path): passed to the body, left out of the hash, so a folder that moves is the same stage.
+LOCATE = "locate"
+INIT_WEIGHTS = "weights"  # the init stage's weights-only checkpoint
+
+
 class Result(BaseModel):
     """A committed stage's result, as its body returned it (its marker's ``result``): the fields reports read."""
 
@@ -114,8 +120,11 @@ class Result(BaseModel):
 
 def tokenizer_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path], runtime: dict[str, Any]):
     from llmcore.config import DataConfig, TokenizerConfig
-    from llmcore.tokenizer import train_tokenizer
+    from llmcore.tokenizer import import_tokenizer, train_tokenizer
 
+    if config["tokenizer"].get("type") == "pretrained":  # import and check, instead of training
+        cfg = TokenizerConfig(type="pretrained", path=config[LOCATE]["path"])
+        return import_tokenizer(cfg, stage_dir, config["vocab"])
     cfg = TokenizerConfig.model_validate({**config["tokenizer"], **runtime})
     return train_tokenizer(DataConfig(sources=config["sources"]), cfg, stage_dir, config["seed"])
 
@@ -125,7 +134,35 @@ class TokenizerResult(Result):
 
 
 def tokenizer_report(stage_dir: Path, result: dict[str, Any]) -> Report:
-    return Report(artifacts=[(stage_dir / "tokenizer.model", "tokenizer")])
+    from llmcore.tokenizer import HF_FILES, SP_MODEL
+
+    return Report(artifacts=[(stage_dir / f, "tokenizer") for f in (SP_MODEL, *HF_FILES) if (stage_dir / f).is_file()])
+
+
+def init_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path], runtime: dict[str, Any]):
+    """The weights a run starts from, as a weights-only checkpoint in ``<stage>/weights``: a Hugging Face folder
+    converted (its names mapped, its Conv1D weights transposed, its position table cropped), or an earlier run's
+    final weights."""
+    from llmcore.checkpoint import load_model, save_weights
+    from llmcore.config import ModelConfig
+    from llmcore.hf import load_pretrained
+
+    cfg = ModelConfig.model_validate(config["model"])
+    source = Path(config[LOCATE]["path"])
+    if config["init"]["type"] == "huggingface":
+        model, hf = load_pretrained(source, cfg)
+        vocab = hf.vocab_size
+    else:
+        model, meta = load_model(source)
+        if cfg.block_size < model.cfg.block_size:
+            model.crop_block_size(cfg.block_size)
+        model.cfg, vocab = cfg, meta["vocab_size"]
+    save_weights(stage_dir / INIT_WEIGHTS, model, {"source": str(source)})
+    return {"params": model.num_params(), "vocab_size": vocab, "source": str(source)}
+
+
+def init_report(stage_dir: Path, result: dict[str, Any]) -> Report:
+    return Report({"model/init_params": result["params"]})
 
 
 def shards_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path], runtime: dict[str, Any]):
@@ -133,7 +170,7 @@ def shards_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path]
     from llmcore.shards import write_shards
 
     data = DataConfig.model_validate({**config["data"], **runtime})
-    manifest = write_shards(data, inputs["tokenizer"] / "tokenizer.model", stage_dir, config["seed"])
+    manifest = write_shards(data, inputs["tokenizer"], stage_dir, config["seed"])
     return {
         "vocab_size": manifest["vocab_size"],
         "dtype": manifest["dtype"],
@@ -173,8 +210,8 @@ def eval_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path], 
     from llmcore.evaluate import evaluate
 
     cfg = EvalConfig.model_validate(config["eval"])
-    tokenizer = inputs["tokenizer"] / "tokenizer.model"
-    return evaluate(inputs["train"], inputs["shards"], tokenizer, cfg, stage_dir, config["seed"], runtime["device"])
+    return evaluate(inputs["train"], inputs["shards"], inputs["tokenizer"], cfg, stage_dir, config["seed"],
+                    runtime["device"])  # fmt: skip
 
 
 class EvalResult(Result):
@@ -198,6 +235,8 @@ def _without(d: dict[str, Any], *names: str) -> dict[str, Any]:
 
 
 def tokenizer_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
+    if spec.tokenizer.type == "pretrained":
+        return {"tokenizer": pretrained_tokenizer_config(spec, facts)}
     return {
         "tokenizer": {
             "tokenizer": _without(spec.tokenizer.key_dict(), "num_threads"),
@@ -213,6 +252,43 @@ def shards_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any
                        "seed": spec.seed}}  # fmt: skip
 
 
+def pretrained_tokenizer_config(spec: ExperimentSpec, facts: Facts) -> dict[str, Any]:
+    """A pretrained tokenizer's key: the content of its files (a folder that moves is the same tokenizer) and the
+    vocabulary of the weights it goes with; its path is where to find it, outside the key."""
+    from llmcore.tokenizer import tokenizer_files
+
+    path = Path(spec.tokenizer.path).expanduser().resolve()
+    files = {f.name: facts.digest(f) for f in tokenizer_files(path)}
+    vocab = _source(spec).model.vocab_size if spec.model.init_from is not None else None
+    return {"tokenizer": {"type": "pretrained", "files": files}, "vocab": vocab, LOCATE: {"path": str(path)}}
+
+
+def _source(spec: ExperimentSpec) -> Any:
+    from workflows.pretrained import source_of
+
+    return source_of(spec)
+
+
+def init_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
+    """Runs that start from pretrained weights: the weights' content (a Hugging Face folder's config.json and
+    weight files, or the earlier checkpoint's files) and the architecture they are loaded into."""
+    init = spec.model.init_from
+    if init is None:
+        return {}
+    from llmcore.hf import CONFIG, weight_files
+
+    source = _source(spec)
+    if source.kind == "huggingface":
+        files = [source.weights / CONFIG, *weight_files(source.weights)]
+    else:
+        files = sorted(f for f in source.weights.iterdir() if f.name in ("model.safetensors", "meta.json"))
+    digests = {f.name: facts.digest(f) for f in files}
+    model = _without(spec.model.key_dict(), "init_from", "dropout", "attention")
+    return {
+        "init": {"init": {"type": init.type, "files": digests}, "model": model, LOCATE: {"path": str(source.weights)}}
+    }
+
+
 def train_seed(spec: ExperimentSpec) -> int:
     """Training's seed: ``train.seed``, else the spec's (data stages always use the spec's)."""
     return spec.train.seed if spec.train.seed is not None else spec.seed
@@ -220,7 +296,8 @@ def train_seed(spec: ExperimentSpec) -> int:
 
 def train_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
     train = _without(spec.train.key_dict(), "time_budget_s", "seed")
-    return {"train": {"model": spec.model.key_dict(), "train": train, "seed": train_seed(spec)}}
+    # (the weights a run starts from are its `init` input: their content, not their path, is in the key)
+    return {"train": {"model": _without(spec.model.key_dict(), "init_from"), "train": train, "seed": train_seed(spec)}}
 
 
 def eval_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
@@ -230,15 +307,19 @@ def eval_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]
 # ------------------------------------------------------------------------------------------ the registry
 
 TOKENIZER = StageKind(
-    "tokenizer", 1, (), tokenizer_config, tokenizer_body, tokenizer_report, ("data", "tokenizer", "seed"),
+    "tokenizer", 1, (), tokenizer_config, tokenizer_body, tokenizer_report, ("data", "tokenizer", "seed", "model"),
     runtime_fields=("tokenizer.num_threads",), describe="train a SentencePiece tokenizer on the corpus",
 )  # fmt: skip
 SHARDS = StageKind(
     "shards", 1, ("tokenizer",), shards_config, shards_body, shards_report, ("data", "seed"),
     runtime_fields=("data.num_workers",), describe="encode the corpus into verified train/val token shards",
 )  # fmt: skip
+INIT = StageKind(
+    "init", 1, (), init_config, init_body, init_report, ("model", "tracking", "runs_root"),
+    describe="convert the pretrained weights a run starts from (model.init_from)",
+)  # fmt: skip
 TRAIN = StageKind(
-    "train", 1, ("shards",), train_config, None, train_report, ("model", "train", "seed"), executor="train",
+    "train", 1, ("shards", "init"), train_config, None, train_report, ("model", "train", "seed"), executor="train",
     runtime_fields=("train.time_budget_s",),
     describe="train the model: `python -m llmcore.train` in a process of its own, one per rank",
 )  # fmt: skip
@@ -248,7 +329,7 @@ EVAL = StageKind(
 )  # fmt: skip
 
 #: Every stage kind, in dependency order (a kind's inputs come before it).
-STAGES: dict[str, StageKind] = {k.name: k for k in (TOKENIZER, SHARDS, TRAIN, EVAL)}
+STAGES: dict[str, StageKind] = {k.name: k for k in (TOKENIZER, SHARDS, INIT, TRAIN, EVAL)}
 
 
 # -------------------------------------------------------------------------------------- running a stage
@@ -296,24 +377,27 @@ def write_train_config(stage_dir: Path, config: dict[str, Any], runtime: dict[st
     atomic_write_json(stage_dir / TRAIN_CONFIG, {**config, "train": {**config["train"], **runtime}})
 
 
-def train_command(stage_dir: str, shards_dir: str, env: dict[str, str], launcher: str = "") -> str:
+def train_command(stage_dir: str, shards_dir: str, env: dict[str, str], launcher: str = "",
+                  init_dir: str | None = None) -> str:  # fmt: skip
     """The shell command that trains one run. ``launcher`` starts the ranks: empty for one process,
     ``$PARSL_MPI_PREFIX`` under Parsl's MPIExecutor, an ``mpiexec ...`` prefix on local sites. Every
     argument is shell-quoted; only the launcher (built by gptlab, never from a spec) is left to the shell."""
     args = [sys.executable, "-m", "llmcore.train", "--config", f"{stage_dir}/{TRAIN_CONFIG}", "--shards", shards_dir,
             "--out", stage_dir]  # fmt: skip
+    if init_dir:
+        args += ["--init", f"{init_dir}/{INIT_WEIGHTS}"]
     env_args = [f"{k}={v}" for k, v in sorted(env.items())]
     command = " ".join(shlex.quote(a) for a in (["env", *env_args] if env_args else []) + args)
     return f"{launcher} {command}" if launcher else command
 
 
 def train_app(
-    stage_dir: str, shards_dir: str, env: dict[str, str], launcher: str = "", inputs: list[Any] = (),
-    stdout: str | None = None, stderr: str | None = None,
+    stage_dir: str, shards_dir: str, env: dict[str, str], launcher: str = "", init_dir: str | None = None,
+    inputs: list[Any] = (), stdout: str | None = None, stderr: str | None = None,
     parsl_resource_specification: dict[str, Any] | None = None,
 ) -> str:  # fmt: skip
     """Body of the training bash app (module level, so every executor can ship it by reference)."""
-    return train_command(stage_dir, shards_dir, env, launcher)
+    return train_command(stage_dir, shards_dir, env, launcher, init_dir)
 
 
 def commit_train(stage_dir: str, inputs: list[Any] = ()) -> dict[str, Any]:
