@@ -423,7 +423,7 @@ class EvalConfig(RuledModel):
     batch_size: int = Field(16, ge=1, description="Sequences per evaluation batch.")
     prompts: list[str] = Field(default_factory=lambda: ["\n"], description="Prompts to sample continuations for.")
     max_new_tokens: int = Field(200, ge=0, description="Tokens to sample per prompt.")
-    temperature: float = Field(0.8, gt=0.0, description="Sampling temperature.")
+    temperature: float = Field(0.8, ge=0.0, description="Sampling temperature; 0 is greedy (the most likely token).")
     top_k: int | None = Field(200, ge=1, description="Sample from the k most likely tokens; null for all.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling threshold; null disables.")
 

@@ -41,6 +41,7 @@ def preflight(loaded: LoadedSpec, submitting: bool = False) -> None:
             problems += corpus_problems(spec.data, spec.seed)
     if not problems:
         problems += [p for p in dict.fromkeys(p for _, _, spec in loaded.runs for p in size_problems(spec))]
+        problems += list(dict.fromkeys(p for _, _, spec in loaded.runs for p in pretrained_problems(spec)))
     problems += site_problems(loaded.spec.site, [spec.train for _, _, spec in loaded.runs], submitting=submitting)
     problems += runs_root_problems(Path(loaded.spec.runs_root).expanduser())
     if problems:
@@ -112,6 +113,29 @@ def size_problems(spec: ExperimentSpec) -> list[str]:
         for split in ("train", "val")
         if 0 < bound[split] < need
     ]
+
+
+def pretrained_problems(spec: ExperimentSpec) -> list[str]:
+    """A pretrained tokenizer must load, and match the vocabulary of the weights the run starts from."""
+    if spec.tokenizer.type != "pretrained":
+        return []
+    from llmcore.config import ConfigError
+    from llmcore.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(spec.tokenizer.path)
+        tok.eos_id  # noqa: B018 - raises when the tokenizer knows no end-of-text token
+    except ConfigError as err:
+        return [str(err)]
+    if spec.model.init_from is None:
+        return []
+    from workflows.pretrained import source_of
+
+    vocab = source_of(spec).model.vocab_size
+    if tok.vocab_size != vocab:
+        return [f"tokenizer.path: {spec.tokenizer.path} has {tok.vocab_size} tokens, but the model's vocabulary has "
+                f"{vocab}: a tokenizer and a model must match"]  # fmt: skip
+    return []
 
 
 def runs_root_problems(root: Path) -> list[str]:

@@ -341,9 +341,15 @@ def compare(
 @app.command()
 @user_errors
 def sample(
-    run: str = typer.Argument(
-        ...,
+    run: str | None = typer.Argument(
+        None,
         help="Run name of a sweep point, MLflow run id, or a unique prefix of a run id (6 characters or more).",
+        show_default=False,
+    ),
+    pretrained: Path | None = typer.Option(
+        None,
+        "--pretrained",
+        help="A Hugging Face model folder (GPT-2 or Llama family) instead of a run.",
         show_default=False,
     ),
     prompt: str = typer.Option(
@@ -351,35 +357,64 @@ def sample(
     ),
     num_samples: int = typer.Option(1, "--num-samples", "-n", min=1, help="Continuations to draw."),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="Tokens to generate."),
-    temperature: float = typer.Option(0.8, help="Sampling temperature (> 0)."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature; 0 is greedy."),
     top_k: int | None = typer.Option(200, "--top-k", help="Sample from the k most likely tokens."),
     top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling threshold in (0, 1]."),
     seed: int = typer.Option(1337, help="Sampling seed (same seed, same text)."),
     device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
-    spec: Path | None = typer.Option(None, "--spec", help="Find the run in this spec's store."),
+    spec: Path | None = typer.Option(None, "--spec", help="Find the run among this spec's runs."),
     runs_root: Path | None = RunsRootOpt,
     uri: str | None = UriOpt,
     experiment: str | None = ExperimentOpt,
 ) -> None:
-    """Generate text from a run's trained weights (its newest committed checkpoint)."""
+    """Generate text from a run's trained weights (its newest committed checkpoint), or with --pretrained from a
+    Hugging Face folder directly (as transformers' text-generation pipeline does)."""
+    from llmcore.evaluate import sample as generate
     from llmcore.hardware import resolve_device
-    from workflows.query import open_store, sample_run
+    from workflows.query import open_store, pretrained_model, run_model, sample_config
 
     try:
-        resolve_device(device)
+        dev = resolve_device(device)
     except (ValueError, RuntimeError) as exc:
         raise InputError("gptlab sample", [f"--device: {exc}"]) from None
-    store = open_store(spec, None, runs_root, uri, experiment)
+    if (run is None) == (pretrained is None):
+        raise InputError("gptlab sample", ["RUN / --pretrained: give a run, or --pretrained DIR, not both"])
     text = prompt.replace("\\n", "\n").replace("\\t", "\t")  # typed escapes, as in "def f():\n"
-    say = lambda msg: typer.echo(f"# {msg}", err=True)
-    found, meta, texts = sample_run(
-        store, run, text, num_samples, max_new_tokens, temperature, top_k, top_p, seed, device, say=say
-    )
-    typer.echo(f"# {found.info.run_name} (run {found.info.run_id}), checkpoint step {meta['step']}", err=True)
-    for i, t in enumerate(texts):
+    cfg = sample_config(text, num_samples, max_new_tokens, temperature, top_k, top_p)
+    if pretrained is not None:
+        model, tokenizer = pretrained_model(pretrained, dev)
+        typer.echo(f"# {pretrained} ({model.num_params():,} parameters)", err=True)
+    else:
+        say = lambda msg: typer.echo(f"# {msg}", err=True)
+        store = open_store(spec, None, runs_root, uri, experiment)
+        found, model, tokenizer, meta = run_model(store, run, dev, say)
+        typer.echo(f"# {found.info.run_name} (run {found.info.run_id}), checkpoint step {meta['step']}", err=True)
+    for i, s in enumerate(generate(model, tokenizer, cfg, dev, seed)):
         if i:
             typer.echo("\n---")
-        typer.echo(text + t)
+        typer.echo(text + s["text"])
+
+
+@app.command()
+@user_errors
+def export(
+    run: str = typer.Argument(..., help="Run name, MLflow run id, or a unique id prefix.", show_default=False),
+    out_dir: Path = typer.Option(..., "--out", help="The folder to write (created).", show_default=False),
+    spec: Path | None = typer.Option(None, "--spec", help="Find the run among this spec's runs."),
+    runs_root: Path | None = RunsRootOpt,
+    uri: str | None = UriOpt,
+    experiment: str | None = ExperimentOpt,
+) -> None:
+    """Write a run's final weights and tokenizer as a Hugging Face folder that transformers loads with no extra
+    code (AutoModelForCausalLM, AutoTokenizer): config.json, model.safetensors, generation_config.json, the
+    tokenizer files and a README.md model card. Learned positions + LayerNorm + GELU export as GPT2LMHeadModel,
+    RoPE + RMSNorm + SwiGLU without biases as LlamaForCausalLM."""
+    from workflows.query import export_run, open_store
+
+    store = open_store(spec, None, runs_root, uri, experiment)
+    found, files = export_run(store, run, out_dir, lambda msg: typer.echo(f"# {msg}", err=True))
+    typer.echo(f"Exported {found.info.run_name} (run {found.info.run_id}) to {out_dir}: "
+               + ", ".join(f.name for f in files))  # fmt: skip
 
 
 @app.command()

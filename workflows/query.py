@@ -293,6 +293,110 @@ def latest_parent(store: Store) -> Any:
 # -------------------------------------------------------------------------------------------- sampling
 
 
+def sample_config(prompt: str, num_samples: int, max_new_tokens: int, temperature: float, top_k: int | None,
+                  top_p: float | None) -> Any:  # fmt: skip
+    """The sampling options as an EvalConfig; a bad one is InputError naming its command-line option."""
+    from pydantic import ValidationError
+
+    from llmcore.config import EvalConfig
+
+    try:
+        return EvalConfig(prompts=[prompt] * num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, top_p=top_p)  # fmt: skip
+    except ValidationError as err:
+        options = {"prompts": "--prompt"}
+        raise InputError("gptlab sample", [
+            f"{options.get(str(e['loc'][0]), '--' + str(e['loc'][0]).replace('_', '-'))}: {e['msg']}"
+            for e in err.errors()
+        ]) from None  # fmt: skip
+
+
+def run_model(store: Store, ref: str, device: str = "cpu", say: Any = None) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(run, model, tokenizer, checkpoint meta) of a run's newest committed checkpoint."""
+    from llmcore.checkpoint import CheckpointError, load_model
+    from llmcore.tokenizer import TokenizerError, load_tokenizer
+
+    run = find_run(store, ref, say)
+    dirs = stage_dirs(run, store.runs_root)
+    train, tok = dirs.get("train"), dirs.get("tokenizer")
+    if train is None or tok is None:
+        raise InputError(store.source, [f"RUN: run {run.info.run_id} does not record its stage directories "
+                                        "(submitted by an older gptlab): pass --runs-root"])  # fmt: skip
+    try:
+        tokenizer = load_tokenizer(tok)
+    except TokenizerError as err:
+        raise InputError(store.source, [f"RUN: the tokenizer of run {run.info.run_name} is not on this machine "
+                                        f"({err.message})"]) from None  # fmt: skip
+    try:
+        model, meta = load_model(train, device)
+    except CheckpointError as err:
+        raise InputError(store.source, [f"RUN: run {run.info.run_name} has no usable weights: {err}"]) from None
+    return run, model, tokenizer, meta
+
+
+def pretrained_model(folder: Path, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) of a Hugging Face folder, read by llmcore (no transformers)."""
+    from llmcore.config import ConfigError
+    from llmcore.hf import load_pretrained
+    from llmcore.tokenizer import load_tokenizer
+
+    try:
+        model, _ = load_pretrained(folder)
+        tokenizer = load_tokenizer(folder)
+    except ConfigError as err:
+        raise InputError("gptlab sample", [f"--pretrained: {err}"]) from None
+    return model.to(device).eval(), tokenizer
+
+
+def export_run(store: Store, ref: str, out: Path, say: Any = None) -> tuple[Any, list[Path]]:
+    """Write a run's final weights and tokenizer as a Hugging Face folder with a model card, and tag the run with
+    where it went; (run, files written)."""
+    import yaml
+
+    from llmcore.config import ConfigError
+    from llmcore.hf import export_model
+    from llmcore.io import atomic_write_bytes
+    from llmcore.tokenizer import export_tokenizer
+    from workflows.store import Tracker
+
+    if out.exists() and not out.is_dir():
+        raise InputError("gptlab export", [f"--out: {out} is a file, not a directory"])
+    run, model, tokenizer, meta = run_model(store, ref, "cpu", say)
+    bos = tokenizer.bos_id if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else None
+    try:
+        files = export_model(model, out, bos_id=bos, eos_id=tokenizer.eos_id)
+        files += export_tokenizer(stage_dirs(run, store.runs_root)["tokenizer"], out, model.cfg.block_size)
+    except ConfigError as err:
+        raise InputError("gptlab export", [f"RUN: run {run.info.run_name}: {err}"]) from None
+    card = model_card(run, meta, yaml.safe_dump(dict(sorted(run.data.params.items())), sort_keys=False))
+    atomic_write_bytes(out / "README.md", card.encode("utf-8"))
+    files.append(out / "README.md")
+    experiment = store.client.get_experiment(run.info.experiment_id).name
+    Tracker(store.uri, experiment, (store.runs_root or Path(".")) / "mlartifacts").set_tags(
+        run.info.run_id, {"exported_to": str(out.resolve())}
+    )
+    return run, files
+
+
+def model_card(run: Any, meta: dict[str, Any], params_yaml: str) -> str:
+    """README.md of an exported model: what it is, how it was trained (the run's resolved spec), its final
+    metrics, where it came from."""
+    metrics = run.data.metrics
+    shown = [k for k in ("val/bpb", "final/val_loss", "val/ppl", "model/params") if k in metrics]
+    shown += sorted(k for k in metrics if k.startswith("task/"))
+    rows = "\n".join(f"| {k} | {metrics[k]:.4f} |" if abs(metrics[k]) < 1000 else f"| {k} | {metrics[k]:,.0f} |"
+                      for k in shown)  # fmt: skip
+    return (
+        f"---\nlibrary_name: transformers\ntags: [gptlab, causal-lm]\n---\n\n# {run.info.run_name}\n\n"
+        f"A {meta['model'].get('n_layer')}-layer GPT trained with gptlab (checkpoint step "
+        f"{meta['step']}), MLflow run `{run.info.run_id}`. Load it with\n\n```python\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        'model = AutoModelForCausalLM.from_pretrained(".")\ntokenizer = AutoTokenizer.from_pretrained(".")\n```\n\n'
+        f"## Final metrics\n\n| metric | value |\n|---|---|\n{rows}\n\n"
+        f"## Training spec (the run's resolved settings)\n\n```yaml\n{params_yaml}```\n"
+    )
+
+
 def sample_run(
     store: Store,
     ref: str,
@@ -307,54 +411,10 @@ def sample_run(
     say: Any = None,
 ) -> tuple[Any, dict[str, Any], list[str]]:
     """(run, checkpoint meta, continuations) sampled from a run's newest committed checkpoint."""
-    from pydantic import ValidationError
-
-    from llmcore.checkpoint import CheckpointError, load_model
-    from llmcore.config import EvalConfig
     from llmcore.evaluate import sample
     from llmcore.hardware import resolve_device
-    from llmcore.tokenizer import Tokenizer
 
-    try:
-        cfg = EvalConfig(
-            prompts=[prompt] * num_samples,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-        )
-    except ValidationError as err:
-        options = {"prompts": "--prompt"}
-        raise InputError(
-            "gptlab sample",
-            [
-                f"{options.get(str(e['loc'][0]), '--' + str(e['loc'][0]).replace('_', '-'))}: {e['msg']}"
-                for e in err.errors()
-            ],
-        ) from None
-    run = find_run(store, ref, say)
-    dirs = stage_dirs(run, store.runs_root)
-    train, tok = dirs.get("train"), dirs.get("tokenizer")
-    if train is None or tok is None:
-        raise InputError(
-            store.source,
-            [
-                f"RUN: run {run.info.run_id} does not record its stage directories "
-                "(submitted by an older gptlab): pass --runs-root"
-            ],
-        )
-    if not (tok / "tokenizer.model").is_file():
-        raise InputError(
-            store.source,
-            [
-                f"RUN: the tokenizer of run {run.info.run_name} is not on this machine "
-                f"({tok / 'tokenizer.model'} is missing)"
-            ],
-        )
+    cfg = sample_config(prompt, num_samples, max_new_tokens, temperature, top_k, top_p)
     dev = resolve_device(device)
-    try:
-        model, meta = load_model(train, dev)
-    except CheckpointError as err:
-        raise InputError(store.source, [f"RUN: run {run.info.run_name} has no usable weights: {err}"]) from None
-    texts = [s["text"] for s in sample(model, Tokenizer.load(tok / "tokenizer.model"), cfg, dev, seed)]
-    return run, meta, texts
+    run, model, tokenizer, meta = run_model(store, ref, dev, say)
+    return run, meta, [s["text"] for s in sample(model, tokenizer, cfg, dev, seed)]
