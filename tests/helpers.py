@@ -260,3 +260,31 @@ def train_command(config: Any, shards: Any, out: Any) -> str:
     return shlex.join(
         [sys.executable, "-m", "llmcore.train", "--config", str(config), "--shards", str(shards), "--out", str(out)]
     )
+
+
+def gpt2_folder(root: Any, corpus: Any, n_positions: int = 64) -> Any:
+    """A GPT-2-shaped model with random weights and a byte-level BPE trained on the corpus, as from the hub."""
+    import json
+
+    import tokenizers
+    import torch
+    import transformers
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet
+    )
+    tok.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
+    root.mkdir(parents=True)
+    tok.save(str(root / "tokenizer.json"))
+    (root / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"})
+    )
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=n_positions, n_embd=32, n_layer=2,
+                                  n_head=4, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(root)
+    return root

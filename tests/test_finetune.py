@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import gptlab, make_corpus, records, tiny_spec, write_spec
+from helpers import gpt2_folder, gptlab, make_corpus, records, tiny_spec, write_spec
 from mlflow.tracking import MlflowClient
 
 from workflows import submit
@@ -17,28 +17,6 @@ from workflows import submit
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 pytestmark = pytest.mark.slow
-
-
-def gpt2_folder(root, corpus, n_positions: int = 64):
-    """A GPT-2-shaped model with random weights and a byte-level BPE trained on the corpus, as from the hub."""
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet
-    )
-    tok.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
-    root.mkdir(parents=True)
-    tok.save(str(root / "tokenizer.json"))
-    (root / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"})
-    )
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=n_positions, n_embd=32, n_layer=2,
-                                  n_head=4, bos_token_id=0, eos_token_id=0)  # fmt: skip
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(root)
-    return root
 
 
 @pytest.fixture(scope="module")

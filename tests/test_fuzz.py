@@ -12,7 +12,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import annotated_types as at
 import pytest
@@ -57,8 +57,11 @@ def invalid_values(ann: Any, metadata: list[Any]) -> list[Any]:
     """Values the field must reject: wrong types, unknown literals, out-of-bounds numbers, bad patterns."""
     if get_origin(ann) in (Union, types.UnionType):  # Optional[X]: None is valid, X's invalid values are not
         ann = next(a for a in get_args(ann) if a is not type(None))
+    if get_origin(ann) is Annotated:  # a tagged union of sections (model.init_from)
+        ann = get_args(ann)[0]
     origin, args = get_origin(ann), get_args(ann)
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
+    sections = args if origin in (Union, types.UnionType) else (ann,)
+    if all(isinstance(a, type) and issubclass(a, BaseModel) for a in sections):
         return [7, "text", [1, 2]]
     if origin is Literal:
         return ["zz-not-an-option", [args[0]]]

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import make_corpus, tiny_spec, write_spec
+from helpers import gpt2_folder, make_corpus, tiny_spec, write_spec
 
 from workflows.checks import load_and_check
-from workflows.spec import SpecError, gc_paused, load_spec, load_spec_tree, run_name, sweep_points
+from workflows.spec import SpecError, gc_paused, load_spec, load_spec_tree, read_spec_file, run_name, sweep_points
 
 REPO = Path(__file__).resolve().parents[1]
 SPECS = sorted((REPO / "specs").glob("*.yaml"))
@@ -27,13 +27,15 @@ def test_specs_directory_is_not_empty():
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
 def test_every_shipped_spec_validates(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # runs_root is relative to the working directory
-    loaded = load_spec(path)
+    corpus = make_corpus(tmp_path / "corpus", n_docs=40)  # enough text for block_size 256 (1024: a tail of 2.8 kB)
+    overrides = []
+    if "init_from" in (read_spec_file(path).get("model") or {}):  # a small GPT-2-shaped folder the test makes
+        overrides.append(f"model.init_from.path={gpt2_folder(tmp_path / 'gpt2', corpus, n_positions=1024)}")
+    loaded = load_spec(path, overrides)
     assert loaded.runs, "a spec expands to at least one run"
     # Corpus files are checked too: point file sources at a small corpus the test makes.
-    overrides = [
-        f"data.sources.{i}.path={make_corpus(tmp_path / 'corpus', n_docs=40)}"  # enough text for block_size 256
-        for i, s in enumerate(loaded.spec.data.sources)
-        if s.type == "files"
+    overrides += [
+        f"data.sources.{i}.path={corpus}" for i, s in enumerate(loaded.spec.data.sources) if s.type == "files"
     ]
     load_and_check(path, overrides)
 
