@@ -8,7 +8,7 @@ fields, never ``.get(key, default)``. Rules between fields of one section live w
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -390,7 +390,7 @@ class TrainConfig(RuledModel):
 
     def problems(self) -> list[str]:
         p = []
-        if self.min_lr > self.lr:
+        if self.min_lr > self.lr and self.lr_schedule == "cosine":  # (a constant schedule never reaches min_lr)
             p.append(f"min_lr: must be <= train.lr ({self.min_lr} > {self.lr})")
         if self.warmup_steps > self.max_steps:
             p.append(f"warmup_steps: must be <= train.max_steps ({self.warmup_steps} > {self.max_steps})")
@@ -414,6 +414,36 @@ class TrainConfig(RuledModel):
 # ------------------------------------------------------------------------------------------- evaluation
 
 
+TaskFormat = Literal["multiple_choice", "kaggle_science_exam", "hellaswag", "next_line"]
+TASK_FORMATS: tuple[str, ...] = get_args(TaskFormat)
+
+
+class TaskConfig(StrictModel):
+    """One multiple-choice benchmark task, scored on the run's final weights by a stage of its own."""
+
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=64,
+        description="The task's name in metric names: task/<name>/acc, task/<name>/acc_norm, task/<name>/map3.",
+    )
+    path: str | None = Field(
+        None,
+        min_length=1,
+        description="The task file (relative paths: against the working directory). Omitted with format next_line: "
+        "the questions are derived from the run's own validation documents (README: Benchmark tasks).",
+    )
+    format: TaskFormat = Field(
+        "multiple_choice",
+        description="multiple_choice (JSONL: context, choices, answer), kaggle_science_exam (CSV: id, prompt, A-E, "
+        "answer), hellaswag (HellaSwag JSONL) or next_line (JSONL as multiple_choice, a newline before each choice).",
+    )
+    limit: int | None = Field(
+        None, ge=1, description="Score the first N questions only (derived next_line tasks: N questions, default 1000)."
+    )
+    num_fewshot: int = Field(0, ge=0, description="Solved examples from the same file (seeded) before each question.")
+
+
 class EvalConfig(RuledModel):
     """Final evaluation of a trained model."""
 
@@ -426,8 +456,18 @@ class EvalConfig(RuledModel):
     temperature: float = Field(0.8, ge=0.0, description="Sampling temperature; 0 is greedy (the most likely token).")
     top_k: int | None = Field(200, ge=1, description="Sample from the k most likely tokens; null for all.")
     top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling threshold; null disables.")
+    tasks: list[TaskConfig] = Field(
+        default_factory=list,
+        description="Multiple-choice benchmark tasks scored on the final weights, each by a stage of its own.",
+        json_schema_extra=ADDED_LATER,
+    )
 
     def problems(self) -> list[str]:
+        problems = []
         if not self.prompts and self.max_new_tokens > 0:
-            return ["prompts: give at least one prompt, or set eval.max_new_tokens to 0"]
-        return []
+            problems.append("prompts: give at least one prompt, or set eval.max_new_tokens to 0")
+        names = [t.name for t in self.tasks]
+        problems += [f"tasks: two tasks are named '{n}'" for n in sorted({n for n in names if names.count(n) > 1})]
+        problems += [f"tasks.{i}.path: format {t.format} needs a task file" for i, t in enumerate(self.tasks)
+                     if t.path is None and t.format != "next_line"]  # fmt: skip
+        return problems

@@ -232,6 +232,21 @@ def is_val_document(seed: int, index: int, val_fraction: float) -> bool:
     return int.from_bytes(h, "little") / 2**64 < val_fraction
 
 
+def split_pieces(data: DataConfig, seed: int) -> Iterator[tuple[str, str]]:
+    """``(split, text)`` in corpus order: whole documents (``document``) or each document's head and tail."""
+    for index, doc in enumerate(iter_documents(data)):
+        if not doc:
+            continue
+        if data.split == "document":
+            yield ("val" if is_val_document(seed, index, data.val_fraction) else "train"), doc
+            continue
+        cut = int(len(doc) * (1.0 - data.val_fraction))
+        if cut:
+            yield "train", doc[:cut]
+        if cut < len(doc):
+            yield "val", doc[cut:]
+
+
 def corpus_fingerprint(data: DataConfig) -> list[dict]:
     """``[{"path", "size", "mtime_ns", "format"}]`` per corpus file, from stat only (for content addressing)."""
     rows = []

@@ -184,13 +184,14 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                all_logits: bool = False):  # fmt: skip
+                all_logits: bool = False, select: torch.Tensor | None = None):  # fmt: skip
         """idx (B, T) token ids -> (logits, loss).
 
         With targets (B, T): logits (B, T, V) and the mean cross-entropy (targets of -1 are ignored).
         Without: logits of the last position only, (B, 1, V), and loss None; with ``all_logits``, of every position
-        (B, T, V) (scoring a continuation). With a cache, idx holds only the new tokens and their positions
-        continue after the cached ones.
+        (B, T, V); with ``select`` (a (B, T) boolean mask), of the selected positions only, (N, V) in row-major
+        order (scoring continuations: the output head runs on those alone). With a cache, idx holds only the new
+        tokens and their positions continue after the cached ones.
         """
         B, T = idx.size()
         t0 = len(cache) if cache is not None else 0  # position of idx[:, 0]
@@ -209,6 +210,8 @@ class GPT(nn.Module):
             x = block(x, rope, cache, i)  # (B, T, C)
         x = self.ln_f(x)
         if targets is None:
+            if select is not None:
+                return self.lm_head(x[select]), None  # (N, V)
             return self.lm_head(x if all_logits else x[:, [-1], :]), None  # (B, T or 1, V)
         logits = self.lm_head(x)  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)

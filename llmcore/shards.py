@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from llmcore.config import DataConfig
-from llmcore.corpus import CorpusError, is_val_document, iter_documents, resolve_files
+from llmcore.corpus import CorpusError, resolve_files, split_pieces
 from llmcore.io import atomic_open, atomic_write_json, read_json
 from llmcore.tokenizer import encode_chunk, init_encode_worker, load_tokenizer
 
@@ -144,21 +144,6 @@ def resolve_dtype(data: DataConfig, vocab_size: int) -> str:
     return data.token_dtype
 
 
-def _split_pieces(data: DataConfig, seed: int) -> Iterator[tuple[str, str]]:
-    """``(split, text)`` in corpus order: whole documents (``document``) or each document's head and tail."""
-    for index, doc in enumerate(iter_documents(data)):
-        if not doc:
-            continue
-        if data.split == "document":
-            yield ("val" if is_val_document(seed, index, data.val_fraction) else "train"), doc
-            continue
-        cut = int(len(doc) * (1.0 - data.val_fraction))
-        if cut:
-            yield "train", doc[:cut]
-        if cut < len(doc):
-            yield "val", doc[cut:]
-
-
 def _chunks(pieces: Iterable[tuple[str, str]]) -> Iterator[tuple[list[str], list[str]]]:
     """Group ``(split, text)`` pairs into ``(splits, texts)`` work units bounded by count and characters."""
     splits: list[str] = []
@@ -271,7 +256,7 @@ def write_shards(data: DataConfig, tokenizer: Path, out_dir: Path, seed: int) ->
     writers = {s: _SplitWriter(out_dir, s, dtype, data.shard_tokens) for s in SPLITS}
     eos = np.array([tok.eos_id], dtype=np.uint32)
     try:
-        for splits, encoded in _encoded(_chunks(_split_pieces(data, seed)), Path(tokenizer), _worker_count(data)):
+        for splits, encoded in _encoded(_chunks(split_pieces(data, seed)), Path(tokenizer), _worker_count(data)):
             for split, (ids, nbytes) in zip(splits, encoded):
                 writers[split].add(np.concatenate([ids, eos]), nbytes)
         for w in writers.values():

@@ -42,6 +42,7 @@ def preflight(loaded: LoadedSpec, submitting: bool = False) -> None:
     if not problems:
         problems += [p for p in dict.fromkeys(p for _, _, spec in loaded.runs for p in size_problems(spec))]
         problems += list(dict.fromkeys(p for _, _, spec in loaded.runs for p in pretrained_problems(spec)))
+    problems += list(dict.fromkeys(p for _, _, spec in loaded.runs for p in task_problems(spec)))
     problems += site_problems(loaded.spec.site, [spec.train for _, _, spec in loaded.runs], submitting=submitting)
     problems += runs_root_problems(Path(loaded.spec.runs_root).expanduser())
     if problems:
@@ -136,6 +137,26 @@ def pretrained_problems(spec: ExperimentSpec) -> list[str]:
         return [f"tokenizer.path: {spec.tokenizer.path} has {tok.vocab_size} tokens, but the model's vocabulary has "
                 f"{vocab}: a tokenizer and a model must match"]  # fmt: skip
     return []
+
+
+def task_problems(spec: ExperimentSpec) -> list[str]:
+    """Every task file must read as its format (the first defect: file, line and field), with enough other
+    questions for its few-shot examples."""
+    from llmcore.tasks import TaskError, read_questions
+
+    problems = []
+    for i, task in enumerate(spec.eval.tasks):
+        if task.path is None:
+            continue
+        try:
+            questions = read_questions(task.path, task.format)
+        except TaskError as err:
+            problems.append(f"eval.tasks.{i}.path: {err}")
+            continue
+        if task.num_fewshot >= len(questions):
+            problems.append(f"eval.tasks.{i}.num_fewshot: {task.num_fewshot} examples asked, but {task.path} has "
+                            f"{len(questions)} questions (the examples never include the question scored)")  # fmt: skip
+    return problems
 
 
 def runs_root_problems(root: Path) -> list[str]:

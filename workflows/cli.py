@@ -28,7 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="gptlab: experiment specs -> Parsl task graphs -> MLflow runs.",
 )
-out = Console(width=None if sys.stdout.isatty() else 160)  # no wrapping when piped to a file
+out = Console(width=None if sys.stdout.isatty() else 400)  # no wrapping when piped to a file or a program
 
 SpecArg = typer.Argument(..., help="Experiment spec (YAML).", show_default=False)
 SetOpt = typer.Option(None, "--set", "-s", help="Override a field: --set train.lr=3e-4 (repeatable).")
@@ -196,16 +196,20 @@ def submit(
         sys.stderr.flush()
         # Parsl is shut down (or its processes killed): leave now, without waiting on any thread it left behind
         os._exit(128 + (2 if result.interrupted == "SIGINT" else 15))
+    from workflows.compare import task_columns
+
+    tasks = task_columns(r.metrics for r in result.runs)
     table = make_table(
         f"{result.experiment}: {sum(r.status == 'FINISHED' for r in result.runs)}/{len(result.runs)} "
         f"runs finished in {result.seconds:.0f}s",
-        ["run", "status", "final/val_loss", "val/ppl", "val/bpb", "stages cached", "MLflow run"],
+        ["run", "status", "final/val_loss", "val/ppl", "val/bpb", *tasks, "stages cached", "MLflow run"],
     )
     for r in result.runs:
         m = r.metrics
         fmt = lambda k: f"{m[k]:.4f}" if k in m else "-"
         cached = ",".join(k for k, v in r.stages.items() if v == StageState.CACHED) or "-"
-        table.add_row(r.name, r.status, fmt("final/val_loss"), fmt("val/ppl"), fmt("val/bpb"), cached, r.run_id[:12])
+        table.add_row(r.name, r.status, *(fmt(k) for k in ("final/val_loss", "val/ppl", "val/bpb", *tasks)), cached,
+                      r.run_id[:12])  # fmt: skip
     out.print(table)
     for r in result.runs:
         if r.error:
@@ -229,7 +233,7 @@ def status(
     Stages are done, cached, running, queued, waiting, failed, not run (after a failed stage), interrupted (a
     training stopped with a committed checkpoint: the next submit resumes it) or to run. Runs left RUNNING by a
     driver that is gone are marked KILLED."""
-    from workflows.compare import fmt
+    from workflows.compare import fmt, task_columns
     from workflows.query import open_store, status_rows
 
     store = open_store(spec, set_, runs_root, uri, experiment)
@@ -238,14 +242,16 @@ def status(
         typer.echo(f"run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
     several = len({r.experiment for r in rows}) > 1
     labels = list(dict.fromkeys(label for r in rows for label in r.stages))
-    columns = ["run", "status", *labels, "step", "train/loss", "final/val_loss", "val/bpb", "MLflow run"]
+    tasks = task_columns(r.metrics for r in rows)
+    columns = ["run", "status", *labels, "step", "train/loss", "final/val_loss", "val/bpb", *tasks, "MLflow run"]
     title = f"{store.source}: {len(rows)} run{'s' if len(rows) != 1 else ''} (store {store.uri})"
     table = make_table(title, ["experiment"] * several + columns)
     for r in rows:
         m = r.metrics
         table.add_row(
             *[r.experiment] * several, r.name, r.status, *(str(r.stages.get(k, "-")) for k in labels), r.step,
-            fmt(r.train_loss), fmt(m.get("final/val_loss", m.get("val/loss"))), fmt(m.get("val/bpb")), r.run_id or "-",
+            fmt(r.train_loss), fmt(m.get("final/val_loss", m.get("val/loss"))), fmt(m.get("val/bpb")),
+            *(fmt(m.get(k)) for k in tasks), r.run_id or "-",
         )  # fmt: skip
     out.print(table)
     for r in rows:
@@ -262,7 +268,9 @@ def compare(
     uri: str | None = UriOpt,
     experiment: str | None = ExperimentOpt,
     metric: str = typer.Option(
-        "val/bpb", help="Metric to rank and plot (bits per byte: comparable across tokenizers)."
+        "val/bpb",
+        help="Metric to rank and plot (val/bpb: comparable across tokenizers; or a task score such as "
+        "task/science/acc).",
     ),
     out_dir: Path | None = typer.Option(
         None, "--out", help="Where sweep.csv and the plot go \\[default: <runs_root>/reports/compare-<experiment>]."
@@ -284,6 +292,7 @@ def compare(
         loss_histories,
         overlaps,
         rows_from_store,
+        task_columns,
         write_report,
     )  # fmt: skip
     from workflows.query import latest_parent, open_store
@@ -302,7 +311,7 @@ def compare(
         rows, keys, replicate_keys, metric, f"{name}: {metric}", search=parent.data.params.get("search") is not None
     )
     top = best(rows, metric)
-    columns = list(dict.fromkeys((metric, *METRICS)))
+    columns = list(dict.fromkeys((metric, *METRICS, *task_columns(r.metrics for r in rows))))
     table = make_table(f"{name}: {len(rows)} runs, parent run {parent.info.run_id}", ["run", *keys, "status", *columns])
     for r in rows:
         cells = [r.name, *(str(r.point.get(k)) for k in keys), r.status, *(fmt(r.metrics.get(m), m) for m in columns)]
@@ -393,6 +402,78 @@ def sample(
         if i:
             typer.echo("\n---")
         typer.echo(text + s["text"])
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_cmd(
+    run: str | None = typer.Argument(None, help="Run name, MLflow run id, or a unique id prefix.", show_default=False),
+    task_file: Path = typer.Option(..., "--task", help="The task file.", show_default=False),
+    fmt: str = typer.Option(
+        ..., "--format", help="multiple_choice, kaggle_science_exam, hellaswag or next_line.", show_default=False
+    ),
+    name: str | None = typer.Option(None, "--name", help="The task's name in metric names [default: the file's stem]."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Score the first K questions only."),
+    num_fewshot: int = typer.Option(0, "--num-fewshot", min=0, help="Solved examples before each question."),
+    pretrained: Path | None = typer.Option(
+        None,
+        "--pretrained",
+        help="A Hugging Face model folder (GPT-2 or Llama family) instead of a run.",
+        show_default=False,
+    ),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Sequences per forward pass."),
+    seed: int = typer.Option(1337, help="Seed of the few-shot examples' choice."),
+    device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
+    spec: Path | None = typer.Option(None, "--spec", help="Find the run among this spec's runs."),
+    runs_root: Path | None = RunsRootOpt,
+    uri: str | None = UriOpt,
+    experiment: str | None = ExperimentOpt,
+) -> None:
+    """Score a multiple-choice benchmark task (log-likelihood of each choice, as lm-evaluation-harness) on a run's
+    final weights and record it on that run (task/<name>/acc, acc_norm, map3, n and the predictions as
+    tasks/<name>.jsonl); or with --pretrained on a Hugging Face folder, to know a public model's number first."""
+    from pydantic import ValidationError
+
+    from llmcore.config import TaskConfig
+    from llmcore.hardware import resolve_device
+    from llmcore.tasks import TaskError, evaluate_task, read_questions, stderr
+    from workflows.query import evaluate_run, open_store, pretrained_model
+
+    if (run is None) == (pretrained is None):
+        raise InputError("gptlab evaluate", ["RUN / --pretrained: give a run, or --pretrained DIR, not both"])
+    try:
+        task = TaskConfig(name=name or task_file.stem, path=str(task_file), format=fmt, limit=limit,
+                          num_fewshot=num_fewshot)  # fmt: skip
+    except ValidationError as err:
+        flags = {"name": "--name", "format": "--format", "limit": "--limit", "num_fewshot": "--num-fewshot"}
+        problems = [f"{flags.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in err.errors()]
+        raise InputError("gptlab evaluate", problems) from None
+    try:
+        dev = resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise InputError("gptlab evaluate", [f"--device: {exc}"]) from None
+    try:
+        if pretrained is not None:
+            model, tokenizer = pretrained_model(pretrained, dev)
+            what = f"{pretrained} ({model.num_params():,} parameters)"
+            result = evaluate_task(model, tokenizer, read_questions(task_file, fmt), task, seed, None, batch_size, dev)
+        else:
+            store = open_store(spec, None, runs_root, uri, experiment)
+            say = lambda msg: typer.echo(f"# {msg}", err=True)
+            found, meta, result = evaluate_run(store, run, task, batch_size, dev, seed, say)
+            what = f"{found.info.run_name} (run {found.info.run_id}), checkpoint step {meta['step']}"
+    except TaskError as err:
+        raise InputError("gptlab evaluate", [f"--task: {err}"]) from None
+    m = result["metrics"]
+    n = int(m["n"])
+    table = make_table(f"{task.name} on {what}", ["metric", "value", "stderr"])
+    for k in ("acc", "acc_norm", "map3"):
+        if k in m:
+            table.add_row(f"task/{task.name}/{k}", f"{m[k]:.4f}", f"{stderr(m[k], n):.4f}" if k != "map3" else "-")
+    table.add_row(f"task/{task.name}/n", str(n), "")
+    out.print(table)
+    typer.echo(f"{n} questions in {result['seconds_scoring']:.1f}s ({result['questions_per_second']:.1f}/s)"
+               + ("; recorded on the run" if pretrained is None else ""))  # fmt: skip
 
 
 @app.command()

@@ -14,6 +14,7 @@ import csv
 import io
 import math
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,12 @@ HIGHER_IS_BETTER = ("acc", "acc_norm", "map3", "tokens_per_sec", "mfu")
 
 def higher_is_better(metric: str) -> bool:
     return metric.rsplit("/", 1)[-1] in HIGHER_IS_BETTER
+
+
+def task_columns(metrics: Iterable[dict[str, float]]) -> list[str]:
+    """The benchmark task scores these runs report (``task/<name>/acc``, ``acc_norm``, ``map3``; not the
+    question counts), in name order."""
+    return sorted({k for m in metrics for k in m if k.startswith("task/") and not k.endswith("/n")})
 
 
 @dataclass
@@ -161,7 +168,7 @@ def _index(values: list[Any], value: Any) -> int:
 
 
 def csv_text(rows: list[SweepRow], keys: list[str], extra: tuple[str, ...] = ()) -> str:
-    columns = list(dict.fromkeys((*METRICS, *extra)))
+    columns = list(dict.fromkeys((*METRICS, *task_columns(r.metrics for r in rows), *extra)))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["run", *keys, "status", *columns, "run_id"])

@@ -197,5 +197,7 @@ def git_commit(path: Path) -> str | None:
 
 
 def run_summary_line(metrics: dict[str, Any]) -> str:
-    keys = ("final/val_loss", "val/ppl", "val/bpb")
+    from workflows.compare import task_columns
+
+    keys = ("final/val_loss", "val/ppl", "val/bpb", *task_columns([metrics]))
     return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)

@@ -357,7 +357,6 @@ def export_run(store: Store, ref: str, out: Path, say: Any = None) -> tuple[Any,
     from llmcore.hf import export_model
     from llmcore.io import atomic_write_bytes
     from llmcore.tokenizer import export_tokenizer
-    from workflows.store import Tracker
 
     if out.exists() and not out.is_dir():
         raise InputError("gptlab export", [f"--out: {out} is a file, not a directory"])
@@ -371,11 +370,33 @@ def export_run(store: Store, ref: str, out: Path, say: Any = None) -> tuple[Any,
     card = model_card(run, meta, yaml.safe_dump(dict(sorted(run.data.params.items())), sort_keys=False))
     atomic_write_bytes(out / "README.md", card.encode("utf-8"))
     files.append(out / "README.md")
-    experiment = store.client.get_experiment(run.info.experiment_id).name
-    Tracker(store.uri, experiment, (store.runs_root or Path(".")) / "mlartifacts").set_tags(
-        run.info.run_id, {"exported_to": str(out.resolve())}
-    )
+    run_tracker(store, run).set_tags(run.info.run_id, {"exported_to": str(out.resolve())})
     return run, files
+
+
+def run_tracker(store: Store, run: Any) -> Any:
+    """A Tracker on the store and experiment a run belongs to (to record on it after the submit)."""
+    from workflows.store import Tracker
+
+    experiment = store.client.get_experiment(run.info.experiment_id).name
+    return Tracker(store.uri, experiment, (store.runs_root or Path(".")) / "mlartifacts")
+
+
+def evaluate_run(store: Store, ref: str, task: Any, batch_size: int, device: str, seed: int,
+                 say: Any = None) -> tuple[Any, dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Score a benchmark task on a run's final weights and record it on the run (its metrics, and its predictions
+    as the artifact ``tasks/<name>.jsonl``); (run, checkpoint meta, the task's result)."""
+    from llmcore.tasks import evaluate_task, read_questions
+
+    questions = read_questions(task.path, task.format)
+    run, model, tokenizer, meta = run_model(store, ref, device, say)
+    out = (store.runs_root or Path(".")) / "reports" / run.info.run_id
+    result = evaluate_task(model, tokenizer, questions, task, seed, out, batch_size, device)
+    tracker = run_tracker(store, run)
+    tracker.log_values(run.info.run_id, {f"task/{task.name}/{k}": v for k, v in result["metrics"].items()},
+                       step=meta["step"])  # fmt: skip
+    tracker.log_artifacts(run.info.run_id, [(out / f"{task.name}.jsonl", "tasks")])
+    return run, meta, result
 
 
 def model_card(run: Any, meta: dict[str, Any], params_yaml: str) -> str:

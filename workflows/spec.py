@@ -640,7 +640,7 @@ def search_problems(loaded: LoadedSpec) -> list[str]:
                 )
             if d.choice is not None and not (value is None or isinstance(value, (bool, int, float, str))):
                 problems.append(f"search.space.{key}.choice: {value!r} is not a number, string or boolean")
-    tasks = loaded.base.eval.tasks if hasattr(loaded.base.eval, "tasks") else []
+    tasks = loaded.base.eval.tasks
     known = [*FINAL_METRICS, *(f"task/{t.name}/{m}" for t in tasks for m in ("acc", "acc_norm", "map3"))]
     if search.metric not in known:
         problems.append(f"search.metric: runs of this spec report no metric {search.metric!r} (they report: "

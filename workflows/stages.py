@@ -227,6 +227,40 @@ def eval_report(stage_dir: Path, result: dict[str, Any]) -> Report:
     return Report(metrics, [(stage_dir / "eval.json", "eval"), (stage_dir / "samples.txt", "eval")], r.step)
 
 
+def task_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path], runtime: dict[str, Any]):
+    """Score one benchmark task on the run's final weights; a derived task first writes its questions."""
+    from llmcore.checkpoint import load_model
+    from llmcore.config import DataConfig, TaskConfig
+    from llmcore.hardware import resolve_device
+    from llmcore.tasks import derived_questions, evaluate_task, read_questions, write_questions
+    from llmcore.tokenizer import load_tokenizer
+
+    cfg = TaskConfig.model_validate(config["task"])
+    if LOCATE in config:
+        questions = read_questions(config[LOCATE]["path"], cfg.format)
+    else:
+        questions = derived_questions(DataConfig.model_validate(config["data"]), config["seed"], cfg)
+        write_questions(questions, stage_dir / f"{cfg.name}.questions.jsonl")
+    device = resolve_device(runtime["device"])
+    model, meta = load_model(inputs["train"], device)
+    tok = load_tokenizer(inputs["tokenizer"])
+    result = evaluate_task(model, tok, questions, cfg, config["seed"], stage_dir, runtime["batch_size"], device)
+    return {**result, "step": meta["step"]}
+
+
+class TaskResult(Result):
+    name: str
+    metrics: dict[str, float]
+    step: int
+
+
+def task_report(stage_dir: Path, result: dict[str, Any]) -> Report:
+    r = TaskResult.model_validate(result)
+    files = [stage_dir / f"{r.name}.jsonl", stage_dir / f"{r.name}.questions.jsonl"]
+    metrics = {f"task/{r.name}/{k}": v for k, v in r.metrics.items()}
+    return Report(metrics, [(f, "tasks") for f in files if f.is_file()], r.step)
+
+
 # ---------------------------------------------------------------------------------- the key configs
 
 
@@ -304,6 +338,22 @@ def eval_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]
     return {"eval": {"eval": _without(spec.eval.key_dict(), "tasks"), "seed": spec.seed}}  # tasks: stages of their own
 
 
+def task_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
+    """One stage per benchmark task: the task's settings and its file's content (a derived task: the corpus it is
+    derived from), keyed beside the trained weights; where the file is is outside the key."""
+    out = {}
+    for task in spec.eval.tasks:
+        config: dict[str, Any] = {"task": task.key_dict(), "seed": spec.seed}
+        if task.path is not None:
+            path = Path(task.path).expanduser().resolve()
+            config["task"] = _without(config["task"], "path")
+            config.update({"file": facts.digest(path), LOCATE: {"path": str(path)}})
+        else:
+            config.update({"data": _without(spec.data.key_dict(), "num_workers"), "corpus": facts.corpus(spec)})
+        out[f"task:{task.name}"] = config
+    return out
+
+
 # ------------------------------------------------------------------------------------------ the registry
 
 TOKENIZER = StageKind(
@@ -328,8 +378,14 @@ EVAL = StageKind(
     runtime_fields=("train.device",), describe="validation loss, perplexity, bits per byte and samples",
 )  # fmt: skip
 
+TASK = StageKind(
+    "task", 1, ("train", "tokenizer"), task_config, task_body, task_report, ("eval", "seed", "data"),
+    runtime_fields=("train.device", "eval.batch_size"),
+    describe="score a multiple-choice benchmark task (eval.tasks) on the final weights, one stage per task",
+)  # fmt: skip
+
 #: Every stage kind, in dependency order (a kind's inputs come before it).
-STAGES: dict[str, StageKind] = {k.name: k for k in (TOKENIZER, SHARDS, INIT, TRAIN, EVAL)}
+STAGES: dict[str, StageKind] = {k.name: k for k in (TOKENIZER, SHARDS, INIT, TRAIN, EVAL, TASK)}
 
 
 # -------------------------------------------------------------------------------------- running a stage
