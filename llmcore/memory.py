@@ -114,12 +114,17 @@ class MemoryEstimate:
         return self.total_bytes <= gpu_bytes * (1 - HEADROOM_FRACTION) - HEADROOM_BYTES
 
     def summary(self) -> str:
-        """One line for ``gptlab plan``: ``fsdp x16: 9.1 GiB/rank (state 2.7, working 1.5, activations 4.9)``."""
+        """One line for ``gptlab plan``: ``fsdp x16: 9.1 GiB/rank (state 2.7 GiB, working 1.5 GiB, activations
+        4.9 GiB)``."""
         return (
-            f"{self.parallelism} x{self.world_size}: {self.total_bytes / GIB:.1f} GiB/rank (state "
-            f"{self.state_bytes / GIB:.1f}, working {self.working_bytes / GIB:.1f}, activations "
-            f"{self.activation_bytes / GIB:.1f})"
+            f"{self.parallelism} x{self.world_size}: {size(self.total_bytes)}/rank (state {size(self.state_bytes)}, "
+            f"working {size(self.working_bytes)}, activations {size(self.activation_bytes)})"
         )
+
+
+def size(n: int) -> str:
+    """Bytes in GiB (one decimal), or in MiB below one GiB."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
 
 
 def activation_bytes(model: ModelConfig, vocab_size: int, batch_size: int, act: int, checkpointing: bool) -> int:

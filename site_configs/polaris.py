@@ -28,6 +28,7 @@ DEFAULTS = {
     "queue": "debug",  # up to 2 nodes, 1 hour: right for first runs; prod, preemptable, debug-scaling for more
     "cores_per_node": 64,  # one AMD EPYC Milan per node
     "gpus_per_node": 4,  # A100-SXM4-40GB
+    "gpu_memory_gib": 40,
     "interface": "bond0",  # the high-speed network compute nodes reach the login nodes on
 }
 #: Cores closest to GPUs 3, 2, 1, 0 of a Polaris node (hardware threads included), as ALCF documents.

@@ -47,6 +47,12 @@ class SiteSpec(StrictModel):
     gpus_per_node: int | None = Field(
         None, ge=0, description="Batch sites: GPUs per node (Polaris: 4; Slurm: 0 unless set)."
     )
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Memory of one GPU in GiB (Polaris: 40); `gptlab plan` checks each training's estimated memory "
+        "per rank against it.",
+    )
     filesystems: str = Field("home:eagle", description="Polaris: `#PBS -l filesystems=` value.")
     worker_init: str | None = Field(
         None,

@@ -399,6 +399,26 @@ def test_memory_estimate_ddp_fsdp_and_checkpointing():
     assert estimate_memory(model, 50304, polaris(parallelism="fsdp"), world_size=32).state_bytes < fsdp.state_bytes
 
 
+def test_plan_says_when_ddp_does_not_fit_a_polaris_gpu_and_fsdp_would(tmp_path):
+    """`gptlab plan --site polaris` for the 2.7B model above on 4 nodes x 4 GPUs: both estimates per rank, and
+    the advice to switch to fsdp; nothing is submitted or written."""
+    from helpers import gptlab, make_corpus, tiny_spec, write_spec
+
+    corpus = make_corpus(tmp_path / "corpus", n_docs=3)
+    tree = tiny_spec(corpus, tmp_path / "runs", model={"n_layer": 32, "n_head": 32, "n_embd": 2560, "block_size": 64},
+                     train={"nodes": 4, "ranks_per_node": 4, "device": "cuda", "batch_size": 1})  # fmt: skip
+    tree["site"] = {"name": "polaris", "account": "LLMlab"}
+    r = gptlab("plan", write_spec(tmp_path / "s.yaml", tree), env=child_env(TMPDIR=str(tmp_path)))
+    assert r.returncode == 0, r.stderr
+    row = [line for line in r.stdout.splitlines() if line.startswith("│ tiny")][-1]  # the memory table follows
+    ddp, fsdp = (cell.strip() for cell in row.split("│")[3:5])
+    assert ddp.endswith("does not fit *") and "(state 37.5 GiB" in ddp  # 16 bytes x 2.5B parameters
+    assert "(state 2.3 GiB" in fsdp and "does not fit" not in fsdp  # a sixteenth of it
+    assert "against 40 GiB GPUs" in r.stdout
+    assert "[tiny] ddp does not fit a 40 GiB GPU but fsdp does: set train.parallelism: fsdp" in r.stdout
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
 FSDP_STATE_SCRIPT = """
 import json, os, torch, torch.distributed as dist
 from llmcore.config import ModelConfig

@@ -71,6 +71,17 @@ def test_bad_search_specs_are_exit_2_naming_the_field(tmp_path, search, field):
     assert "Traceback" not in r.stderr
 
 
+def test_plan_shows_the_search_space_trials_and_worst_case_node_hours(tmp_path):
+    tree = spec_tree(tmp_path, search={"method": "tpe", "trials": 12, "space": SPACE},
+                     site={"name": "slurm", "queue": "debug", "walltime": "00:30:00"},
+                     train={"nodes": 2, "ranks_per_node": 1})  # fmt: skip
+    r = gptlab("plan", write_spec(tmp_path / "s.yaml", tree), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Search: tpe, 12 trials, val/bpb (minimize)" in r.stdout
+    assert "train.lr: log_uniform [0.001, 0.01]" in r.stdout and "model.n_layer: choice [1, 2]" in r.stdout
+    assert "12 trials x 2 node(s) x 0.5 h" in r.stdout and "= 12 node-hours of training" in r.stdout
+
+
 # -------------------------------------------------------------------------------------------------- a search
 
 

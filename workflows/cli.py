@@ -126,7 +126,73 @@ def plan_cmd(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | 
     typer.echo(
         f"{len(p.stages) - len(todo)} of {len(p.stages)} stages done; {len(todo)} to run on site '{p.spec.site.name}'."
     )
+    _show_memory(p)
+    if p.spec.search is not None:
+        _show_search(p)
     _show_site(p)
+
+
+def _show_memory(p: Any) -> None:
+    """Estimated memory per rank of each training under ddp and fsdp (``llmcore.memory``: arithmetic, no torch),
+    against the site's GPU memory where it is known; what to change when the chosen one does not fit."""
+    from llmcore.memory import GIB, estimate_memory
+    from site_configs.spec import resolve
+
+    gpu = resolve(p.spec.site).gpu_memory_gib
+    card = f" against {gpu:g} GiB GPUs" if gpu else ""
+    table = make_table(f"Estimated memory per rank{card} (state: weights, gradients, AdamW; activations: one "
+                       "micro-batch; *: train.parallelism)", ["run", "ranks", "ddp", "fsdp"])  # fmt: skip
+    notes: list[str] = []
+    seen: set[str] = set()
+    for r in p.runs:
+        t, key = r.spec.train, r.training.key
+        if key in seen:
+            continue
+        seen.add(key)
+        world = t.nodes * t.ranks_per_node
+        vocab = _vocab_size(r)
+        est = {par: estimate_memory(r.spec.model, vocab, t.model_copy(update={"parallelism": par}), world)
+               for par in ("ddp", "fsdp")}  # fmt: skip
+        fits = {par: gpu is None or e.fits(int(gpu * GIB)) for par, e in est.items()}
+        cells = []
+        for par, e in est.items():
+            text = "- (one rank)" if par == "fsdp" and world == 1 else e.summary().split(": ", 1)[1]
+            cells.append(text + ("" if fits[par] else ": does not fit") + (" *" if par == t.parallelism else ""))
+        table.add_row(r.name, str(world), *cells)
+        if not fits[t.parallelism]:
+            if t.parallelism == "ddp" and world > 1 and fits["fsdp"]:
+                notes.append(
+                    f"[{r.name}] ddp does not fit a {gpu:g} GiB GPU but fsdp does: set train.parallelism: fsdp"
+                )
+            elif not t.activation_checkpointing:
+                notes.append(f"[{r.name}] {t.parallelism} does not fit a {gpu:g} GiB GPU: try "
+                             "train.activation_checkpointing: true, a smaller train.batch_size (raise grad_accum), "
+                             "or more ranks with fsdp")  # fmt: skip
+            else:
+                notes.append(f"[{r.name}] {t.parallelism} does not fit a {gpu:g} GiB GPU: lower train.batch_size "
+                             "or shard over more ranks (fsdp)")  # fmt: skip
+    out.print(table)
+    for note in notes:
+        typer.echo(note)
+
+
+def _show_search(p: Any) -> None:
+    """A search's space, its trial budget and, on batch sites, the node-hours of its trials at worst."""
+    from site_configs.spec import BATCH_SITES
+    from workflows.search import space_lines
+
+    search, train = p.spec.search, p.loaded.base.train
+    typer.echo(f"Search: {search.method}, {search.trials} trials, {search.metric} ({search.direction}), at most "
+               f"{search.max_parallel or 'one per worker'} at once; space:")  # fmt: skip
+    for line in space_lines(p.spec):
+        typer.echo(line)
+    if p.spec.site.name in BATCH_SITES:
+        h, m, sec = (int(x) for x in p.spec.site.walltime.split(":"))
+        hours = (
+            (h + m / 60 + sec / 3600) if train.time_budget_s is None else min(train.time_budget_s / 3600, h + m / 60)
+        )
+        typer.echo(f"Worst case: {search.trials} trials x {train.nodes} node(s) x {hours:g} h (a training's walltime "
+                   f"or time budget) = {search.trials * train.nodes * hours:g} node-hours of training")  # fmt: skip
 
 
 def _show_site(p: Any) -> None:
