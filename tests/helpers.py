@@ -262,22 +262,29 @@ def train_command(config: Any, shards: Any, out: Any) -> str:
     )
 
 
-def gpt2_folder(root: Any, corpus: Any, n_positions: int = 64) -> Any:
-    """A GPT-2-shaped model with random weights and a byte-level BPE trained on the corpus, as from the hub."""
-    import json
-
+def byte_level_bpe(files: list[Any], vocab_size: int) -> Any:
+    """A GPT-2-style byte-level BPE trained with the `tokenizers` library, with <|endoftext|> as a special token."""
     import tokenizers
-    import torch
-    import transformers
 
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
     tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = tokenizers.decoders.ByteLevel()
     alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet
     )
-    tok.train([str(p) for p in sorted(corpus.glob("*.txt"))], trainer)
+    tok.train([str(f) for f in files], trainer)
+    return tok
+
+
+def gpt2_folder(root: Any, corpus: Any, n_positions: int = 64) -> Any:
+    """A GPT-2-shaped model with random weights and a byte-level BPE trained on the corpus, as from the hub."""
+    import json
+
+    import torch
+    import transformers
+
+    tok = byte_level_bpe(sorted(corpus.glob("*.txt")), 320)
     root.mkdir(parents=True)
     tok.save(str(root / "tokenizer.json"))
     (root / "tokenizer_config.json").write_text(

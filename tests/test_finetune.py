@@ -9,13 +9,12 @@ import json
 
 import pytest
 import torch
+import transformers
 from helpers import gpt2_folder, gptlab, make_corpus, records, tiny_spec, write_spec
 from mlflow.tracking import MlflowClient
 
 from workflows import submit
 
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 pytestmark = pytest.mark.slow
 
 

@@ -8,13 +8,12 @@ import json
 
 import pytest
 import torch
+import transformers
 from helpers import Evil
 
 from llmcore.config import ModelConfig
 from llmcore.hf import HFError, export_model, load_pretrained, merge_config, read_model, weight_files
 from llmcore.model import GPT
-
-transformers = pytest.importorskip("transformers")  # the test extra installs it
 
 VOCAB = 211
 

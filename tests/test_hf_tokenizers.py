@@ -8,6 +8,8 @@ import json
 import random
 
 import pytest
+import transformers
+from helpers import byte_level_bpe
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,9 +23,6 @@ from llmcore.tokenizer import (
     load_tokenizer,
     train_tokenizer,
 )
-
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
 
 KINDS = [("bpe", False), ("bpe", True), ("unigram", False), ("unigram", True), ("char", False), ("char", True)]
 ALPHABET = list("abc def\n\t  ()xyz_0123héé你🙂\r\u2581<>/0xAs")
@@ -90,14 +89,7 @@ def gpt2_style(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2tok")
     corpus = root / "corpus.txt"
     corpus.write_text(mixed_text(1, 60_000), encoding="utf-8")
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    alphabet = tokenizers.pre_tokenizers.ByteLevel.alphabet()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet
-    )
-    tok.train([str(corpus)], trainer)
+    tok = byte_level_bpe([corpus], 400)
     (root / "json").mkdir()
     tok.save(str(root / "json" / "tokenizer.json"))
     (root / "json" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))

@@ -54,6 +54,14 @@ UriOpt = typer.Option(
     "tracking.uri]. With a spec it overrides tracking.uri.",
 )
 ExperimentOpt = typer.Option(None, "--experiment", "-e", help="Only this MLflow experiment.")
+FindSpecOpt = typer.Option(None, "--spec", help="Find the run among this spec's runs.")
+PretrainedOpt = typer.Option(
+    None,
+    "--pretrained",
+    help="A Hugging Face model folder (GPT-2 or Llama family) instead of a run.",
+    show_default=False,
+)
+DeviceOpt = typer.Option("auto", help="cpu, cuda, mps or auto.")
 
 
 def make_table(title: str, columns: list[str]) -> Table:
@@ -421,12 +429,7 @@ def sample(
         help="Run name of a sweep point, MLflow run id, or a unique prefix of a run id (6 characters or more).",
         show_default=False,
     ),
-    pretrained: Path | None = typer.Option(
-        None,
-        "--pretrained",
-        help="A Hugging Face model folder (GPT-2 or Llama family) instead of a run.",
-        show_default=False,
-    ),
+    pretrained: Path | None = PretrainedOpt,
     prompt: str = typer.Option(
         "\\n", "--prompt", "-p", help="Text to continue; \\n and \\t are read as newline and tab."
     ),
@@ -436,8 +439,8 @@ def sample(
     top_k: int | None = typer.Option(200, "--top-k", help="Sample from the k most likely tokens."),
     top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling threshold in (0, 1]."),
     seed: int = typer.Option(1337, help="Sampling seed (same seed, same text)."),
-    device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
-    spec: Path | None = typer.Option(None, "--spec", help="Find the run among this spec's runs."),
+    device: str = DeviceOpt,
+    spec: Path | None = FindSpecOpt,
     runs_root: Path | None = RunsRootOpt,
     uri: str | None = UriOpt,
     experiment: str | None = ExperimentOpt,
@@ -481,16 +484,11 @@ def evaluate_cmd(
     name: str | None = typer.Option(None, "--name", help="The task's name in metric names [default: the file's stem]."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Score the first K questions only."),
     num_fewshot: int = typer.Option(0, "--num-fewshot", min=0, help="Solved examples before each question."),
-    pretrained: Path | None = typer.Option(
-        None,
-        "--pretrained",
-        help="A Hugging Face model folder (GPT-2 or Llama family) instead of a run.",
-        show_default=False,
-    ),
+    pretrained: Path | None = PretrainedOpt,
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Sequences per forward pass."),
     seed: int = typer.Option(1337, help="Seed of the few-shot examples' choice."),
-    device: str = typer.Option("auto", help="cpu, cuda, mps or auto."),
-    spec: Path | None = typer.Option(None, "--spec", help="Find the run among this spec's runs."),
+    device: str = DeviceOpt,
+    spec: Path | None = FindSpecOpt,
     runs_root: Path | None = RunsRootOpt,
     uri: str | None = UriOpt,
     experiment: str | None = ExperimentOpt,
@@ -547,7 +545,7 @@ def evaluate_cmd(
 def export(
     run: str = typer.Argument(..., help="Run name, MLflow run id, or a unique id prefix.", show_default=False),
     out_dir: Path = typer.Option(..., "--out", help="The folder to write (created).", show_default=False),
-    spec: Path | None = typer.Option(None, "--spec", help="Find the run among this spec's runs."),
+    spec: Path | None = FindSpecOpt,
     runs_root: Path | None = RunsRootOpt,
     uri: str | None = UriOpt,
     experiment: str | None = ExperimentOpt,
