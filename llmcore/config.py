@@ -100,15 +100,18 @@ class FilesSource(StrictModel):
         description="A file, a glob (`data/*.txt`, `**` allowed) or a directory. Relative paths are resolved "
         "against the directory the command runs in.",
     )
-    format: Literal["auto", "text", "jsonl"] = Field(
+    format: Literal["auto", "text", "jsonl", "parquet"] = Field(
         "auto",
         description="`text`: each file is one document. `jsonl`: each line is a JSON object and one document. "
-        "`auto`: `jsonl` for files ending in .jsonl, else `text`.",
+        "`parquet`: each row is one document (needs `pip install 'gptlab[hf]'`). `auto`: `jsonl` for files ending "
+        "in .jsonl, `parquet` for .parquet, else `text`.",
     )
-    text_field: str = Field("text", min_length=1, description="Key holding the document text in JSONL records.")
+    text_field: str = Field(
+        "text", min_length=1, description="Key holding the document text in JSONL records; column in parquet files."
+    )
     suffixes: list[str] = Field(
         default_factory=lambda: [".txt", ".md", ".py", ".jsonl", ".json", ".rst"],
-        description="File suffixes taken when `path` is a directory.",
+        description="File suffixes taken when `path` is a directory (a directory of parquet files: `[.parquet]`).",
     )
 
 
@@ -125,7 +128,29 @@ class PythonStdlibSource(StrictModel):
     include_tests: bool = Field(False, description="Include the `test/` and `*/tests/` packages.")
 
 
-Source = Annotated[FilesSource | PythonStdlibSource, Field(discriminator="type")]
+class HuggingFaceSource(StrictModel):
+    """A dataset read with the `datasets` library (`pip install 'gptlab[hf]'`), one document per row: a folder written
+    by `save_to_disk`, or whatever `datasets.load_dataset` loads (a Hub dataset, a local folder of data files)."""
+
+    type: Literal["huggingface"] = Field("huggingface", description="Source kind: a Hugging Face dataset.")
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk` (read with "
+        "`load_from_disk`); anything else goes to `datasets.load_dataset`: a Hub name (`roneneldan/TinyStories`, "
+        "downloaded where the machine can reach the Hub) or a local folder of data files.",
+    )
+    name: str | None = Field(
+        None, min_length=1, description="The dataset's configuration (`load_dataset`'s `name`); null: its default."
+    )
+    split: str = Field(
+        "train", min_length=1, description="The split to read (a saved DatasetDict's key); a folder holding one "
+        "saved Dataset is read whatever the split.",
+    )  # fmt: skip
+    text_field: str = Field("text", min_length=1, description="Column holding the document text (strings).")
+
+
+Source = Annotated[FilesSource | PythonStdlibSource | HuggingFaceSource, Field(discriminator="type")]
 
 
 class DataConfig(StrictModel):

@@ -73,7 +73,7 @@ def corpus_problems(data: DataConfig, seed: int) -> list[str]:
 
 def document_counts(data: DataConfig, seed: int) -> dict[str, int] | None:
     """Documents per split under ``split: document``, known without reading the text when every document is a
-    file (text sources); None when some source holds several documents per file (JSONL)."""
+    file (text sources); None when some source holds several documents per file (JSONL, parquet, a dataset)."""
     from llmcore.corpus import is_val_document, resolve_files
 
     files = resolve_files(data)

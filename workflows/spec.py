@@ -236,7 +236,7 @@ class ExperimentSpec(StrictModel):
 def _format_loc(loc: tuple[Any, ...]) -> str:
     # Pydantic puts the union tag in the location of discriminated unions (sources.0.files.path), and the sweep's
     # grid is written flat in a spec (sweep.model.n_layer, not sweep.grid.model.n_layer): drop both.
-    tags = ("files", "python_stdlib")
+    tags = ("files", "python_stdlib", "huggingface", "run")
     grid = [i for i, p in enumerate(loc) if p == "grid" and i and loc[i - 1] == "sweep"]
     parts = [str(p) for i, p in enumerate(loc) if not (isinstance(p, str) and p in tags) and i not in grid]
     return ".".join(parts)
