@@ -1,6 +1,9 @@
 """The MLflow UI checked in a real browser: headless Chromium (Debian's chromium + chromium-driver, via Selenium)
-opens `gptlab ui` over a store holding a small finished sweep, goes to the experiment, selects the sweep points,
-opens the comparison view and reads the run names, the swept param and `val/bpb` off the page as a user sees them.
+over `gptlab ui` serving a store that holds a small finished sweep. One test opens, in a fresh browser profile, the
+experiment URL `gptlab ui` prints and reads what a user sees on that first page: the runs table (not the GenAI
+traces view), the run names in full, the swept fields and `val/bpb` as columns, the sweep points under their parent.
+The other goes to the experiment from the home page, selects the sweep points, opens the comparison view and reads
+the run names, the swept param and `val/bpb` off the page as a user sees them.
 
 Needs `.ci/browser-up.sh` (installs /usr/bin/chromium and /usr/bin/chromedriver); selenium comes from the `test`
 extra. Without them this test fails, it never skips. Screenshots land in the test's tmp dir (paths are printed).
@@ -14,10 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import free_port, make_corpus, stop_group, tiny_spec, wait_for_json, write_spec
 from mlflow.tracking import MlflowClient
 
 from workflows import submit
+from workflows.lifecycle import RUNS_VIEW_NAME
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -53,6 +58,27 @@ const hit = document.elementFromPoint(x, y);
 return hit !== null && el.contains(hit);
 """
 
+# True when all of the text of `el` is drawn: the text as laid out on one line (a Range over it) lies inside every
+# box that clips it (inside its table cell: their content box, where an ellipsis starts; beyond it, such as the
+# grid's scrolled viewport: their padding box) and inside the window. The DOM holds a clipped run name in full (the
+# page shows `n_layer=2,po...` for `n_layer=2,pos_encoding=learned`): only the geometry tells.
+TEXT_FITS_JS = """
+const el = arguments[0];
+const range = document.createRange();
+range.selectNodeContents(el);
+const text = range.getBoundingClientRect();
+let inCell = true;
+for (let box = el; box; box = box.parentElement) {
+  const style = getComputedStyle(box), r = box.getBoundingClientRect();
+  const inset = (side) => parseFloat(style[`border${side}Width`]) + (inCell ? parseFloat(style[`padding${side}`]) : 0);
+  if (style.overflowX !== "visible" || box.hasAttribute("col-id")) {
+    if (text.left < r.left + inset("Left") - 0.5 || text.right > r.right - inset("Right") + 0.5) return false;
+  }
+  if (box.hasAttribute("col-id")) inCell = false;
+}
+return text.left >= 0 && text.right <= window.innerWidth;
+"""
+
 
 def require_browser() -> None:
     """Fail (never skip) when the browser or Selenium is missing, before any minute is spent on the sweep."""
@@ -79,17 +105,20 @@ def chromium_driver(profile: Path):
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
-    """A finished two-point sweep, `gptlab ui` serving its store on loopback, and a headless Chromium."""
+    """A finished two-point sweep over two fields (run names such as `n_layer=1,lr=0.003`, longer than MLflow's
+    Run Name column shows), `gptlab ui` serving its store on loopback and the experiment URL it printed, and a
+    headless Chromium."""
     require_browser()
     tmp = tmp_path_factory.mktemp("browser")
     corpus = make_corpus(tmp / "corpus")
-    spec = write_spec(tmp / "tiny.yaml", tiny_spec(corpus, tmp / "runs", sweep={"model.n_layer": [1, 2]}))
+    sweep = {"model.n_layer": [1, 2], "train.lr": [3e-3]}
+    spec = write_spec(tmp / "tiny.yaml", tiny_spec(corpus, tmp / "runs", sweep=sweep))
     result = submit(spec, quiet=True, poll_interval=0.5)
     assert result.ok, [r.error for r in result.runs]
     client = MlflowClient(result.tracking_uri)
     children = client.search_runs([result.experiment_id], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
     runs = {r.info.run_name: r for r in children}
-    assert set(runs) == {"n_layer=1", "n_layer=2"}
+    assert set(runs) == {"n_layer=1,lr=0.003", "n_layer=2,lr=0.003"}
 
     port = free_port()
     # One uvicorn worker (MLflow's default is 4): on a 2-core machine four workers importing MLflow at once
@@ -109,7 +138,11 @@ def ui(tmp_path_factory):
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny"
         body = wait_for_json(url, proc, 90, lambda: (tmp / "ui.log").read_text())
         assert body["experiment"]["experiment_id"] == result.experiment_id
-        yield {"driver": driver, "base": f"http://127.0.0.1:{port}/", "result": result, "runs": runs, "dir": tmp}
+        lines = (tmp / "ui.log").read_text().splitlines()
+        printed = [line.split(": ", 1)[1] for line in lines if line.startswith("  tiny: ")]  # the experiment's URL
+        assert len(printed) == 1, lines
+        yield {"driver": driver, "base": f"http://127.0.0.1:{port}/", "result": result, "runs": runs, "dir": tmp,
+               "client": client, "url": printed[0]}  # fmt: skip
     finally:
         if driver is not None:
             driver.quit()
@@ -117,11 +150,88 @@ def ui(tmp_path_factory):
         log.close()
 
 
-def shot(ui, name: str) -> Path:
+def shot(ui, name: str, driver=None) -> Path:
+    """Save what `driver` (the shared browser unless given) shows to the test's tmp dir."""
     path = ui["dir"] / name
-    assert ui["driver"].save_screenshot(str(path)), path
+    assert (driver or ui["driver"]).save_screenshot(str(path)), path
     print(f"screenshot: {path}")
     return path
+
+
+def test_printed_url_opens_the_runs_table_with_the_sweep_in_chromium(ui):
+    """A fresh browser (no view state of its own) opens the URL `gptlab ui` printed: the runs table in the view
+    the submit saved, every run name in full, the swept fields and val/bpb as columns, each on screen."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    result, runs, url = ui["result"], ui["runs"], ui["url"]
+    assert url.startswith(ui["base"]) and "workflowType=machine_learning" in url and "viewStateShareKey=" in url, url
+    parent = ui["client"].get_run(result.parent_run_id)
+    swept = yaml.safe_load(parent.data.params["swept"])
+    assert swept == ["model.n_layer", "train.lr"]
+
+    d = chromium_driver(ui["dir"] / "chromium-fresh-profile")
+    try:
+        wait = WebDriverWait(d, WAIT_S, ignored_exceptions=[StaleElementReferenceException])
+        user_visible = lambda el: bool(d.execute_script(USER_VISIBLE_JS, el))
+        text_fits = lambda el: bool(d.execute_script(TEXT_FITS_JS, el))
+
+        def name_link(run_id: str):
+            """The run-name link of a run's row in the runs table."""
+            return d.find_element(By.CSS_SELECTOR, f'[role="row"][row-id="{run_id}"] {RUN_NAME_CELL} a')
+
+        def cell(run_id: str, column: str):
+            """A run's cell in a column of the runs table (its row is split in parts; one holds the column)."""
+            return d.find_element(By.CSS_SELECTOR, f'[role="row"][row-id="{run_id}"] [col-id="{column}"]')
+
+        d.get(url)
+        # The runs table, in the saved view: not the GenAI traces view, no "Detect Issues" popup, no dialog.
+        wait.until(EC.url_contains(f"/experiments/{result.experiment_id}/runs"))
+        views = wait.until(EC.visibility_of_element_located((By.CSS_SELECTOR, '[data-testid="saved-views-trigger"]')))
+        wait.until(lambda _: views.text.strip() == RUNS_VIEW_NAME, f"view not applied: {views.text!r}")
+        wait.until(lambda _: user_visible(name_link(result.parent_run_id)), "the parent run is not on screen")
+        popups = d.find_elements(By.XPATH, "//*[contains(text(), 'Detect Issues')] | //*[@role='dialog']")
+        assert not [p for p in popups if p.is_displayed()], [p.text for p in popups if p.is_displayed()]
+        assert d.title.startswith("Runs"), d.title
+
+        # The sweep points under their parent. MLflow 3.17 shows a parent run collapsed on a first visit and keeps
+        # expanded parents only in the browser (a saved view drops them): one click, as a user would.
+        assert not d.find_elements(By.CSS_SELECTOR, f'[role="row"][row-id="{next(iter(runs.values())).info.run_id}"]')
+        d.find_element(By.CSS_SELECTOR, f'[role="row"][row-id="{result.parent_run_id}"] {RUN_NAME_CELL} button').click()
+        for run in runs.values():
+            wait.until(lambda _: user_visible(name_link(run.info.run_id)), f"{run.info.run_name} not on screen")
+        top = lambda run_id: name_link(run_id).rect["y"]
+        rows = sorted([result.parent_run_id, *(r.info.run_id for r in runs.values())], key=top)
+        assert rows[0] == result.parent_run_id, "the sweep points are not under their parent"
+        parent_x = name_link(result.parent_run_id).rect["x"]
+        assert all(name_link(r.info.run_id).rect["x"] > parent_x for r in runs.values()), "sweep points not nested"
+
+        # Run names in full.
+        names = {result.parent_run_id: parent.info.run_name} | {r.info.run_id: n for n, r in runs.items()}
+        for run_id, name in names.items():
+            link = name_link(run_id)
+            assert link.text.strip() == name and user_visible(link), name
+            assert text_fits(link), f"run name {name!r} is cut short in the Run Name column"
+
+        # The swept fields and val/bpb: column headers and each sweep point's values, on screen and in full.
+        columns = {f"params.`{k}`": k for k in swept} | {"metrics.`val/bpb`": "val/bpb"}
+        for column, title in columns.items():
+            found = (By.CSS_SELECTOR, f'.ag-header-cell[col-id="{column}"] [data-testid^="sort-header-"]')
+            header = wait.until(EC.presence_of_element_located(found))
+            assert header.text.strip() == title and user_visible(header), (column, header.text)
+            assert text_fits(header), f"column header {title!r} is cut short"
+            for run in runs.values():
+                value = cell(run.info.run_id, column)
+                assert user_visible(value) and text_fits(value), (column, run.info.run_name, value.text)
+                if column.startswith("params."):
+                    assert value.text.strip() == run.data.params[title], (column, run.info.run_name, value.text)
+                else:
+                    assert float(value.text) == pytest.approx(run.data.metrics[title], rel=1e-6), value.text
+        shot(ui, "mlflow-runs-table.png", d)
+    finally:
+        d.quit()
 
 
 def test_compare_view_shows_the_sweep_in_chromium(ui):

@@ -569,7 +569,9 @@ def ui(
     host: str = typer.Option("127.0.0.1", help="Interface to bind; loopback unless you opt in to another."),
     port: int = typer.Option(5000, help="Port."),
 ) -> None:
-    """Start the MLflow UI on this store (loopback only by default)."""
+    """Start the MLflow UI on this store (loopback only by default), and print the URL of each experiment's runs
+    table: MLflow 3.17 opens an experiment reached from its home page on the GenAI traces view, these URLs open the
+    training runs with the swept fields and val/bpb as columns (the view each submit saves on its experiment)."""
     store = uri or f"sqlite:///{runs_root.resolve() / 'mlflow.db'}"
     if uri is None and not (runs_root / "mlflow.db").is_file():
         typer.echo(
@@ -578,7 +580,23 @@ def ui(
         )
         raise typer.Exit(2)
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    typer.echo(f"MLflow UI on http://{host}:{port} (store {store}); Ctrl-C stops it.")
+    base = f"http://{host}:{port}"
+    typer.echo(f"MLflow UI on {base} (store {store}); Ctrl-C stops it.")
+    try:
+        from mlflow.tracking import MlflowClient
+
+        from workflows.lifecycle import runs_table_url
+        from workflows.store import quiet_mlflow_logs, retry_locked
+
+        quiet_mlflow_logs()
+        experiments = retry_locked(lambda: MlflowClient(store).search_experiments(), seconds=10)
+    except Exception as exc:  # the UI itself may still serve it: say why there are no links and start it
+        typer.echo(f"(no experiment links: reading the store failed: {next(iter(str(exc).splitlines()), exc)!s:.200})")
+        experiments = []
+    for exp in experiments:
+        if exp.name != "Default":  # MLflow's own, empty in a gptlab store (as in `gptlab status`)
+            typer.echo(f"  {exp.name}: {runs_table_url(base, exp)}")
+    sys.stdout.flush()  # before exec replaces this process
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", store, "--host", host, "--port", str(port)])
 
 

@@ -9,9 +9,11 @@ stopped it, or KILLED when the submit was interrupted.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,9 +25,24 @@ from workflows.store import Tracker, default_tracking_uri, flatten, retry_locked
 if TYPE_CHECKING:
     from workflows.planning import Plan, RunPlan
 
-#: MLflow experiment tag naming the kind of work it holds: the UI opens a "custom model development" experiment
-#: on its runs table (training runs, params and metrics), not on the GenAI traces view.
+#: MLflow experiment tag naming the kind of work it holds (the value MLflow's own experiment-kind selector writes for
+#: model training). MLflow 3.17's UI ignores it (it reads it only with its GenAI / Model training switch off, and
+#: 3.17 has the switch on): the switch decides whether an experiment opens on the GenAI traces view or the runs
+#: table, from the URL's ``workflowType`` or else the browser's last choice (GenAI at first). Hence
+#: :func:`runs_table_url`; the tag still records what the runs are.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+#: The runs-table view gptlab saves on each experiment: an MLflow 3.17 saved view (the runs page's "Views" menu),
+#: an experiment tag ``mlflow.sharedViewState.<key>`` that a URL opens with ``viewStateShareKey=<key>``. Saved views
+#: are the only state of the runs table a server holds: the URL carries only the search (filter, sort, time range),
+#: the rest (columns, expanded parents) lives in the browser. A view cannot expand parent runs: MLflow drops
+#: ``runsExpanded`` from it.
+RUNS_VIEW_KEY = "gptlab"
+RUNS_VIEW_TAG = f"mlflow.sharedViewState.{RUNS_VIEW_KEY}"
+RUNS_VIEW_NAME = "gptlab sweep"  # the Views menu shows ~25 characters
+RUNS_VIEW_METRICS = ("val/bpb",)
+RUN_NAME_COLUMN = "attributes.`Run Name`"
+MAX_EXPERIMENT_TAG_CHARS = 20000  # MLflow's limit on an experiment tag's value (and the UI's on a saved view)
 
 
 @dataclass
@@ -79,10 +96,20 @@ class RunLifecycle:
         tags = {"spec_hash": p.spec_hash, "role": "parent", **self.driven, "spec_file": str(p.loaded.source)}
         self.parent_id, _ = self.find_or_create(p.spec.name, tags)
         tracker.log_params(self.parent_id, sweep_params(p))
+        self.save_runs_view()
         if p.spec.search is not None:
             tracker.set_tags(self.parent_id, {"search_trials": str(p.spec.search.trials)})
         for r in p.runs:
             self.start_child(r)
+
+    def save_runs_view(self) -> None:
+        """Save (or widen) the experiment's runs-table view for this plan's sweep: see :func:`runs_view`."""
+        tracker = self.tracker
+        with tracker.locked():  # read, merge, write: two submits to one experiment keep both sweeps' columns
+            experiment = retry_locked(lambda: tracker.client.get_experiment(tracker.experiment_id))
+            view = runs_view(self.plan, experiment.tags.get(RUNS_VIEW_TAG))
+            if view is not None:
+                retry_locked(lambda: tracker.client.set_experiment_tag(tracker.experiment_id, RUNS_VIEW_TAG, view))
 
     def start_child(self, r: RunPlan) -> Child:
         """Find or create one sweep point's (or trial's) run under the parent."""
@@ -166,6 +193,54 @@ def sweep_params(p: Plan) -> dict[str, str]:
     else:
         params["runs"] = str(len(p.runs))
     return params
+
+
+def runs_view(p: Plan, previous: str | None, now_ms: int | None = None) -> str | None:
+    """The saved runs-table view (the value of :data:`RUNS_VIEW_TAG`) that shows a sweep as a table: val/bpb and
+    then the swept fields as columns, each as wide as its header and values need, and Run Name as wide as the
+    longest run name (MLflow's 190 px cuts ``pos_encoding=learned`` to ``pos_encoding...``). val/bpb comes first:
+    Run Name and Created stay pinned on the left, and at 1600 px with MLflow's assistant panel open (as on a first
+    visit) ~450 px are left for the other columns. What an earlier spec's submit saved on the experiment is kept
+    (its columns, wider widths). None when nothing would change, or the view would exceed MLflow's limit on a tag."""
+    from workflows.spec import swept_keys
+
+    old: dict[str, Any] = {}
+    created = now = int(time.time() * 1000) if now_ms is None else now_ms
+    if previous:
+        try:
+            envelope = json.loads(previous)
+            old, created = json.loads(envelope["state"]), int(envelope["createdAt"])
+        except (ValueError, KeyError, TypeError):
+            old = {}  # not a view gptlab wrote: replaced
+    keys = swept_keys(p.spec)
+    params = [c for c in old.get("selectedColumns", []) if c.startswith("params.")]
+    params += [c for c in (f"params.`{k}`" for k in keys) if c not in params]
+    columns = [f"metrics.`{m}`" for m in RUNS_VIEW_METRICS] + params
+    text = lambda value: value if isinstance(value, str) else json.dumps(value)  # as params are logged (flatten)
+    # Pixels for a text of n characters in the table's fonts (Chromium at 1600 px: run names ~6.8 px a character,
+    # starting ~80 px into the cell after the nesting; headers ~7.7 px; a float's 17 digits 126 px; 12 px of padding
+    # either side), capped so a very long name leaves room for the other columns.
+    width = lambda chars, per, pad, least: min(max(least, round(pad + per * chars)), 400)
+    widths = {RUN_NAME_COLUMN: width(max((len(r.name) for r in p.runs), default=0), 7, 96, 190),
+              **{f"params.`{k}`": width(max([len(k)] + [len(text(r.point[k])) for r in p.runs if k in r.point]), 8,
+                                        32, 100) for k in keys},
+              **{f"metrics.`{m}`": 160 for m in RUNS_VIEW_METRICS}}  # fmt: skip
+    for column, px in old.get("columnWidths", {}).items():
+        widths[column] = max(widths.get(column, 0), px)
+    state = {"selectedColumns": columns, "columnOrder": [RUN_NAME_COLUMN, *columns], "columnWidths": widths}
+    if state == old:
+        return None
+    view = json.dumps({"name": RUNS_VIEW_NAME, "createdAt": created, "updatedAt": now, "state": json.dumps(state)})
+    return view if len(view) <= MAX_EXPERIMENT_TAG_CHARS else None
+
+
+def runs_table_url(base: str, experiment: Any) -> str:
+    """The URL that opens an experiment on its runs table in MLflow 3.17 (never the GenAI traces view), in the
+    view gptlab saved on it when there is one. ``base`` is the UI's address, ``experiment`` an MLflow Experiment."""
+    query = "workflowType=machine_learning"
+    if RUNS_VIEW_TAG in experiment.tags:
+        query += f"&viewStateShareKey={RUNS_VIEW_KEY}"
+    return f"{base.rstrip('/')}/#/experiments/{experiment.experiment_id}/runs?{query}"
 
 
 def driver_tags(p: Plan) -> dict[str, str]:
