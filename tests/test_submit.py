@@ -248,6 +248,7 @@ def test_the_parent_run_holds_a_sweep_summary(sweep):
     assert {a.path for a in client.list_artifacts(result.parent_run_id, "summary")} == {
         "summary/sweep.csv",
         "summary/val_bpb.png",
+        "summary/loss_curves.png",
     }
     best = min(result.runs, key=lambda x: x.metrics["val/bpb"])
     assert parent.data.tags["gptlab.best_run"] == best.name
@@ -276,8 +277,10 @@ def test_sample_generates_from_a_runs_weights(sweep):
     assert by_id.stdout == first.stdout
     unknown = cli("sample", "no-such-run", "--runs-root", sweep["runs_root"])
     assert unknown.exit_code == 2 and "RUN: no sweep-point run named or with id 'no-such-run'" in unknown.output
-    bad = cli(*args, "--temperature", "0")
+    bad = cli(*args, "--temperature", "-1")
     assert bad.exit_code == 2 and "--temperature" in bad.output
+    greedy = [cli(*args, "--temperature", "0", "--seed", str(seed)).stdout for seed in (1, 2)]
+    assert greedy[0] == greedy[1] and greedy[0].startswith("The ")  # 0 is greedy: no seed changes it
     no_device = cli(*args, "--device", "tpu9")
     assert no_device.exit_code == 2 and "Bad input (gptlab sample): --device:" in no_device.output
     short = cli("sample", rope.run_id[:4], "--runs-root", sweep["runs_root"])
