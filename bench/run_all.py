@@ -20,7 +20,19 @@ import time
 
 from common import REPO, RESULTS, figure, machine, result_path, show
 
-BENCHMARKS = ("cli", "planning", "tokenizer", "shards", "tracking", "orchestration", "train_step", "fsdp")
+BENCHMARKS = (
+    "cli",
+    "planning",
+    "tokenizer",
+    "shards",
+    "tracking",
+    "orchestration",
+    "train_step",
+    "fsdp",
+    "search",
+    "tasks",
+    "pretrained",
+)
 NANOGPT_MS = 30.0  # nanoGPT's train.py, CPU recipe, 2 cores (the reference)
 
 

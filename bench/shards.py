@@ -10,6 +10,16 @@ shard: the whole shards stage) in a fresh subprocess with ``data.num_workers`` =
 process samples the summed RSS of that subprocess and its encoder processes every 20 ms. Figures: throughput and
 speed-up on the 2x corpus (target >= 1.7x from 1 to 2 processes), and peak RSS at 2x over peak RSS at 1x
 (target: memory independent of corpus size, taken as growing by at most 10% when the corpus doubles).
+Pretrained tokenizer (issue 14: "sharding encodes with it ... at least as fast as today's SentencePiece path"): a
+byte-level BPE ``tokenizer.json`` (GPT-2's kind) trained with the ``tokenizers`` library to the same vocabulary
+size on the same 8 MB, saved with a tokenizer_config.json naming ``<|endoftext|>`` as a hub folder holds it, and
+imported as the tokenizer stage does (``llmcore.tokenizer.import_tokenizer``). ``write_shards`` with it runs on the
+2x corpus with 1 and 2 processes, between SentencePiece's 1-process and 2-process cases of that corpus (order
+SP-1, HF-1, ..., HF-2, SP-2, so a drifting load hits both sides alike); figures: its MB/s and its
+throughput over SentencePiece's with the same process count (target >= 1.0x); then once more with
+TOKENIZERS_PARALLELISM=false (unset, the library's encode_batch spreads each process's chunk over every core, so
+1 process uses 2 cores here and 2 processes oversubscribe them; off, each process encodes on one core as
+SentencePiece's path does).
 Results: bench/results/shards.json.
 """
 
@@ -28,6 +38,12 @@ from common import corpus_bytes, figure, parser, ratio_pct, run_logged, stdlib_d
 SPEEDUP_TARGET = 1.7
 MEMORY_GROWTH_TARGET_PCT = 10.0
 QUICKSTART_TOKENIZER = dict(model_type="bpe", vocab_size=2048, byte_fallback=True)
+HF_RATIO_TARGET = 1.0  # the pretrained tokenizer's MB/s over SentencePiece's
+HF_WORKERS = (1, 2)
+SP, HF = "sentencepiece", "huggingface"
+#: The pretrained tokenizer again with the tokenizers library's own threads off in every process (it reads the
+#: variable at each call; unset, each process's encode_batch spreads over every core)
+HF_SERIAL, SERIAL_ENV = "huggingface-serial", {"TOKENIZERS_PARALLELISM": "false"}
 
 
 def run_case(args) -> int:
@@ -54,8 +70,17 @@ def run_case(args) -> int:
     return 0
 
 
-def measure(tmp: Path, tokenizer: Path, size: str, repeats: int, max_bytes: int | None, workers: int) -> dict:
-    out, log = tmp / f"shards-{size}-{workers}", tmp / f"shards-{size}-{workers}.log"
+def measure(
+    tmp: Path,
+    tokenizer: Path,
+    size: str,
+    repeats: int,
+    max_bytes: int | None,
+    workers: int,
+    kind: str = SP,
+    env: dict[str, str] | None = None,
+) -> dict:
+    out, log = tmp / f"shards-{kind}-{size}-{workers}", tmp / f"shards-{kind}-{size}-{workers}.log"
     cmd = [
         sys.executable,
         __file__,
@@ -69,9 +94,10 @@ def measure(tmp: Path, tokenizer: Path, size: str, repeats: int, max_bytes: int 
         "--out",
         str(out),
     ] + (["--max-bytes", str(max_bytes)] if max_bytes else [])
-    ran = run_logged(cmd, log, rss=True)
+    ran = run_logged(cmd, log, env=env, rss=True)
     row = json.loads(log.read_text().strip().splitlines()[-1])
     row.update(
+        tokenizer=kind,
         size=size,
         workers=workers,
         peak_rss_tree=ran.peak_rss,
@@ -80,7 +106,7 @@ def measure(tmp: Path, tokenizer: Path, size: str, repeats: int, max_bytes: int 
         tokens_per_s=row["tokens"] / row["seconds"],
     )
     print(
-        f"    {size} corpus ({row['bytes'] / 1e6:.1f} MB), {workers} process(es): {row['seconds']:.1f} s, "
+        f"    {kind}, {size} corpus ({row['bytes'] / 1e6:.1f} MB), {workers} process(es): {row['seconds']:.1f} s, "
         f"{row['mb_per_s']:.2f} MB/s, {row['tokens_per_s']:,.0f} tokens/s, peak RSS {ran.peak_rss / 2**20:.0f} MiB",
         flush=True,
     )
@@ -95,6 +121,43 @@ def train_quickstart_tokenizer(tmp: Path, sample_bytes: int) -> Path:
 
     train_tokenizer(stdlib_data(max_bytes=sample_bytes), TokenizerConfig(**QUICKSTART_TOKENIZER), tmp / "tok", seed=0)
     return tmp / "tok" / "tokenizer.model"
+
+
+def train_byte_bpe(folder: Path, sample_bytes: int, vocab_size: int, pad_to: int | None = None) -> Path:
+    """A Hugging Face tokenizer folder as the hub holds GPT-2's: a byte-level BPE ``tokenizer.json`` trained with
+    the ``tokenizers`` library on the corpus's first ``sample_bytes``, ``<|endoftext|>`` its only special token
+    (id 0), named as eos and bos in tokenizer_config.json. ``pad_to``: fill the vocabulary up to this size with
+    unused special tokens where the sample has too few merges (a model's embedding has a fixed size)."""
+    import tokenizers
+
+    from llmcore.corpus import iter_documents
+
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(iter_documents(stdlib_data(max_bytes=sample_bytes)), trainer)
+    if pad_to is not None and tok.get_vocab_size() < pad_to:
+        tok.add_special_tokens([f"<|unused{i}|>" for i in range(pad_to - tok.get_vocab_size())])
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "GPT2TokenizerFast", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def import_pretrained_tokenizer(folder: Path, stage_dir: Path, expected_vocab: int | None = None) -> Path:
+    """The tokenizer stage of a spec with ``tokenizer: {type: pretrained, path: folder}``: its directory."""
+    from llmcore.config import TokenizerConfig
+    from llmcore.tokenizer import import_tokenizer
+
+    import_tokenizer(TokenizerConfig(type="pretrained", path=str(folder)), stage_dir, expected_vocab)
+    return stage_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,17 +176,27 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [("1x", 1, 2_000_000), ("2x", 1, 4_000_000)] if args.quick else [("1x", 1, None), ("2x", 2, None)]
     with tempfile.TemporaryDirectory(prefix="gptlab-bench-shards-") as tmp:
         tmp = Path(tmp)
-        tokenizer = train_quickstart_tokenizer(tmp, 1_000_000 if args.quick else 8_000_000)
+        sample = 1_000_000 if args.quick else 8_000_000
+        tokenizer = train_quickstart_tokenizer(tmp, sample)
+        hf_folder = train_byte_bpe(tmp / "hf-folder", sample, QUICKSTART_TOKENIZER["vocab_size"])
+        hf_tokenizer = import_pretrained_tokenizer(hf_folder, tmp / "hf-tok")
+        tokenizers = {SP: (tokenizer, None), HF: (hf_tokenizer, None), HF_SERIAL: (hf_tokenizer, SERIAL_ENV)}
+        # large corpus first (the throughput figures; each pretrained-tokenizer case next to SentencePiece's with
+        # the same process count, in the order A B B A so a drifting load hits both alike), then the small one
+        large = [(SP, 1), (HF, 1), (HF_SERIAL, 1), (HF_SERIAL, 2), (HF, 2), (SP, 2), (SP, cores)]
+        cases = [(sizes[1], kind, w) for kind, w in dict.fromkeys(large)]
+        cases += [(sizes[0], SP, w) for w in dict.fromkeys([cores, 1])]
         rows = []
-        # large corpus first (the throughput figures), alternating the process count's order between sizes
-        for (size, repeats, max_bytes), order in zip(reversed(sizes), ([1, cores], [cores, 1])):
-            for workers in order:
-                rows.append(measure(tmp, tokenizer, size, repeats, max_bytes, workers))
+        for (size, repeats, max_bytes), kind, workers in cases:
+            path, env = tokenizers[kind]
+            rows.append(measure(tmp, path, size, repeats, max_bytes, workers, kind, env))
     return report(args, rows, cores, sizes)
 
 
 def report(args, rows: list[dict], cores: int, sizes: list) -> int:
-    get = {(r["size"], r["workers"]): r for r in rows}
+    get = {(r["size"], r["workers"]): r for r in rows if r["tokenizer"] == SP}
+    hf = {(r["size"], r["workers"]): r for r in rows if r["tokenizer"] == HF}
+    serial = {(r["size"], r["workers"]): r for r in rows if r["tokenizer"] == HF_SERIAL}
     small, large = sizes[0][0], sizes[1][0]
     one, many = get[(large, 1)], get[(large, cores)]
     speedup = one["seconds"] / many["seconds"]
@@ -154,10 +227,31 @@ def report(args, rows: list[dict], cores: int, sizes: list) -> int:
                 growth <= MEMORY_GROWTH_TARGET_PCT,
             ),
         ]
+    for workers in HF_WORKERS:
+        sp_row, hf_row = get[(large, workers)], hf[(large, workers)]
+        ratio = hf_row["mb_per_s"] / sp_row["mb_per_s"]
+        procs = f"{workers} process{'es' if workers > 1 else ''}"
+        figures += [
+            figure(f"encode {large} corpus, SentencePiece BPE 2048, {procs}", sp_row["mb_per_s"], "MB/s"),
+            figure(f"encode {large} corpus, HF byte-level BPE 2048, {procs}", hf_row["mb_per_s"], "MB/s"),
+            figure(f"  HF / SentencePiece, {procs}", ratio, "x", f">= {HF_RATIO_TARGET:g}x SentencePiece",
+                   None if args.quick else ratio >= HF_RATIO_TARGET),
+        ]  # fmt: skip
+    for workers in HF_WORKERS:
+        procs = f"{workers} process{'es' if workers > 1 else ''}"
+        figures.append(figure(f"  HF, TOKENIZERS_PARALLELISM=false, {procs}", serial[(large, workers)]["mb_per_s"],
+                              "MB/s"))  # fmt: skip
     details = {
         "cores": cores,
         "corpus_bytes": {s: corpus_bytes(stdlib_data(r, m)) for s, r, m in sizes},
         "tokenizer": QUICKSTART_TOKENIZER,
+        "pretrained_tokenizer": {
+            "kind": "byte-level BPE tokenizer.json (tokenizers library), <|endoftext|> as eos",
+            "vocab_size": QUICKSTART_TOKENIZER["vocab_size"],
+            "tokens_per_byte": hf[(large, 1)]["tokens"] / hf[(large, 1)]["bytes"],
+            "sentencepiece_tokens_per_byte": get[(large, 1)]["tokens"] / get[(large, 1)]["bytes"],
+            "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM"),
+        },
         "cases": rows,
     }
     write_report("shards", args, figures, details)
