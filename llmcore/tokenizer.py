@@ -367,8 +367,10 @@ class HFTokenizer:
 
     def encode_batch(self, texts: Iterable[str], num_threads: int = -1) -> list[list[int]]:
         """Token ids of each text (the ``tokenizers`` library's own threads; ``num_threads`` is for the
-        SentencePiece interface)."""
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        SentencePiece interface). ``encode_batch_fast`` (tokenizers >= 0.20) gives the same ids without the
+        character offsets: about a quarter less CPU (bench/shards.py)."""
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -426,7 +428,9 @@ def export_tokenizer(
 ) -> list[Path]:
     """Write a tokenizer as Hugging Face files (``tokenizer.json``, ``tokenizer_config.json``,
     ``special_tokens_map.json``) that ``transformers.AutoTokenizer.from_pretrained(out_dir)`` loads and that give
-    exactly llmcore's ids on any text; returns the files. A pretrained Hugging Face tokenizer is copied as it is.
+    exactly llmcore's ids on any text (unigram: or, where two segmentations of a word tie, the other one of the same
+    pieces in another order, as ``a|cc|c`` for ``a|c|cc``: the libraries' lattices break ties differently); returns
+    the files. A pretrained Hugging Face tokenizer is copied as it is.
 
     A SentencePiece model becomes the ``tokenizers`` equivalent of how SentencePiece encodes with gptlab's training
     options: spaces become U+2581 (identity normalisation otherwise, no dummy prefix); text is split where
@@ -498,8 +502,10 @@ _worker_tok: Tokenizer | None = None
 
 
 def init_encode_worker(model_path: str) -> None:
-    """Pool initializer: load the tokenizer once per worker process."""
+    """Pool initializer: load the tokenizer once per worker process. The pool is the parallelism: the
+    ``tokenizers`` library's own threads are turned off in its workers (they would oversubscribe the cores)."""
     global _worker_tok
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tok = load_tokenizer(model_path)
 
 

@@ -71,8 +71,16 @@ def test_exported_sentencepiece_gives_llmcores_ids_on_mixed_text(exported, name)
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(alphabet=st.sampled_from(ALPHABET) | st.characters(exclude_categories=("Cs",)), max_size=80))
 def test_exported_sentencepiece_gives_llmcores_ids_on_any_text(exported, text):
+    """The same ids; a unigram model may break a tie between equally likely segmentations the other way (its
+    Viterbi meets `a|c|cc` and `a|cc|c`, the same pieces in another order, with one score): then the pieces must
+    spell the same text with the same total score."""
     for name, (ours, theirs) in exported.items():
-        assert theirs(text)["input_ids"] == ours.encode(text), (name, text)
+        got, want = theirs(text)["input_ids"], ours.encode(text)
+        if name.startswith("unigram") and got != want:
+            score = lambda ids: sum(ours._sp.get_score(i) for i in ids)
+            assert ours.decode(got) == ours.decode(want) and score(got) == pytest.approx(score(want)), (name, text)
+        else:
+            assert got == want, (name, text)
 
 
 def test_a_word_model_is_not_exported(tmp_path):
