@@ -308,21 +308,19 @@ def score_task(model: Any, tok: Any, questions: Sequence[Question], cfg: TaskCon
     per_question: list[list[float]] = [[] for _ in scored]
     for index, ll in zip(owner, lls):
         per_question[index].append(ll)
+    kaggle = cfg.format == "kaggle_science_exam"  # the one format scored by MAP@3 too
     predictions = []
     for q, scores in zip(scored, per_question):
         pred = argmax(scores)
         pred_norm = argmax([s / len(c) for s, c in zip(scores, q.choices)])
         predictions.append({"id": q.id, "scores": scores, "prediction": pred, "prediction_norm": pred_norm,
                             "answer": q.answer, "correct": pred == q.answer, "correct_norm": pred_norm == q.answer,
-                            "map3": map_at_3(scores, q.answer)})  # fmt: skip
+                            **({"map3": map_at_3(scores, q.answer)} if kaggle else {})})  # fmt: skip
     n = len(predictions)
     metrics = {"acc": sum(p["correct"] for p in predictions) / n,
                "acc_norm": sum(p["correct_norm"] for p in predictions) / n}  # fmt: skip
-    if cfg.format == "kaggle_science_exam":
+    if kaggle:
         metrics["map3"] = sum(p["map3"] for p in predictions) / n
-    if cfg.format != "kaggle_science_exam":
-        for p in predictions:
-            del p["map3"]
     metrics["n"] = float(n)
     return TaskScores(metrics, predictions, time.perf_counter() - started)
 

@@ -339,3 +339,14 @@ def test_context_and_continuation_split_as_the_harness_own_encode_pair(small):
         assert encode_pair(tok, context, continuation) == TemplateLM._encode_pair(Harness(), context, continuation)
     ctx, cont = encode_pair(tok, "Nothing ", "else")
     assert ctx == tok.encode("Nothing") and ctx + cont == tok.encode("Nothing else")  # the space moved
+
+
+def test_map3_is_scored_for_the_kaggle_format_only(small):
+    _, tok, model = small
+    questions = [Question(str(i), f"Question: q{i}\nAnswer:", ("alpha", "beta", "gamma", "delta", "eps"), i % 5)
+                 for i in range(6)]  # fmt: skip
+    kaggle = score_task(model, tok, questions, TaskConfig(name="k", format="kaggle_science_exam"), 0)
+    want = sum(map_at_3(p["scores"], p["answer"]) for p in kaggle.predictions) / 6
+    assert kaggle.metrics["map3"] == pytest.approx(want) and kaggle.metrics["n"] == 6
+    plain = score_task(model, tok, questions, TaskConfig(name="m", format="multiple_choice"), 0)
+    assert "map3" not in plain.metrics and all("map3" not in p for p in plain.predictions)
