@@ -16,15 +16,16 @@ size on the same 8 MB, saved with a tokenizer_config.json naming ``<|endoftext|>
 imported as the tokenizer stage does (``llmcore.tokenizer.import_tokenizer``). ``write_shards`` with it runs on the
 2x corpus with 1 and 2 processes, between SentencePiece's 1-process and 2-process cases of that corpus (order
 SP-1, HF-1, ..., HF-2, SP-2, so a drifting load hits both sides alike); figures: its MB/s and its
-throughput over SentencePiece's with the same process count (target >= 1.0x); then once more with
-TOKENIZERS_PARALLELISM=false (unset, the library's encode_batch spreads each process's chunk over every core, so
-1 process uses 2 cores here and 2 processes oversubscribe them; off, each process encodes on one core as
-SentencePiece's path does).
+throughput over SentencePiece's with the same process count (target >= 1.0x). Batches of this kind are encoded by
+tiktoken (``llmcore.tokenizer.TiktokenBPE``); one more 1-process case encodes with the ``tokenizers`` library
+alone (its ``encode_batch_fast``, its own threads on: 2 cores here) for comparison, and the shards the two write
+must be byte-identical (sha256 of every shard file): the same ids on every document of the corpus.
 Results: bench/results/shards.json.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -43,24 +44,32 @@ HF_WORKERS = (1, 2)
 SP, HF = "sentencepiece", "huggingface"
 #: The pretrained tokenizer again with the tokenizers library's own threads off in every process (it reads the
 #: variable at each call; unset, each process's encode_batch spreads over every core)
-HF_SERIAL, SERIAL_ENV = "huggingface-serial", {"TOKENIZERS_PARALLELISM": "false"}
+HF_LIBRARY = "huggingface-tokenizers-only"
 
 
 def run_case(args) -> int:
     """In the case subprocess: write the shards, print one JSON line of what it measured itself."""
+    import llmcore.tokenizer
     from llmcore.shards import write_shards
 
+    if args.tokenizers_only:  # in-process encoding only (workers 1): the pool's spawned workers would not see this
+        llmcore.tokenizer.TiktokenBPE.of = lambda spec: None
     data = stdlib_data(args.repeats, args.max_bytes, num_workers=args.workers)
     t0 = time.perf_counter()
     manifest = write_shards(data, args.tokenizer, args.out, seed=0)
     seconds = time.perf_counter() - t0
     splits = manifest["splits"].values()
+    digest = hashlib.sha256()
+    for shard in sorted(Path(args.out).glob("*.bin")):
+        digest.update(shard.read_bytes())
     print(
         json.dumps(
             {
                 "seconds": seconds,
                 "bytes": sum(s["bytes"] for s in splits),
                 "tokens": sum(s["tokens"] for s in splits),
+                "encoder": manifest["encoder"],
+                "shards_sha256": digest.hexdigest(),
                 # ru_maxrss is in KiB on Linux; for children, the largest single encoder process that has exited
                 "maxrss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                 "maxrss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
@@ -78,23 +87,26 @@ def measure(
     max_bytes: int | None,
     workers: int,
     kind: str = SP,
-    env: dict[str, str] | None = None,
 ) -> dict:
     out, log = tmp / f"shards-{kind}-{size}-{workers}", tmp / f"shards-{kind}-{size}-{workers}.log"
-    cmd = [
-        sys.executable,
-        __file__,
-        "--case",
-        "--repeats",
-        str(repeats),
-        "--workers",
-        str(workers),
-        "--tokenizer",
-        str(tokenizer),
-        "--out",
-        str(out),
-    ] + (["--max-bytes", str(max_bytes)] if max_bytes else [])
-    ran = run_logged(cmd, log, env=env, rss=True)
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--case",
+            "--repeats",
+            str(repeats),
+            "--workers",
+            str(workers),
+            "--tokenizer",
+            str(tokenizer),
+            "--out",
+            str(out),
+        ]
+        + (["--max-bytes", str(max_bytes)] if max_bytes else [])
+        + (["--tokenizers-only"] if kind == HF_LIBRARY else [])
+    )
+    ran = run_logged(cmd, log, rss=True)
     row = json.loads(log.read_text().strip().splitlines()[-1])
     row.update(
         tokenizer=kind,
@@ -168,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help=argparse_hidden())
     p.add_argument("--tokenizer", type=Path, help=argparse_hidden())
     p.add_argument("--out", type=Path, help=argparse_hidden())
+    p.add_argument("--tokenizers-only", action="store_true", help=argparse_hidden())
     args = p.parse_args(argv)
     if args.case:
         return run_case(args)
@@ -180,23 +193,22 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = train_quickstart_tokenizer(tmp, sample)
         hf_folder = train_byte_bpe(tmp / "hf-folder", sample, QUICKSTART_TOKENIZER["vocab_size"])
         hf_tokenizer = import_pretrained_tokenizer(hf_folder, tmp / "hf-tok")
-        tokenizers = {SP: (tokenizer, None), HF: (hf_tokenizer, None), HF_SERIAL: (hf_tokenizer, SERIAL_ENV)}
+        tokenizers = {SP: tokenizer, HF: hf_tokenizer, HF_LIBRARY: hf_tokenizer}
         # large corpus first (the throughput figures; each pretrained-tokenizer case next to SentencePiece's with
         # the same process count, in the order A B B A so a drifting load hits both alike), then the small one
-        large = [(SP, 1), (HF, 1), (HF_SERIAL, 1), (HF_SERIAL, 2), (HF, 2), (SP, 2), (SP, cores)]
+        large = [(SP, 1), (HF, 1), (HF_LIBRARY, 1), (HF, 2), (SP, 2), (SP, cores)]
         cases = [(sizes[1], kind, w) for kind, w in dict.fromkeys(large)]
         cases += [(sizes[0], SP, w) for w in dict.fromkeys([cores, 1])]
         rows = []
         for (size, repeats, max_bytes), kind, workers in cases:
-            path, env = tokenizers[kind]
-            rows.append(measure(tmp, path, size, repeats, max_bytes, workers, kind, env))
+            rows.append(measure(tmp, tokenizers[kind], size, repeats, max_bytes, workers, kind))
     return report(args, rows, cores, sizes)
 
 
 def report(args, rows: list[dict], cores: int, sizes: list) -> int:
     get = {(r["size"], r["workers"]): r for r in rows if r["tokenizer"] == SP}
     hf = {(r["size"], r["workers"]): r for r in rows if r["tokenizer"] == HF}
-    serial = {(r["size"], r["workers"]): r for r in rows if r["tokenizer"] == HF_SERIAL}
+    library = next(r for r in rows if r["tokenizer"] == HF_LIBRARY)
     small, large = sizes[0][0], sizes[1][0]
     one, many = get[(large, 1)], get[(large, cores)]
     speedup = one["seconds"] / many["seconds"]
@@ -237,10 +249,13 @@ def report(args, rows: list[dict], cores: int, sizes: list) -> int:
             figure(f"  HF / SentencePiece, {procs}", ratio, "x", f">= {HF_RATIO_TARGET:g}x SentencePiece",
                    None if args.quick else ratio >= HF_RATIO_TARGET),
         ]  # fmt: skip
-    for workers in HF_WORKERS:
-        procs = f"{workers} process{'es' if workers > 1 else ''}"
-        figures.append(figure(f"  HF, TOKENIZERS_PARALLELISM=false, {procs}", serial[(large, workers)]["mb_per_s"],
-                              "MB/s"))  # fmt: skip
+    same = library["shards_sha256"] == hf[(large, 1)]["shards_sha256"] == hf[(large, cores)]["shards_sha256"]
+    figures += [
+        figure("  HF with the tokenizers library alone (its threads: every core), 1 process", library["mb_per_s"],
+               "MB/s"),
+        figure("  tiktoken's shards equal the tokenizers library's (sha256)", float(same), "", "1 (identical)",
+               same),
+    ]  # fmt: skip
     details = {
         "cores": cores,
         "corpus_bytes": {s: corpus_bytes(stdlib_data(r, m)) for s, r, m in sizes},
@@ -250,7 +265,7 @@ def report(args, rows: list[dict], cores: int, sizes: list) -> int:
             "vocab_size": QUICKSTART_TOKENIZER["vocab_size"],
             "tokens_per_byte": hf[(large, 1)]["tokens"] / hf[(large, 1)]["bytes"],
             "sentencepiece_tokens_per_byte": get[(large, 1)]["tokens"] / get[(large, 1)]["bytes"],
-            "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM"),
+            "encoder": hf[(large, 1)]["encoder"],
         },
         "cases": rows,
     }

@@ -316,10 +316,82 @@ def _special(folder: Path, name: str) -> str | None:
     return None
 
 
+#: The split of GPT-2's ByteLevel pre-tokenizer (``use_regex``), as the ``tokenizers`` library and tiktoken write it.
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's table of a printable character per byte (the ByteLevel alphabet), as character -> byte."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+class TiktokenBPE:
+    """GPT-2's kind of tokenizer (byte-level BPE) encoded by ``tiktoken`` instead of the ``tokenizers`` library:
+    the same ids at about 2.8x less CPU a byte (bench/shards.py), which is what makes sharding with a pretrained
+    tokenizer as fast as with a trained SentencePiece one.
+
+    Only for a ``tokenizer.json`` that is exactly that kind (no normaliser; a ByteLevel pre-tokenizer with GPT-2's
+    split and no prefix space; a BPE model without dropout, affixes or byte fallback, each merge making a token of
+    its own) and where ``tiktoken`` is installed (the ``hf`` extra); ``of`` gives None otherwise. Merge ``i``
+    becomes tiktoken rank ``256 + i`` (the 256 bytes first) and ranks map back to the file's ids. Texts holding an
+    added token's text (``<|endoftext|>``), which the ``tokenizers`` library matches before splitting, are left
+    to it: ``encode_batch`` gives None for them."""
+
+    def __init__(self, encoding: Any, ids: np.ndarray, added: list[str]):
+        self._encoding, self._ids, self._added = encoding, ids, added
+
+    @classmethod
+    def of(cls, spec: dict) -> TiktokenBPE | None:
+        model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+        plain = (
+            spec.get("normalizer") is None
+            and pre.get("type") == "ByteLevel"
+            and pre.get("use_regex", True)
+            and not pre.get("add_prefix_space")
+            and model.get("type") == "BPE"
+            and model.get("dropout") is None
+            and not model.get("continuing_subword_prefix")
+            and not model.get("end_of_word_suffix")
+            and not model.get("byte_fallback")
+        )
+        if not plain:
+            return None
+        try:
+            import tiktoken
+        except ImportError:
+            return None
+        chars, vocab = _byte_level_chars(), model.get("vocab") or {}
+        ranks: dict[bytes, int] = {bytes([b]): b for b in range(256)}
+        ids = [vocab.get(c) for c in sorted(chars, key=chars.get)]
+        for merge in model.get("merges") or []:
+            left, right = merge.split(" ") if isinstance(merge, str) else merge
+            try:
+                token = bytes(chars[c] for c in left + right)
+            except KeyError:
+                return None
+            if token in ranks:  # two merges making one token: tiktoken cannot tell them apart
+                return None
+            ranks[token] = len(ranks)
+            ids.append(vocab.get(left + right))
+        if any(i is None for i in ids):
+            return None
+        encoding = tiktoken.Encoding("gptlab", pat_str=GPT2_SPLIT, mergeable_ranks=ranks, special_tokens={})
+        added = [t["content"] for t in spec.get("added_tokens") or []]
+        return cls(encoding, np.asarray(ids, dtype=np.uint32), added)
+
+    def encode_batch(self, texts: list[str], num_threads: int) -> list[np.ndarray | None]:
+        plain = [not any(a in t for a in self._added) for t in texts]
+        ranks = self._encoding.encode_ordinary_batch([t for t, ok in zip(texts, plain) if ok], num_threads=num_threads)
+        found = iter(ranks)
+        return [self._ids[np.asarray(next(found), dtype=np.int64)] if ok else None for ok in plain]
+
+
 class HFTokenizer:
     """A Hugging Face tokenizer (``tokenizer.json``, or GPT-2's ``vocab.json`` + ``merges.txt``), read with the
     ``tokenizers`` library: the same ids as ``transformers.AutoTokenizer`` for the same files, no special tokens
-    added (``add_special_tokens=False``), batch encoding in Rust threads."""
+    added (``add_special_tokens=False``); batches of GPT-2's kind are encoded by tiktoken (``TiktokenBPE``)."""
 
     kind = "huggingface"
 
@@ -346,6 +418,8 @@ class HFTokenizer:
         self._eos = vocab.get(eos) if eos else None
         self._bos = vocab.get(bos) if bos else None
         self.eos_token = eos
+        self._fast = TiktokenBPE.of(json.loads(self._tok.to_str()))
+        self.encoder = "tiktoken" if self._fast is not None else "tokenizers"
 
     @property
     def vocab_size(self) -> int:
@@ -365,12 +439,19 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Iterable[str], num_threads: int = -1) -> list[list[int]]:
-        """Token ids of each text (the ``tokenizers`` library's own threads; ``num_threads`` is for the
-        SentencePiece interface). ``encode_batch_fast`` (tokenizers >= 0.20) gives the same ids without the
-        character offsets: about a quarter less CPU (bench/shards.py)."""
-        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Iterable[str], num_threads: int = -1) -> list[list[int] | np.ndarray]:
+        """Token ids of each text, on ``num_threads`` threads (-1: every core): tiktoken where it applies, else the
+        ``tokenizers`` library (its ``encode_batch_fast``, tokenizers >= 0.20: the same ids without character
+        offsets, a quarter less CPU; its own threads, which its ``TOKENIZERS_PARALLELISM`` turns off)."""
+        texts = list(texts)
+        fast = self._fast.encode_batch(texts, num_threads if num_threads > 0 else os.cpu_count() or 1) if (
+            self._fast is not None) else [None] * len(texts)  # fmt: skip
+        rest = [t for t, ids in zip(texts, fast) if ids is None]
+        if rest:
+            encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+            slow = iter(e.ids for e in encode(rest, add_special_tokens=False))
+            fast = [next(slow) if ids is None else ids for ids in fast]
+        return fast
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

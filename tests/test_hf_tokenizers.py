@@ -118,6 +118,46 @@ def test_a_pretrained_tokenizer_gives_transformers_ids_from_either_format(gpt2_s
         assert tok.eos_id == reference.convert_tokens_to_ids("<|endoftext|>")
 
 
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    texts=st.lists(
+        st.one_of(
+            st.lists(st.sampled_from(ALPHABET + ["'s", "'ll", "<|endoftext|>", " 12", "\u00a0"]), max_size=60).map(
+                "".join
+            ),
+            st.text(max_size=40),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_batches_of_gpt2s_kind_get_the_tokenizers_librarys_ids_from_tiktoken(gpt2_style, texts):
+    """Shards are encoded in batches, by tiktoken for GPT-2's kind of tokenizer: ids equal the `tokenizers`
+    library's for any text (contractions, digits, Unicode whitespace, emoji; an added token's text is left to it)."""
+    root, _ = gpt2_style
+    for folder in (root / "json", root / "files"):
+        tok = load_tokenizer(folder)
+        assert tok.encoder == "tiktoken"
+        assert [list(map(int, ids)) for ids in tok.encode_batch(texts, num_threads=1)] == [tok.encode(t) for t in texts]
+
+
+def test_other_kinds_of_tokenizer_json_are_left_to_the_tokenizers_library(gpt2_style, tmp_path):
+    """A tokenizer.json tiktoken would encode differently (a prefix space, a normaliser) is not given to it."""
+    root, _ = gpt2_style
+    spec = json.loads((root / "json" / "tokenizer.json").read_text())
+    text = mixed_text(5, 2000)
+    for change in ({"pre_tokenizer": {**spec["pre_tokenizer"], "add_prefix_space": True}},
+                   {"normalizer": {"type": "Lowercase"}}):  # fmt: skip
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text(json.dumps({**spec, **change}))
+        (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+        tok = load_tokenizer(folder)
+        reference = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))
+        assert tok.encoder == "tokenizers"
+        assert tok.encode_batch([text])[0] == reference(text)["input_ids"] != load_tokenizer(root / "json").encode(text)
+
+
 def test_the_tokenizer_stage_imports_checks_and_shards_with_it(gpt2_style, tmp_path):
     root, corpus = gpt2_style
     stats = import_tokenizer(TokenizerConfig(type="pretrained", path=str(root / "json")), tmp_path / "tok", 400)
@@ -130,6 +170,7 @@ def test_the_tokenizer_stage_imports_checks_and_shards_with_it(gpt2_style, tmp_p
         import_tokenizer(TokenizerConfig(type="pretrained", path=str(tmp_path / "nowhere")), tmp_path / "y")
     data = DataConfig(sources=[FilesSource(path=str(corpus))], split="tail", val_fraction=0.1, num_workers=1)
     manifest = write_shards(data, tmp_path / "tok", tmp_path / "shards", seed=0)
+    assert manifest["encoder"] == "tiktoken"
     tok = load_tokenizer(tmp_path / "tok")
     text = corpus.read_bytes().decode("utf-8")  # as the corpus reader reads it: line endings as they are
     cut = int(len(text) * 0.9)
