@@ -10,7 +10,14 @@ reduction_factor: 3}`` (rungs at 25, 75 and 225 steps of 250; validation estimat
 
 Figures: the total training seconds of each side (the trainings' own ``summary.json`` seconds, pruned ones
 included), the best final val/bpb each found, and their ratios. Target (issue 17): ASHA's best within 1% of the
-grid's for at most 40% of the grid's training time. Results: bench/results/search.json.
+grid's for at most 40% of the grid's training time.
+
+Replay: with one training at a time, what ASHA prunes depends on the order the points come in (a point is promoted
+past a rung while fewer than ``reduction_factor`` others reached it only if it is the best there so far). So the
+grid's measured validation curves (the estimates the driver reports) are replayed through the same Optuna pruner,
+one trial at a time, in the grid's order (which must give the measured ASHA side's steps: the check that the
+replay is faithful), in reverse and in 100 seeded random orders; figures: steps trained over the grid's, and how
+often the best point found is within 1% of the grid's best val/bpb. Results: bench/results/search.json.
 """
 
 from __future__ import annotations
@@ -52,6 +59,71 @@ def training_seconds(runs_root: Path) -> tuple[float, int, int]:
     return total, n, stopped
 
 
+def curves(runs_root: Path, lrs: list[float], warmups: list[int]) -> list[list[tuple[int, float]]]:
+    """The validation estimates (step, loss) of each grid training, in the grid's order (lr major)."""
+    from llmcore.metrics import EvalLine, read_metrics
+
+    found = {}
+    for stage in (runs_root / "stages").glob("train-*"):
+        train = json.loads((stage / "config.json").read_text())["train"]
+        evals = [(r.step, r.val_loss) for r in read_metrics(stage / "metrics.jsonl") if isinstance(r, EvalLine)]
+        found[(train["lr"], train["warmup_steps"])] = evals
+    return [found[(lr, w)] for lr in lrs for w in warmups]
+
+
+def replay(evals: list[list[tuple[int, float]]], order: list[int], prune: dict, max_steps: int) -> tuple[float, int]:
+    """Optuna's successive-halving pruner over measured curves, one trial at a time in ``order``: (steps trained
+    over the grid's steps, index of the best trial that ran to the end, by its last estimate)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=prune["min_steps"],
+                                                    reduction_factor=prune["reduction_factor"])  # fmt: skip
+    study, steps, finished = optuna.create_study(pruner=pruner), 0, {}
+    for i in order:
+        trial, stop = study.ask(), max_steps
+        for step, loss in evals[i]:
+            trial.report(loss, step)
+            if trial.should_prune():
+                stop = step
+                break
+        if stop == max_steps:
+            study.tell(trial, evals[i][-1][1])
+            finished[i] = evals[i][-1][1]
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        steps += stop
+    return steps / (len(order) * max_steps), min(finished, key=finished.get)
+
+
+def replays(runs_root: Path, quick: bool, points: list[list[float]]) -> dict:
+    """The replay figures: grid order, reversed, 100 seeded random orders (``points``: [lr, warmup, val/bpb])."""
+    import random
+
+    tree = tree_for(runs_root, quick, True)
+    lrs, warmups = tree["sweep"]["train.lr"], tree["sweep"]["train.warmup_steps"]
+    evals, prune, max_steps = curves(runs_root, lrs, warmups), tree["sweep"]["prune"], tree["train"]["max_steps"]
+    bpb = {(lr, w): v for lr, w, v in points}
+    grid_bpb = [bpb[(lr, w)] for lr in lrs for w in warmups]
+    best = min(grid_bpb)
+
+    def within(i: int) -> bool:
+        return grid_bpb[i] <= 1.01 * best
+
+    n = len(evals)
+    grid_order, reverse = replay(evals, list(range(n)), prune, max_steps), replay(evals, list(range(n))[::-1], prune,
+                                                                                   max_steps)  # fmt: skip
+    rng = random.Random(0)
+    shuffled = [replay(evals, rng.sample(range(n), n), prune, max_steps) for _ in range(100)]
+    fractions = sorted(f for f, _ in shuffled)
+    return {"grid_order": grid_order[0], "grid_order_best_within_1pct": within(grid_order[1]),
+            "reverse": reverse[0], "reverse_best_within_1pct": within(reverse[1]),
+            "random_mean": sum(fractions) / len(fractions), "random_median": fractions[len(fractions) // 2],
+            "random_share_at_most_40pct": sum(f <= 0.40 for f in fractions) / len(fractions),
+            "random_share_best_within_1pct": sum(within(b) for _, b in shuffled) / len(shuffled),
+            "random_share_both": sum(f <= 0.40 and within(b) for f, b in shuffled) / len(shuffled)}  # fmt: skip
+
+
 def side(root: Path, quick: bool, prune: bool, data_plan) -> dict:
     from workflows import submit
 
@@ -66,7 +138,9 @@ def side(root: Path, quick: bool, prune: bool, data_plan) -> dict:
     seconds, trainings, pruned = training_seconds(root / "runs")
     return {"wall_s": wall, "train_s": seconds, "trainings": trainings, "pruned": pruned,
             "best": best.name, "best_bpb": best.metrics["val/bpb"],
-            "bpb": {r.name: r.metrics.get("val/bpb") for r in result.runs}}  # fmt: skip
+            "bpb": {r.name: r.metrics.get("val/bpb") for r in result.runs},
+            "points": [[r.point["train.lr"], r.point["train.warmup_steps"], r.metrics.get("val/bpb")]
+                       for r in result.runs]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         grid = side(root / "grid", args.quick, False, data)
         print(f"  grid: {grid['trainings']} trainings, {grid['train_s']:.0f} s, best {grid['best']} "
               f"{grid['best_bpb']:.4f}", flush=True)  # fmt: skip
+        replayed = replays(root / "grid" / "runs", args.quick, grid["points"])
         asha = side(root / "asha", args.quick, True, data)
         print(f"  asha: {asha['trainings']} trainings ({asha['pruned']} pruned), {asha['train_s']:.0f} s, best "
               f"{asha['best']} {asha['best_bpb']:.4f}", flush=True)  # fmt: skip
@@ -92,8 +167,14 @@ def main(argv: list[str] | None = None) -> int:
         figure("ASHA: best val/bpb", asha["best_bpb"], "bpb"),
         figure("ASHA best above the grid's", gap, "%", "<= 1%", None if args.quick else gap <= 1.0),
         figure("ASHA: trainings pruned", asha["pruned"], f"of {asha['trainings']}"),
+        figure("replay, grid order: steps / the grid's (the measured side's check)", 100 * replayed["grid_order"], "%"),
+        figure("replay, reverse order: steps / the grid's", 100 * replayed["reverse"], "%"),
+        figure("replay, 100 random orders: mean steps / the grid's", 100 * replayed["random_mean"], "%"),
+        figure("  orders at <= 40% of the grid's steps", 100 * replayed["random_share_at_most_40pct"], "%"),
+        figure("  orders whose best is within 1% of the grid's", 100 * replayed["random_share_best_within_1pct"], "%"),
+        figure("  orders with both", 100 * replayed["random_share_both"], "%"),
     ]
-    write_report("search", args, figures, {"grid": grid, "asha": asha, "met": met})
+    write_report("search", args, figures, {"grid": grid, "asha": asha, "replay": replayed, "met": met})
     return 0
 
 

@@ -95,3 +95,44 @@ def test_two_ranks_through_mpiexec_equal_one_rank_with_twice_the_micro_batches(t
         curves.append([r["loss"] for r in records(stage)])
     assert len(curves[0]) == 12
     assert curves[0] == pytest.approx(curves[1], rel=1e-5)
+
+
+@pytest.mark.mpi
+def test_killed_fsdp_training_on_local_processes_is_retried_from_its_sharded_checkpoint(tmp_path):
+    """Both ranks of a 2-rank FSDP training SIGKILLed after a sharded checkpoint: Parsl's retry resumes from that
+    checkpoint (no step redone before it, every step once) and the run ends at the uninterrupted run's loss."""
+    corpus = make_corpus(tmp_path / "corpus")
+    train = {"max_steps": 150, "checkpoint_interval": 30, "eval_interval": 50, "parallelism": "fsdp",
+             "ranks_per_node": 2}  # fmt: skip
+    site = {"name": "local-processes", "max_workers": 2}
+    spec = write_spec(tmp_path / "s.yaml", tiny_spec(corpus, tmp_path / "runs", site=site, train=train))
+    out: dict = {}
+    driver = threading.Thread(target=lambda: out.update(result=submit(spec, quiet=True, poll_interval=0.5)))
+    driver.start()
+    stages = tmp_path / "runs" / "stages"
+    stage = wait_for(lambda: next(stages.glob("train-*"), None) if stages.exists() else None, 120, "the train stage")
+    wait_for(lambda: (stage / "checkpoints" / "step_00000060" / "DONE.json").exists(), 240, "a sharded checkpoint")
+    before = {r["step"]: r for r in records(stage)}
+    ranks = [p for p in psutil.process_iter(["cmdline"])
+             if "llmcore.train" in (p.info["cmdline"] or []) and str(stage) in " ".join(p.info["cmdline"])]  # fmt: skip
+    assert len(ranks) == 2, "both ranks are running"
+    for p in ranks:
+        p.send_signal(signal.SIGKILL)
+    driver.join(timeout=400)
+    result = out["result"]
+    assert result.ok, result.runs[0].error
+    assert "resuming from checkpoint" in (stage / "train.log").read_text()
+    after = records(stage)
+    assert [r["step"] for r in after] == list(range(1, 151))
+    assert all(after[s - 1] == before[s] for s in range(1, 61))
+    assert json.loads((stage / "checkpoints" / "step_00000150" / "meta.json").read_text())["layout"] == "sharded"
+
+    again = write_spec(tmp_path / "u.yaml", tiny_spec(corpus, tmp_path / "uninterrupted", site=site, train=train))
+    reference = submit(again, quiet=True, poll_interval=0.5)
+    assert reference.ok, reference.runs[0].error
+    ref_stage = next((tmp_path / "uninterrupted" / "stages").glob("train-*"))
+    resumed, uninterrupted = (json.loads((d / "summary.json").read_text()) for d in (stage, ref_stage))
+    assert resumed["final_train_loss"] == pytest.approx(uninterrupted["final_train_loss"], abs=1e-4)
+    assert resumed["final_val_loss"] == pytest.approx(uninterrupted["final_val_loss"], abs=1e-4)
+    assert result.runs[0].metrics["final/val_loss"] == pytest.approx(reference.runs[0].metrics["final/val_loss"],
+                                                                     abs=1e-4)  # fmt: skip
