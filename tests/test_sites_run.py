@@ -113,8 +113,9 @@ def test_killed_fsdp_training_on_local_processes_is_retried_from_its_sharded_che
     stage = wait_for(lambda: next(stages.glob("train-*"), None) if stages.exists() else None, 120, "the train stage")
     wait_for(lambda: (stage / "checkpoints" / "step_00000060" / "DONE.json").exists(), 240, "a sharded checkpoint")
     before = {r["step"]: r for r in records(stage)}
-    ranks = [p for p in psutil.process_iter(["cmdline"])
-             if "llmcore.train" in (p.info["cmdline"] or []) and str(stage) in " ".join(p.info["cmdline"])]  # fmt: skip
+    ranks = [p for p in psutil.process_iter(["cmdline", "name"])
+             if not p.info["name"].startswith("mpiexec") and "llmcore.train" in (p.info["cmdline"] or [])
+             and str(stage) in " ".join(p.info["cmdline"])]  # fmt: skip
     assert len(ranks) == 2, "both ranks are running"
     for p in ranks:
         p.send_signal(signal.SIGKILL)
