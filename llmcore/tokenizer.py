@@ -14,6 +14,7 @@ Like every SentencePiece model, the character U+2581 (``▁``) in input text dec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -418,8 +419,16 @@ class HFTokenizer:
         self._eos = vocab.get(eos) if eos else None
         self._bos = vocab.get(bos) if bos else None
         self.eos_token = eos
-        self._fast = TiktokenBPE.of(json.loads(self._tok.to_str()))
-        self.encoder = "tiktoken" if self._fast is not None else "tokenizers"
+
+    @functools.cached_property
+    def _fast(self) -> TiktokenBPE | None:
+        """Built at the first batch (sampling and evaluation encode one text at a time with the library)."""
+        return TiktokenBPE.of(json.loads(self._tok.to_str()))
+
+    @property
+    def encoder(self) -> str:
+        """The library that encodes batches: ``tiktoken`` or ``tokenizers``."""
+        return "tiktoken" if self._fast is not None else "tokenizers"
 
     @property
     def vocab_size(self) -> int:
