@@ -234,7 +234,7 @@ def _manifest(data: DataConfig, tok: Any, dtype: str, seed: int, writers: dict[s
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
         "tokenizer_sha256": tok.sha256,
-        "encoder": getattr(tok, "encoder", "sentencepiece"),  # which library encoded (the ids are the same)
+        "encoder": tok.encoder,  # which library encoded (the ids are the same)
         "seed": seed,
         "split_method": data.split,
         "val_fraction": data.val_fraction,

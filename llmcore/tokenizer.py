@@ -203,6 +203,7 @@ class Tokenizer:
     """A loaded SentencePiece model. ``decode(encode(text)) == text`` for text within its alphabet."""
 
     kind = "sentencepiece"
+    encoder = "sentencepiece"  # the library that encodes batches
 
     def __init__(self, model_bytes: bytes):
         self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
@@ -453,14 +454,14 @@ class HFTokenizer:
         ``tokenizers`` library (its ``encode_batch_fast``, tokenizers >= 0.20: the same ids without character
         offsets, a quarter less CPU; its own threads, which its ``TOKENIZERS_PARALLELISM`` turns off)."""
         texts = list(texts)
-        fast = self._fast.encode_batch(texts, num_threads if num_threads > 0 else os.cpu_count() or 1) if (
-            self._fast is not None) else [None] * len(texts)  # fmt: skip
-        rest = [t for t, ids in zip(texts, fast) if ids is None]
+        threads = num_threads if num_threads > 0 else os.cpu_count() or 1
+        out = self._fast.encode_batch(texts, threads) if self._fast is not None else [None] * len(texts)
+        rest = [t for t, ids in zip(texts, out) if ids is None]
         if rest:
             encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
             slow = iter(e.ids for e in encode(rest, add_special_tokens=False))
-            fast = [next(slow) if ids is None else ids for ids in fast]
-        return fast
+            out = [next(slow) if ids is None else ids for ids in out]
+        return out
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
