@@ -19,6 +19,26 @@ from workflows import submit
 pytestmark = pytest.mark.slow
 
 
+def submit_and_kill_training(spec: Path, runs_root: Path, at_step: int, wait_s: float) -> tuple:
+    """Submit in a thread; once the training has committed its checkpoint at ``at_step``, SIGKILL its processes
+    (every rank, not mpiexec). Returns (its stage directory, its metric records by step before the kill, how many
+    processes were killed, the submit's result)."""
+    out: dict = {}
+    driver = threading.Thread(target=lambda: out.update(result=submit(spec, quiet=True, poll_interval=0.5)))
+    driver.start()
+    stages = runs_root / "stages"
+    stage = wait_for(lambda: next(stages.glob("train-*"), None) if stages.exists() else None, 120, "the train stage")
+    wait_for(lambda: (stage / "checkpoints" / f"step_{at_step:08d}" / "DONE.json").exists(), wait_s, "a checkpoint")
+    before = {r["step"]: r for r in records(stage)}
+    victims = [p for p in psutil.process_iter(["cmdline", "name"])
+               if not p.info["name"].startswith("mpiexec") and "llmcore.train" in (p.info["cmdline"] or [])
+               and str(stage) in " ".join(p.info["cmdline"])]  # fmt: skip
+    for p in victims:
+        p.send_signal(signal.SIGKILL)
+    driver.join(timeout=400)
+    return stage, before, len(victims), out["result"]
+
+
 def test_killed_training_on_local_processes_is_retried_and_resumes(tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
     tree = tiny_spec(
@@ -28,23 +48,8 @@ def test_killed_training_on_local_processes_is_retried_and_resumes(tmp_path):
         train={"max_steps": 400, "checkpoint_interval": 40, "eval_interval": 100},
     )
     spec = write_spec(tmp_path / "s.yaml", tree)
-    out: dict = {}
-    driver = threading.Thread(target=lambda: out.update(result=submit(spec, quiet=True, poll_interval=0.5)))
-    driver.start()
-    stages = tmp_path / "runs" / "stages"
-    stage = wait_for(lambda: next(stages.glob("train-*"), None) if stages.exists() else None, 120, "the train stage")
-    wait_for(lambda: (stage / "checkpoints" / "step_00000080" / "DONE.json").exists(), 180, "a checkpoint")
-    before = {r["step"]: r for r in records(stage)}
-    victims = [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if "llmcore.train" in (p.info["cmdline"] or []) and str(stage) in " ".join(p.info["cmdline"])
-    ]
-    assert victims, "the training process is running"
-    for p in victims:
-        p.send_signal(signal.SIGKILL)
-    driver.join(timeout=300)
-    result = out["result"]
+    stage, before, killed, result = submit_and_kill_training(spec, tmp_path / "runs", at_step=80, wait_s=180)
+    assert killed, "the training process is running"
     assert result.ok, result.runs[0].error
     after = records(stage)
     assert [r["step"] for r in after] == list(range(1, 401))  # every step once
@@ -106,21 +111,8 @@ def test_killed_fsdp_training_on_local_processes_is_retried_from_its_sharded_che
              "ranks_per_node": 2}  # fmt: skip
     site = {"name": "local-processes", "max_workers": 2}
     spec = write_spec(tmp_path / "s.yaml", tiny_spec(corpus, tmp_path / "runs", site=site, train=train))
-    out: dict = {}
-    driver = threading.Thread(target=lambda: out.update(result=submit(spec, quiet=True, poll_interval=0.5)))
-    driver.start()
-    stages = tmp_path / "runs" / "stages"
-    stage = wait_for(lambda: next(stages.glob("train-*"), None) if stages.exists() else None, 120, "the train stage")
-    wait_for(lambda: (stage / "checkpoints" / "step_00000060" / "DONE.json").exists(), 240, "a sharded checkpoint")
-    before = {r["step"]: r for r in records(stage)}
-    ranks = [p for p in psutil.process_iter(["cmdline", "name"])
-             if not p.info["name"].startswith("mpiexec") and "llmcore.train" in (p.info["cmdline"] or [])
-             and str(stage) in " ".join(p.info["cmdline"])]  # fmt: skip
-    assert len(ranks) == 2, "both ranks are running"
-    for p in ranks:
-        p.send_signal(signal.SIGKILL)
-    driver.join(timeout=400)
-    result = out["result"]
+    stage, before, killed, result = submit_and_kill_training(spec, tmp_path / "runs", at_step=60, wait_s=240)
+    assert killed == 2, "both ranks are running"
     assert result.ok, result.runs[0].error
     assert "resuming from checkpoint" in (stage / "train.log").read_text()
     after = records(stage)
