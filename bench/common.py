@@ -161,11 +161,11 @@ def prepare_data_stages(spec_path: Path):
     runs them), so a later submit or direct run of the same spec only trains and evaluates. Returns the plan."""
     from workflows.planning import plan
     from workflows.spec import load_spec
-    from workflows.stages import prepare_stage, run_stage
+    from workflows.stages import SHARDS, TOKENIZER, prepare_stage, run_stage
 
     p = plan(load_spec(spec_path))
     for stage in p.stages.values():
-        if stage.kind in ("tokenizer", "shards") and not stage.done:
+        if stage.definition in (TOKENIZER, SHARDS) and not stage.done:
             prepare_stage(stage.dir, stage.config)
             inputs = {k: str(d) for k, d in stage.inputs.items()}
             run_stage(stage.kind, str(stage.dir), stage.config, inputs, stage.runtime)
@@ -174,8 +174,10 @@ def prepare_data_stages(spec_path: Path):
 
 def copy_data_stages(p, runs_root: Path) -> None:
     """Copy the plan's committed tokenizer and shards stage directories into another runs_root."""
+    from workflows.stages import SHARDS, TOKENIZER
+
     for stage in p.stages.values():
-        if stage.kind in ("tokenizer", "shards"):
+        if stage.definition in (TOKENIZER, SHARDS):
             shutil.copytree(stage.dir, runs_root / "stages" / stage.dir.name, dirs_exist_ok=True)
 
 

@@ -85,17 +85,18 @@ class Sides:
 
     def direct(self, r: int) -> float:
         from llmcore.io import atomic_write_json
-        from workflows.stages import write_train_config
+        from workflows.stages import EVAL, SHARDS, TOKENIZER, write_train_config
 
         root = self.tmp / f"direct{r}"
         todo = []
         for run in self.plan.runs:
-            train = dataclasses.replace(run.stages["train"], dir=root / run.stages["train"].dir.name)
+            train = dataclasses.replace(run.training, dir=root / run.training.dir.name)
             train.dir.mkdir(parents=True)
             write_train_config(train.dir, train.config, train.runtime)  # the exact train.json a submit writes
-            eval_dir = root / run.stages["eval"].dir.name
-            atomic_write_json(eval_dir / "eval_config.json", run.stages["eval"].config["eval"])
-            shards, tok = run.stages["shards"].dir, run.stages["tokenizer"].dir / "tokenizer.model"
+            evaluation = run.stage_of(EVAL)
+            eval_dir = root / evaluation.dir.name
+            atomic_write_json(eval_dir / "eval_config.json", evaluation.config["eval"])
+            shards, tok = run.stage_of(SHARDS).dir, run.stage_of(TOKENIZER).dir / "tokenizer.model"
             evaluate = [
                 sys.executable,
                 "-m",
@@ -132,7 +133,7 @@ class Sides:
         seconds = run_logged(
             [sys.executable, "-m", "workflows.cli", "submit", str(spec), "--quiet"], root / "submit.log"
         ).seconds
-        self._training_seconds("submit", [root / "stages" / r.stages["train"].dir.name for r in self.plan.runs])
+        self._training_seconds("submit", [root / "stages" / r.training.dir.name for r in self.plan.runs])
         return seconds
 
     def _training_seconds(self, side: str, train_dirs: list[Path]) -> None:

@@ -36,6 +36,7 @@ from common import (
 )
 
 from workflows.driver import FORWARD_EVERY  # common put this checkout first on sys.path
+from workflows.stages import SHARDS
 
 TARGET_PCT = 1.0
 
@@ -55,7 +56,7 @@ class Trainings:
 
         self.tmp, self.plan, self.poll_interval = tmp, plan, poll_interval
         self.run = plan.runs[0]
-        self.stage = self.run.stages["train"]
+        self.stage = self.run.training
         self.stage.dir.mkdir(parents=True, exist_ok=True)
         write_train_config(
             self.stage.dir, self.stage.config, self.stage.runtime
@@ -70,7 +71,7 @@ class Trainings:
         """Run one training; returns its wall seconds and records this process's CPU seconds meanwhile (all
         threads: MLflow's own background threads count too)."""
         out = self.tmp / name
-        cmd = train_cmd(self.stage.dir / "train.json", self.run.stages["shards"].dir, out)
+        cmd = train_cmd(self.stage.dir / "train.json", self.run.stage_of(SHARDS).dir, out)
         c0 = time.process_time()
         seconds = run_logged(cmd, self.tmp / f"{name}.log", while_running=while_running).seconds
         self.bench_cpu.setdefault(name.rstrip("0123456789"), []).append(time.process_time() - c0)

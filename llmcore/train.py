@@ -65,6 +65,9 @@ from llmcore.shards import BatchSampler, ShardDamagedError, ShardError, TokenSpl
 
 SUMMARY = "summary.json"
 STOP_FILE = "STOP"  # written into OUT_DIR to ask a running training to checkpoint and stop
+#: The environment variable naming a submit's halt file: once that file exists (the driver was told to stop), a
+#: training of that submit does not start, and one that runs checkpoints and stops, whenever it was launched.
+HALT_ENV = "GPTLAB_HALT_FILE"
 BUDGET_CHECK_EVERY = 10  # steps between stop decisions when several ranks must agree (a collective each)
 _clock = time.perf_counter  # module-level so tests can drive the time budget with a fake clock
 
@@ -147,6 +150,7 @@ class StopSignal:
 
     def __init__(self, out_dir: Path):
         self.stop_file = Path(out_dir) / STOP_FILE
+        self.halt_file = Path(os.environ[HALT_ENV]) if os.environ.get(HALT_ENV) else None
         self.started = time.time()
         self.signalled: str | None = None
         self._previous: dict[int, Any] = {}
@@ -183,6 +187,8 @@ class StopSignal:
         """Why to stop (a signal's name, or the STOP file), or None."""
         if self.signalled is not None:
             return self.signalled
+        if self.halt_file is not None and self.halt_file.exists():
+            return f"{self.halt_file} requested it"
         try:
             if self.stop_file.stat().st_mtime >= self.started - 1:
                 return f"{self.stop_file} requested it"
@@ -543,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output directory (resumed if it has checkpoints)")
     parser.add_argument("--init", type=Path, help="weights to start from (a weights-only checkpoint directory)")
     args = parser.parse_args(argv)
+    halt = os.environ.get(HALT_ENV)
+    if halt and Path(halt).exists():  # launched after its submit was told to stop: do no work
+        print(f"not started: {halt} says its submit was stopped", file=sys.stderr)
+        return exitcodes.STOP_REQUESTED
     run, problems = load_run_config(args.config)
     if problems:
         print("invalid training config:\n  " + "\n  ".join(problems), file=sys.stderr)

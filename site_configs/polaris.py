@@ -21,16 +21,9 @@ from parsl.executors import HighThroughputExecutor, MPIExecutor
 from parsl.launchers import MpiExecLauncher, SimpleLauncher
 from parsl.providers import PBSProProvider
 
-from site_configs.spec import SiteSpec
+from site_configs.spec import SITE_DEFAULTS, SiteSpec
 
-#: What a spec's null site fields become on Polaris.
-DEFAULTS = {
-    "queue": "debug",  # up to 2 nodes, 1 hour: right for first runs; prod, preemptable, debug-scaling for more
-    "cores_per_node": 64,  # one AMD EPYC Milan per node
-    "gpus_per_node": 4,  # A100-SXM4-40GB
-    "gpu_memory_gib": 40,
-    "interface": "bond0",  # the high-speed network compute nodes reach the login nodes on
-}
+DEFAULTS = SITE_DEFAULTS["polaris"]  # what a spec's null site fields become on Polaris
 #: Cores closest to GPUs 3, 2, 1, 0 of a Polaris node (hardware threads included), as ALCF documents.
 GPU_AFFINITY = "list:24-31,56-63:16-23,48-55:8-15,40-47:0-7,32-39"
 #: The interchange dies with the driver and ignores the terminal's Ctrl-C (see site_configs.guard).

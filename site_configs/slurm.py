@@ -18,10 +18,10 @@ from parsl.executors import HighThroughputExecutor, MPIExecutor
 from parsl.launchers import SimpleLauncher, SrunLauncher
 from parsl.providers import SlurmProvider
 
-from site_configs.spec import SiteSpec
+from site_configs.spec import SITE_DEFAULTS, SiteSpec
 
 #: What a spec's null site fields become on a Slurm cluster.
-DEFAULTS = {"gpus_per_node": 0}  # CPU nodes unless the spec says otherwise
+DEFAULTS = SITE_DEFAULTS["slurm"]  # CPU nodes unless the spec says otherwise
 #: The interchange dies with the driver and ignores the terminal's Ctrl-C (see site_configs.guard).
 GUARDED_INTERCHANGE = [sys.executable, "-m", "site_configs.guard", "interchange.py"]
 

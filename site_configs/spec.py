@@ -80,15 +80,23 @@ class SiteSpec(StrictModel):
     )
 
 
+#: What a spec's null site fields become on each batch site (its module, ``site_configs.polaris`` or ``.slurm``,
+#: builds the Parsl config from the resolved values); local sites have none.
+SITE_DEFAULTS: dict[str, dict[str, object]] = {
+    "polaris": {
+        "queue": "debug",  # up to 2 nodes, 1 hour: right for first runs; prod, preemptable, debug-scaling for more
+        "cores_per_node": 64,  # one AMD EPYC Milan per node
+        "gpus_per_node": 4,  # A100-SXM4-40GB
+        "gpu_memory_gib": 40,
+        "interface": "bond0",  # the high-speed network compute nodes reach the login nodes on
+    },
+    "slurm": {"gpus_per_node": 0},  # CPU nodes unless the spec says otherwise
+}
+
+
 def site_defaults(name: str) -> dict[str, object]:
-    """The defaults of a site's own module (``polaris.DEFAULTS``); local sites have none."""
-    if name == "polaris":
-        from site_configs.polaris import DEFAULTS
-    elif name == "slurm":
-        from site_configs.slurm import DEFAULTS
-    else:
-        return {}
-    return DEFAULTS
+    """The defaults of a site (:data:`SITE_DEFAULTS`); local sites have none."""
+    return SITE_DEFAULTS.get(name, {})
 
 
 def resolve(site: SiteSpec, environ: Mapping[str, str] | None = None) -> SiteSpec:

@@ -20,7 +20,17 @@ import time
 
 import psutil
 import pytest
-from helpers import child_env, gptlab, kill_everything_under, make_corpus, tiny_spec, trainings, wait_for, write_spec
+from helpers import (
+    child_env,
+    gptlab,
+    kill_everything_under,
+    make_corpus,
+    records,
+    tiny_spec,
+    trainings,
+    wait_for,
+    write_spec,
+)
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -52,7 +62,8 @@ def train_dir(tmp_path):
 
 
 def first_checkpoint(stage) -> None:
-    wait_for(lambda: (stage / "checkpoints" / "step_00000020" / "DONE.json").exists(), 240, "a first checkpoint")
+    """Wait for a committed checkpoint (any: a fast training has rotated step 20's away by the time we look)."""
+    wait_for(lambda: any((stage / "checkpoints").glob("step_*/DONE.json")), 240, "a first checkpoint")
 
 
 def runs_by_name(tmp_path) -> dict:
@@ -174,5 +185,67 @@ def test_an_executor_whose_interchange_dies_fails_its_tasks_instead_of_hanging(t
         log = (tmp_path / "submit.log").read_text()
         assert "Parsl executor local-htex: its interchange process exited" in log, log
         assert runs_by_name(tmp_path)["tiny"].info.status == "FAILED"
+    finally:
+        kill_everything_under(tmp_path, [proc])
+
+
+def test_ctrl_c_with_queued_work_starts_nothing_new_and_kills_only_unfinished_runs(tmp_path):
+    """Issue 21: a 3-point grid on one worker, Ctrl-C while the first point trains. Nothing queued starts after
+    the signal (no other training writes a step), the driver is out within seconds of the first training's
+    checkpoint, no training outlives it, and every run is KILLED (none had finished)."""
+    spec = spec_for(tmp_path, max_steps=100000, site={"max_workers": 1},
+                    sweep={"train.lr": [0.001, 0.002, 0.003]})  # fmt: skip
+    proc = start_submit(spec, tmp_path)
+    try:
+        stage = train_dir(tmp_path)
+        first_checkpoint(stage)
+        sent = time.time()
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+        took = time.time() - sent
+        print(f"Ctrl-C with 2 queued trainings returned in {took:.1f} s")
+        log = (tmp_path / "submit.log").read_text()
+        assert took < 45, f"stopping took {took:.0f} s: {log}"
+        time.sleep(3)  # anything the interrupt failed to stop would now be running
+        stages = sorted((tmp_path / "runs" / "stages").glob("train-*"))
+        assert len(stages) == 3 and all(trainings(d) == [] for d in stages), "no training outlives the driver"
+        started = [d for d in stages if records(d)]
+        assert started == [stage], f"only the first point trained: {started}"
+        assert not list((tmp_path / "runs" / "stages").glob("eval-*/DONE.json"))
+        runs = runs_by_name(tmp_path)
+        assert sorted(r.info.status for r in runs.values()) == ["KILLED"] * 3
+        assert "queued stages will not start" in log and "3 run(s) KILLED" in log, log
+    finally:
+        kill_everything_under(tmp_path, [proc])
+
+
+def test_a_pruning_decision_survives_an_interrupt_and_a_resubmit_keeps_it(tmp_path):
+    """A training whose pruning was decided (recorded in its directory) and then interrupted is not resumed by
+    the next submit of the pruned spec: its run is closed pruned, never RUNNING again; with pruning switched off
+    a submit resumes it."""
+    from workflows.processes import record_pruned
+
+    prune = {"prune": {"method": "asha", "min_steps": 20, "reduction_factor": 2}}
+    spec = spec_for(tmp_path, max_steps=300, sweep={"train.lr": [0.001, 0.002], **prune},
+                    site={"max_workers": 1})  # fmt: skip
+    proc = start_submit(spec, tmp_path)
+    try:
+        stage = train_dir(tmp_path)
+        first_checkpoint(stage)
+        record_pruned(stage, 20, "decided by the test, as Pruning.observe records it")
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+        steps = len(records(stage))
+        again = gptlab("submit", spec, "--lines", cwd=tmp_path, timeout=600)
+        pruned = {n: r for n, r in runs_by_name(tmp_path).items() if r.data.tags.get("gptlab.pruned") == "true"}
+        assert len(pruned) == 1, again.stdout + again.stderr
+        (run,) = pruned.values()
+        assert run.info.status == "KILLED" and "pruned at step 20" in run.data.tags["gptlab.error"]
+        assert len(records(stage)) == steps, "the pruned training was not resumed"
+        status = gptlab("status", spec, cwd=tmp_path)
+        assert "PRUNED" in status.stdout and "RUNNING" not in status.stdout, status.stdout
+        third = gptlab("submit", spec, "--lines", cwd=tmp_path, timeout=600)  # a finished study stays as it is
+        assert "RUNNING" not in gptlab("status", spec, cwd=tmp_path).stdout
+        assert len(records(stage)) == steps and "PRUNED" in third.stdout + third.stderr
     finally:
         kill_everything_under(tmp_path, [proc])

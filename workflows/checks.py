@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from llmcore.config import DataConfig
+from workflows.pretrained import Sources
 from workflows.spec import ExperimentSpec, LoadedSpec, SpecError, load_spec
 
 
@@ -21,9 +22,17 @@ def load_and_check(
         loaded = spec
     else:
         extra = [f"site.name={site}"] if site else []
-        loaded = load_spec(spec, [*(overrides or []), *extra])
+        loaded = load_spec(spec, [*(overrides or []), *extra], Sources(find_run_weights))
     preflight(loaded, submitting)
     return loaded
+
+
+def find_run_weights(ref: str, runs_root: str, uri: str | None) -> tuple[Path, Path]:
+    """``model.init_from: {type: run}`` found in the store (``workflows.query.find_run_weights``), a step that
+    opens MLflow only for a spec that starts from an earlier run."""
+    from workflows import query  # MLflow
+
+    return query.find_run_weights(ref, runs_root, uri)
 
 
 def preflight(loaded: LoadedSpec, submitting: bool = False) -> None:
@@ -41,7 +50,9 @@ def preflight(loaded: LoadedSpec, submitting: bool = False) -> None:
             problems += corpus_problems(spec.data, spec.seed)
     if not problems:
         problems += [p for p in dict.fromkeys(p for _, _, spec in loaded.runs for p in size_problems(spec))]
-        problems += list(dict.fromkeys(p for _, _, spec in loaded.runs for p in pretrained_problems(spec)))
+        problems += list(
+            dict.fromkeys(p for _, _, spec in loaded.runs for p in pretrained_problems(spec, loaded.sources))
+        )
     problems += list(dict.fromkeys(p for _, _, spec in loaded.runs for p in task_problems(spec)))
     problems += site_problems(loaded.spec.site, [spec.train for _, _, spec in loaded.runs], submitting=submitting)
     problems += runs_root_problems(Path(loaded.spec.runs_root).expanduser())
@@ -116,7 +127,7 @@ def size_problems(spec: ExperimentSpec) -> list[str]:
     ]
 
 
-def pretrained_problems(spec: ExperimentSpec) -> list[str]:
+def pretrained_problems(spec: ExperimentSpec, sources: Sources) -> list[str]:
     """A pretrained tokenizer must load, and match the vocabulary of the weights the run starts from."""
     if spec.tokenizer.type != "pretrained":
         return []
@@ -130,9 +141,7 @@ def pretrained_problems(spec: ExperimentSpec) -> list[str]:
         return [str(err)]
     if spec.model.init_from is None:
         return []
-    from workflows.pretrained import source_of
-
-    vocab = source_of(spec).model.vocab_size
+    vocab = sources.of(spec).model.vocab_size
     if tok.vocab_size != vocab:
         return [f"tokenizer.path: {spec.tokenizer.path} has {tok.vocab_size} tokens, but the model's vocabulary has "
                 f"{vocab}: a tokenizer and a model must match"]  # fmt: skip

@@ -240,7 +240,9 @@ def _show_site(p: Any) -> None:
 
 def _vocab_size(run: Any) -> int:
     """The trained tokenizer's vocabulary when its stage is done, else the configured size."""
-    tok = run.stages["tokenizer"]
+    from workflows.stages import TOKENIZER
+
+    tok = run.stage_of(TOKENIZER)
     if tok.done:
         return int(tok.marker()["result"]["vocab_size"])
     return run.spec.tokenizer.vocab_size

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from workflows.report import save_atomically
+from workflows.spec import replicate_keys, swept_keys
 
 METRICS = ("final/val_loss", "val/ppl", "val/bpb", "train/tokens_per_sec", "model/params", "stage/train_seconds")
 #: Metrics where higher is better (their last path component); every other metric is a loss, lower is better.
@@ -415,7 +416,6 @@ def write_report(report: Report, out_dir: Path, curves: dict[str, Any] | None = 
 def log_sweep_summary(tracker: Any, parent_id: str, p: Any, runs: list[Any], metric: str = "val/bpb") -> None:
     """On the parent run: the report's files under summary/, the best point's (or trial's) name and metric, and,
     with replicates, its mean."""
-    from workflows.spec import replicate_keys, swept_keys
 
     spec = p.spec
     if spec.search is not None:

@@ -20,6 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from workflows.compare import task_columns
+from workflows.report import loss_curve_png
+from workflows.spec import replicate_keys, swept_keys
+from workflows.states import RunStatus, check_transition, mlflow_status, resubmitted
 from workflows.store import Tracker, default_tracking_uri, flatten, retry_locked, tag
 
 if TYPE_CHECKING:
@@ -47,10 +51,11 @@ MAX_EXPERIMENT_TAG_CHARS = 20000  # MLflow's limit on an experiment tag's value 
 
 @dataclass
 class Child:
-    """A sweep point's MLflow run: its id and its status before this submit (NEW when created by it)."""
+    """A sweep point's MLflow run: its id, its status before this submit (NEW when created by it) and now."""
 
     run_id: str
     previous: str
+    status: RunStatus = RunStatus.RUNNING
 
 
 def tracker_for(p: Plan) -> Tracker:
@@ -94,7 +99,7 @@ class RunLifecycle:
         )
         self.driven = driver_tags(p)
         tags = {"spec_hash": p.spec_hash, "role": "parent", **self.driven, "spec_file": str(p.loaded.source)}
-        self.parent_id, _ = self.find_or_create(p.spec.name, tags)
+        self.parent_id, _, _ = self.find_or_create(p.spec.name, tags)
         tracker.log_params(self.parent_id, sweep_params(p))
         self.save_runs_view()
         if p.spec.search is not None:
@@ -116,14 +121,22 @@ class RunLifecycle:
         stages = {"stages": ",".join(s.label for s in r.stages.values()), "stage_labels": ",".join(r.stages)}
         tags = {"run_hash": r.run_hash, "spec_hash": self.plan.spec_hash, "role": "sweep_point", **self.driven,
                 **stages}  # fmt: skip
-        run_id, previous = self.find_or_create(r.name, tags, self.parent_id)
-        if previous != "FINISHED":
+        run_id, previous, status = self.find_or_create(r.name, tags, self.parent_id)
+        if previous == "NEW":
             self.tracker.log_params(run_id, flatten(r.spec.model_dump(mode="json", exclude={"sweep", "search"})))
-        self.children[r.run_hash] = Child(run_id, previous)
+        self.children[r.run_hash] = Child(run_id, previous, status)
         return self.children[r.run_hash]
 
-    def find_or_create(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> tuple[str, str]:
-        """(run id, previous status): an existing run with the same identity tags is reused, not duplicated."""
+    @property
+    def pruning(self) -> bool:
+        """Whether this plan's spec prunes (a pruned run then stays pruned)."""
+        spec = self.plan.spec
+        return (spec.search.prune if spec.search is not None else spec.sweep.prune) is not None
+
+    def find_or_create(self, name: str, tags: dict[str, str],
+                       parent_id: str | None = None) -> tuple[str, str, RunStatus]:  # fmt: skip
+        """(run id, previous status, status now): an existing run with the same identity tags is reused, not
+        duplicated, and taken where a re-submit takes it (``workflows.states.resubmitted``: never downgraded)."""
         identity = {k: v for k, v in tags.items() if k in ("role", "spec_hash", "run_hash")}
         if parent_id:
             identity["parent"] = parent_id
@@ -131,17 +144,27 @@ class RunLifecycle:
         with self.tracker.locked():
             found = self.tracker.find_runs(**identity)
             if not found:
-                return self.tracker.create_run(name, tags), "NEW"
+                return self.tracker.create_run(name, tags), "NEW", RunStatus.RUNNING
             run = found[0]
-            if run.info.status != "FINISHED":
-                self.tracker.set_status(run.info.run_id, "RUNNING")
+            previous = mlflow_status(run.info.status, run.data.tags.get(tag("pruned")))
+            now = resubmitted(previous, self.pruning and parent_id is not None)
+            if now is RunStatus.RUNNING and previous is RunStatus.PRUNED:
+                tags = {**tags, "pruned": "false"}
+            if now.mlflow != run.info.status:
+                self.tracker.set_status(run.info.run_id, now.mlflow)
             self.tracker.set_tags(run.info.run_id, tags)
-            return run.info.run_id, run.info.status
+            return run.info.run_id, previous.value, now
 
     def child(self, run: RunPlan) -> str:
         return self.children[run.run_hash].run_id
 
     # ---- ending
+
+    def end_child(self, run: RunPlan, status: RunStatus, error: str | None = None) -> None:
+        """End a sweep point's run (only along ``workflows.states.TRANSITIONS``)."""
+        child = self.children[run.run_hash]
+        child.status = check_transition(child.status, status)
+        self.end(child.run_id, status.mlflow, error)
 
     def end(self, run_id: str, status: str, error: str | None = None) -> None:
         """FINISHED, FAILED or KILLED, with the error (one line in the run's tags and its note) when there is one."""
@@ -152,7 +175,6 @@ class RunLifecycle:
 
     def log_outputs(self, run: RunPlan) -> dict[str, float]:
         """Everything a finished run's stages report, its spec and its loss curve; returns the metrics logged."""
-        from workflows.report import loss_curve_png
 
         run_id = self.child(run)
         metrics: dict[str, float] = {}
@@ -183,7 +205,6 @@ class RunLifecycle:
 def sweep_params(p: Plan) -> dict[str, str]:
     """The parent run's record of what its children vary (compare reads it back): the sweep as written, the swept
     fields, those that only repeat a point with another seed, and the search."""
-    from workflows.spec import replicate_keys, swept_keys
 
     dump = lambda value: yaml.safe_dump(value, sort_keys=False, default_flow_style=True).strip()
     params = {"sweep": dump(p.spec.sweep.model_dump(mode="json")), "swept": dump(swept_keys(p.spec)),
@@ -202,7 +223,6 @@ def runs_view(p: Plan, previous: str | None, now_ms: int | None = None) -> str |
     Run Name and Created stay pinned on the left, and at 1600 px with MLflow's assistant panel open (as on a first
     visit) ~450 px are left for the other columns. What an earlier spec's submit saved on the experiment is kept
     (its columns, wider widths). None when nothing would change, or the view would exceed MLflow's limit on a tag."""
-    from workflows.spec import swept_keys
 
     old: dict[str, Any] = {}
     created = now = int(time.time() * 1000) if now_ms is None else now_ms
@@ -272,7 +292,6 @@ def git_commit(path: Path) -> str | None:
 
 
 def run_summary_line(metrics: dict[str, Any]) -> str:
-    from workflows.compare import task_columns
 
     keys = ("final/val_loss", "val/ppl", "val/bpb", *task_columns([metrics]))
     return " ".join(f"{k}={metrics[k]:.4f}" for k in keys if k in metrics)

@@ -66,7 +66,12 @@ class RunPlan:
 
     @property
     def training(self) -> Stage:
-        return self.stages["train"]
+        """Its stage that runs as a process of its own (training)."""
+        return next(s for s in self.stages.values() if s.definition.process)
+
+    def stage_of(self, kind: StageKind) -> Stage:
+        """Its (first) stage of a kind."""
+        return next(s for s in self.stages.values() if s.definition is kind)
 
 
 @dataclass
@@ -87,7 +92,7 @@ class Plan:
         assert self.planner is not None
         with gc_paused():
             stages = self.planner.stages_of(spec)
-        identity = [s.key for s in stages.values() if s.kind in IDENTITY_KINDS]
+        identity = [s.key for s in stages.values() if s.definition.identity]
         run = RunPlan(name, point, spec, stages, canonical_hash({"name": name, "stages": identity}))
         self.runs.append(run)
         return run
@@ -95,11 +100,6 @@ class Plan:
     def users(self, stage: Stage) -> list[RunPlan]:
         """The runs that use a stage."""
         return [r for r in self.runs if any(s.key == stage.key for s in r.stages.values())]
-
-
-#: Stage kinds whose keys make up a run's identity in MLflow (adding a benchmark task to a finished run records
-#: it on the same run instead of starting another).
-IDENTITY_KINDS = ("tokenizer", "shards", "init", "train", "eval")
 
 
 def spec_identity(spec: ExperimentSpec) -> dict[str, Any]:
@@ -116,7 +116,7 @@ def spec_identity(spec: ExperimentSpec) -> dict[str, Any]:
 
 class _Planner:
     def __init__(self, result: Plan):
-        self.result, self.facts = result, Facts()
+        self.result, self.facts = result, Facts(result.loaded.sources)
         self.memo: dict[tuple[str, str, tuple[str, ...]], list[tuple[str, Stage]]] = {}
 
     def stages_of(self, spec: ExperimentSpec) -> dict[str, Stage]:

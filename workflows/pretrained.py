@@ -9,13 +9,13 @@ loaded (they are hashed into the keys by planning and converted by the ``init`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from llmcore.config import ConfigError, ModelConfig, RunInit, TokenizerConfig
-from workflows.spec import ExperimentSpec
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,31 @@ class Source:
     model: Any  # llmcore.hf.HFModel: the architecture, vocabulary and special ids
 
 
-def resolve(spec: ExperimentSpec) -> ExperimentSpec:
+class Sources:
+    """Where runs' initial weights come from, each resolved once per loaded spec. A Hugging Face folder is read
+    from disk; an earlier run is found in the tracking store by ``find_run`` (``(ref, runs_root, uri)`` ->
+    ``(checkpoint dir, tokenizer dir)``, ``workflows.query.find_run_weights``): a step of its own, given by whoever
+    may open the store (``validate``, ``plan``, ``submit``, ``status``), never by loading a spec as such."""
+
+    def __init__(self, find_run: Callable[[str, str, str | None], tuple[Path, Path]] | None = None):
+        self.find_run = find_run
+        self._runs: dict[tuple[str, str, str | None], Source] = {}
+
+    def of(self, spec: Any) -> Source:
+        init = spec.model.init_from
+        if not isinstance(init, RunInit):
+            return _hf_source(str(Path(init.path).expanduser().resolve()))
+        key = (init.run, str(Path(spec.runs_root).expanduser().resolve()), spec.tracking.uri)
+        if key not in self._runs:
+            if self.find_run is None:
+                raise ConfigError("model.init_from.run: an earlier run is found in the tracking store, which loading a "
+                                  "spec does not open: load the spec with workflows.checks.load_and_check (as "
+                                  "validate, plan and submit do)")  # fmt: skip
+            self._runs[key] = run_source(*self.find_run(*key))
+        return self._runs[key]
+
+
+def resolve(spec: Any, sources: Sources) -> Any:
     """The run spec with its model resolved against its pretrained weights and its tokenizer defaulted to theirs
     (unchanged without ``model.init_from``). Raises ConfigError naming the field."""
     init = spec.model.init_from
@@ -36,19 +60,12 @@ def resolve(spec: ExperimentSpec) -> ExperimentSpec:
         return spec
     from llmcore.hf import merge_config
 
-    source = source_of(spec)
+    source = sources.of(spec)
     model = merge_config(spec.model, source.model)
     tokenizer = spec.tokenizer
     if "type" not in tokenizer.model_fields_set:  # unset: the checkpoint's own tokenizer
         tokenizer = TokenizerConfig(type="pretrained", path=str(source.tokenizer))
     return spec.model_copy(update={"model": model, "tokenizer": tokenizer})
-
-
-def source_of(spec: ExperimentSpec) -> Source:
-    init = spec.model.init_from
-    if isinstance(init, RunInit):
-        return _run_source(init.run, str(Path(spec.runs_root).expanduser().resolve()), spec.tracking.uri)
-    return _hf_source(str(Path(init.path).expanduser().resolve()))
 
 
 @lru_cache(maxsize=64)
@@ -58,27 +75,11 @@ def _hf_source(folder: str) -> Source:
     return Source("huggingface", Path(folder), Path(folder), read_model(folder))
 
 
-@lru_cache(maxsize=64)
-def _run_source(ref: str, runs_root: str, uri: str | None) -> Source:
-    """An earlier run of the spec's store (any experiment), found as `gptlab sample` finds one: its newest
-    committed checkpoint and its tokenizer stage."""
-    from llmcore.checkpoint import latest_checkpoint, read_meta
+def run_source(checkpoint: Path, tokenizer: Path) -> Source:
+    """An earlier gptlab run's final checkpoint (its architecture from its meta.json) and its tokenizer stage."""
+    from llmcore.checkpoint import read_meta
     from llmcore.hf import HFModel
-    from workflows.query import open_store, stage_dirs
-    from workflows.spec import SpecError
 
-    try:
-        store = open_store(None, None, Path(runs_root), uri)
-        from workflows.query import find_run
-
-        run = find_run(store, ref)
-    except SpecError as err:
-        raise ConfigError(f"model.init_from.run: {'; '.join(err.problems)}") from None
-    dirs = stage_dirs(run, store.runs_root)
-    checkpoint = latest_checkpoint(dirs["train"]) if "train" in dirs else None
-    if checkpoint is None or "tokenizer" not in dirs:
-        raise ConfigError(f"model.init_from.run: run {run.info.run_name} ({run.info.run_id}) has no committed "
-                          "checkpoint or tokenizer on this machine")  # fmt: skip
     meta = read_meta(checkpoint)
     cfg = ModelConfig.model_validate(meta["model"])
     names = ("n_layer", "n_head", "n_embd", "n_kv_head", "block_size", "pos_encoding", "norm", "bias", "mlp",
@@ -86,4 +87,4 @@ def _run_source(ref: str, runs_root: str, uri: str | None) -> Source:
     fields = {k: getattr(cfg, k) for k in names}
     model = HFModel(checkpoint, "gptlab", fields, meta["vocab_size"], cfg.dropout, None, None,
                     source=checkpoint / "meta.json")  # fmt: skip
-    return Source("run", checkpoint, dirs["tokenizer"], model)
+    return Source("run", checkpoint, tokenizer, model)

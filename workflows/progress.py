@@ -15,8 +15,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from workflows.processes import resume_step
 from workflows.states import StageState
 
 
@@ -67,6 +69,13 @@ class Board:
         return t
 
 
+def stage_line(label: str, state: StageState, stage_dir: Path) -> str:
+    """One stage as a submit's first line about its run says it: ``train resuming from step 40``."""
+    if state == StageState.RESUMING:
+        return f"{label} resuming from step {resume_step(stage_dir)}"
+    return f"{label} {state}"
+
+
 STYLES = {"done": "green", "cached": "cyan", "FINISHED": "bold green", "running": "yellow", "retrying": "magenta",
           "resuming": "cyan", "interrupted": "magenta", "KILLED": "bold magenta", "pruned": "magenta",
           "PRUNED": "bold magenta", "failed": "bold red", "FAILED": "bold red", "not run": "dim"}  # fmt: skip
@@ -101,7 +110,7 @@ class LineDisplay:
             return
         self.last_progress = time.time()
         for r in board.rows.values():
-            training = r.stages.get("train") == StageState.RUNNING and r.step is not None
+            training = StageState.RUNNING in r.stages.values() and r.step is not None
             if training and self.last_steps.get(r.name) != r.step:
                 self.last_steps[r.name] = r.step
                 self.say(

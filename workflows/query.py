@@ -11,9 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workflows.spec import InputError, SpecError
-from workflows.states import StageState
-from workflows.store import tag
+from workflows.lifecycle import RunLifecycle
+from workflows.planning import plan
+from workflows.pretrained import Sources
+from workflows.server import check_tracking_server
+from workflows.spec import InputError, SpecError, load_spec
+from workflows.stages import TOKENIZER, dir_of, kind_of
+from workflows.states import OnDisk, RunStatus, StageState, mlflow_status, run_stage_states
+from workflows.store import Tracker, default_tracking_uri, quiet_mlflow_logs, tag
 
 
 @dataclass
@@ -54,21 +59,16 @@ def open_store(
     from mlflow.tracking import MlflowClient
 
     from llmcore.corpus import CorpusError
-    from workflows.server import check_tracking_server
-    from workflows.store import default_tracking_uri, quiet_mlflow_logs
 
     quiet_mlflow_logs()
     if spec is not None:
-        from workflows.planning import plan
-        from workflows.spec import load_spec
-
         overrides = [
             *(overrides or []),
             *([f"runs_root={runs_root}"] if runs_root is not None else []),
             *([f"tracking.uri={uri}"] if uri is not None else []),
         ]
         try:  # finding the runs means keying the stages, which reads the corpus files' sizes
-            p = plan(load_spec(spec, overrides))
+            p = plan(load_spec(spec, overrides, Sources(find_run_weights)))
         except CorpusError as exc:
             raise SpecError(str(spec), [str(exc)]) from None
         uri = p.spec.tracking.uri or default_tracking_uri(p.runs_root)
@@ -130,35 +130,15 @@ def stage_dirs(run: Any, runs_root: Path | None) -> dict[str, Path]:
 
 
 def stage_states(dirs: dict[str, Path], run: Any | None) -> dict[str, StageState]:
-    """label -> state, in order: done, cached (committed before the run's last submit), running, queued (a
-    training waiting for a worker), waiting (behind a stage not done), failed, not run (behind a failed stage),
-    interrupted (a training stopped with a committed checkpoint: the next submit resumes it), to run."""
-    from llmcore.io import is_committed
-    from workflows.driver import resume_step
-
+    """label -> state of a run's stages (``workflows.states``), from their directories and what MLflow holds of
+    the run: its status (RUNNING: a driver runs it), the stage its error names, the stages cached for it."""
     tags = run.data.tags if run is not None else {}
-    status = run.info.status if run is not None else None
-    cached = set(tags.get(tag("cached_stages"), "").split(","))
+    status = mlflow_status(run.info.status, tags.get(tag("pruned"))) if run is not None else None
     error = tags.get(tag("error"), "")
     failed = error.split()[1] if error.startswith("stage ") else None
-    states: dict[str, StageState] = {}
-    after: StageState | None = None  # the state of every stage after the first one not done
-    for label, d in dirs.items():
-        if is_committed(d):
-            states[label] = StageState.CACHED if label in cached else StageState.DONE
-        elif after is not None:
-            states[label] = after
-        elif status == "RUNNING":
-            # a training's process writes train.log from its first moment: without one it is still queued
-            started = label != "train" or (d / "train.log").is_file()
-            states[label], after = (StageState.RUNNING if started else StageState.QUEUED), StageState.WAITING
-        elif status == "FAILED" and label == failed:
-            states[label], after = StageState.FAILED, StageState.NOT_RUN
-        elif label == "train" and resume_step(d) is not None:
-            states[label], after = StageState.INTERRUPTED, StageState.TO_RUN
-        else:
-            states[label], after = StageState.TO_RUN, StageState.TO_RUN
-    return states
+    disks = {label: OnDisk.read(d, kind_of(d).process) for label, d in dirs.items()}
+    cached = set(tags.get(tag("cached_stages"), "").split(","))
+    return run_stage_states(disks, cached=cached, run=status, failed=failed if status is RunStatus.FAILED else None)
 
 
 def training_progress(train_dir: Path | None) -> tuple[str, float | None]:
@@ -202,8 +182,6 @@ def status_rows(store: Store) -> tuple[list[StatusRow], list[str]]:
 
 
 def mark_dead_runs_killed(store: Store) -> list[str]:
-    from workflows.lifecycle import RunLifecycle
-    from workflows.store import Tracker
 
     killed: list[str] = []
     for exp in store.experiments():
@@ -214,18 +192,18 @@ def mark_dead_runs_killed(store: Store) -> list[str]:
 
 def _row(experiment: str, name: str, run: Any | None, dirs: dict[str, Path]) -> StatusRow:
     states = stage_states(dirs, run)
-    step, loss = training_progress(dirs.get("train"))
+    step, loss = training_progress(training_dir(dirs))
     if run is None:
         return StatusRow(experiment, name, None, "NOT SUBMITTED", states, step, loss)
     error = run.data.tags.get(tag("error"))
-    status = run.info.status
-    if run.data.tags.get(tag("pruned")) == "true":
-        status = "PRUNED"
-        states = {
-            k: StageState.PRUNED if k == "train" and v == StageState.INTERRUPTED else v for k, v in states.items()
-        }
+    status = mlflow_status(run.info.status, run.data.tags.get(tag("pruned"))).value
     return StatusRow(experiment, name, run.info.run_id, status, states, step, loss, dict(run.data.metrics),
                      error.splitlines()[0] if error else None)  # fmt: skip
+
+
+def training_dir(dirs: dict[str, Path]) -> Path | None:
+    """The directory of a run's training stage (the stage that is a process of its own), if it has one."""
+    return next((d for d in dirs.values() if kind_of(d).process), None)
 
 
 # -------------------------------------------------------------------------------------------- finding
@@ -265,11 +243,31 @@ def find_run(store: Store, ref: str, say: Any = None) -> Any:
     )
 
 
+def find_run_weights(ref: str, runs_root: str, uri: str | None) -> tuple[Path, Path]:
+    """(newest committed checkpoint, tokenizer stage) of an earlier run of a store, found as `gptlab sample` finds
+    one (any experiment): how ``model.init_from: {type: run}`` is resolved (``workflows.pretrained.Sources``)."""
+    from llmcore.checkpoint import latest_checkpoint
+    from llmcore.config import ConfigError
+
+    try:
+        store = open_store(None, None, Path(runs_root), uri)
+        run = find_run(store, ref)
+    except SpecError as err:
+        raise ConfigError(f"model.init_from.run: {'; '.join(err.problems)}") from None
+    dirs = stage_dirs(run, store.runs_root)
+    train = training_dir(dirs)
+    checkpoint = latest_checkpoint(train) if train is not None else None
+    if checkpoint is None or dir_of(dirs, TOKENIZER) is None:
+        raise ConfigError(f"model.init_from.run: run {run.info.run_name} ({run.info.run_id}) has no committed "
+                          "checkpoint or tokenizer on this machine")  # fmt: skip
+    return checkpoint, dir_of(dirs, TOKENIZER)
+
+
 def has_weights(run: Any, runs_root: Path | None) -> bool:
     """Whether a run's training directory holds a committed checkpoint."""
     from llmcore.checkpoint import latest_checkpoint
 
-    train = stage_dirs(run, runs_root).get("train")
+    train = training_dir(stage_dirs(run, runs_root))
     return train is not None and latest_checkpoint(train) is not None
 
 
@@ -318,7 +316,7 @@ def run_model(store: Store, ref: str, device: str = "cpu", say: Any = None) -> t
 
     run = find_run(store, ref, say)
     dirs = stage_dirs(run, store.runs_root)
-    train, tok = dirs.get("train"), dirs.get("tokenizer")
+    train, tok = training_dir(dirs), dir_of(dirs, TOKENIZER)
     if train is None or tok is None:
         raise InputError(store.source, [f"RUN: run {run.info.run_id} does not record its stage directories "
                                         "(submitted by an older gptlab): pass --runs-root"])  # fmt: skip
@@ -364,7 +362,7 @@ def export_run(store: Store, ref: str, out: Path, say: Any = None) -> tuple[Any,
     bos = tokenizer.bos_id if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else None
     try:
         files = export_model(model, out, bos_id=bos, eos_id=tokenizer.eos_id)
-        files += export_tokenizer(stage_dirs(run, store.runs_root)["tokenizer"], out, model.cfg.block_size)
+        files += export_tokenizer(dir_of(stage_dirs(run, store.runs_root), TOKENIZER), out, model.cfg.block_size)
     except ConfigError as err:
         raise InputError("gptlab export", [f"RUN: run {run.info.run_name}: {err}"]) from None
     card = model_card(run, meta, yaml.safe_dump(dict(sorted(run.data.params.items())), sort_keys=False))
@@ -376,7 +374,6 @@ def export_run(store: Store, ref: str, out: Path, say: Any = None) -> tuple[Any,
 
 def run_tracker(store: Store, run: Any) -> Any:
     """A Tracker on the store and experiment a run belongs to (to record on it after the submit)."""
-    from workflows.store import Tracker
 
     experiment = store.client.get_experiment(run.info.experiment_id).name
     return Tracker(store.uri, experiment, (store.runs_root or Path(".")) / "mlartifacts")

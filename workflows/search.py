@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llmcore.config import ConfigError
+from site_configs import resolve
+from workflows.processes import record_pruned, request_stop
 from workflows.spec import Distribution, ExperimentSpec, PruneSpec, SpecError
+from workflows.states import pruned_step
 
 if TYPE_CHECKING:
     from workflows.planning import Plan, RunPlan
@@ -206,6 +209,32 @@ class Study:
         return t.number, float(t.value), dict(t.params)
 
 
+class Pruning:
+    """The driver's side of early stopping: reports each training's new validation estimates to its trial and,
+    when the pruner says a running training should stop, records the decision in its directory (before anything
+    else, so an interrupt never loses it) and asks it to checkpoint and stop."""
+
+    def __init__(self, study: Study, say: Any):
+        self.study, self.say = study, say
+        self.reported: dict[str, int] = {}  # run hash -> the last validation step reported to its trial
+
+    def observe(self, run: RunPlan, evals: dict[int, float], running: bool) -> None:
+        """New estimates of one run (of runs that ended too: the pruner judges later trials against them)."""
+
+        train = run.training.dir
+        if pruned_step(train) is not None:
+            return
+        new = {s: v for s, v in evals.items() if s > self.reported.get(run.run_hash, -1)}
+        if not new:
+            return
+        self.reported[run.run_hash] = max(new)
+        if self.study.report(run, new) and running:
+            record_pruned(train, max(new), "its validation loss is not among the best at this rung")
+            request_stop(train)
+            self.say(f"[{run.name}] pruned at step {max(new)} (its validation loss is not among the best at this "
+                     "rung): its training saves a checkpoint and stops")  # fmt: skip
+
+
 def _categorical(value: Any) -> Any:
     """Optuna's categorical values are None, bool, int, float or str: a list or mapping goes as its YAML."""
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -219,8 +248,6 @@ def default_parallel(spec: ExperimentSpec) -> int:
     """Trials at once by default: the site's workers (local: max_workers or one per core; batch sites: jobs x
     nodes x GPUs per node)."""
     import os
-
-    from site_configs import resolve
 
     site = resolve(spec.site)
     if site.name in ("local", "local-processes"):

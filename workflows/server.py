@@ -10,7 +10,12 @@ from __future__ import annotations
 import socket
 import threading
 
-from workflows.store import TrackingStoreError
+
+class TrackingStoreError(RuntimeError):
+    """The MLflow store cannot be written: its disk is full, over quota or read-only, or no MLflow tracking
+    server answers at its URI. Nothing is lost: committed stages stay committed, and a submit after fixing it
+    resumes the runs."""
+
 
 PROBE_ENDPOINT = "/api/2.0/mlflow/experiments/search"
 PROBE_CONNECT_SECONDS = 5.0

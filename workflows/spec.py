@@ -32,6 +32,7 @@ from llmcore.config import (
     TrainConfig,
 )
 from site_configs.spec import SiteSpec
+from workflows.pretrained import Sources, resolve
 
 # Sections a sweep may not vary: they describe where and how the whole experiment runs, not a run.
 UNSWEEPABLE = ("name", "runs_root", "sweep", "search", "site", "tracking")
@@ -485,7 +486,7 @@ def _copy_path(tree: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def expand(
-    tree: dict[str, Any], sweep: SweepSpec, experiment: str, source: str
+    tree: dict[str, Any], sweep: SweepSpec, experiment: str, source: str, sources: Sources
 ) -> list[tuple[str, dict[str, Any], ExperimentSpec]]:
     """One (run name, swept values, run spec) per sweep point (times ``sweep.replicates``, each with its own
     ``train.seed``); every invalid point is reported at once (a problem every point has, once, without naming the
@@ -505,7 +506,7 @@ def expand(
                 set_dotted(run_tree, key, value)
             name = run_name(point, experiment)
             try:
-                run_spec = resolve_pretrained(ExperimentSpec.model_validate(run_tree))
+                run_spec = resolve_pretrained(ExperimentSpec.model_validate(run_tree), sources)
             except ValidationError as err:
                 per_point.append((name, format_validation_error(err)))
                 continue
@@ -523,13 +524,9 @@ def expand(
     return runs
 
 
-def resolve_pretrained(spec: ExperimentSpec) -> ExperimentSpec:
+def resolve_pretrained(spec: ExperimentSpec, sources: Sources) -> ExperimentSpec:
     """A run starting from pretrained weights: its architecture and tokenizer from them (workflows.pretrained)."""
-    if spec.model.init_from is None:
-        return spec
-    from workflows.pretrained import resolve
-
-    return resolve(spec)
+    return resolve(spec, sources) if spec.model.init_from is not None else spec
 
 
 REPLICATE_KEY = "train.seed"
@@ -583,15 +580,18 @@ def _merge_point_problems(per_point: list[tuple[str, list[str]]], n_points: int)
 class LoadedSpec:
     """A validated spec with its source, the overrides applied, and its expanded runs."""
 
-    def __init__(self, source: str, tree: dict[str, Any], spec: ExperimentSpec | None, overrides: list[str]):
+    def __init__(self, source: str, tree: dict[str, Any], spec: ExperimentSpec | None, overrides: list[str],
+                 sources: Sources | None = None):  # fmt: skip
         """``spec`` None: the base spec breaks a rule that every sweep point overrides; the first point (with the
-        sweep) stands for the experiment."""
+        sweep) stands for the experiment. ``sources``: how runs' initial weights are found (Hugging Face folders
+        only, unless the caller may open the store: ``workflows.checks.load_and_check``)."""
         self.source = source
+        self.sources = sources if sources is not None else Sources()
         self.tree = tree
         self.overrides = overrides
         sweep = spec.sweep if spec is not None else SweepSpec.model_validate(tree["sweep"])
         name = spec.name if spec is not None else tree.get("name", ExperimentSpec.model_fields["name"].default)
-        self.runs = expand(tree, sweep, name, source)
+        self.runs = expand(tree, sweep, name, source, self.sources)
         self.spec = spec if spec is not None else self.runs[0][2].model_copy(update={"sweep": sweep})
         changed = _changed_by(overrides)
         if not sweep and changed:  # one run with --set values: named after what they change, as a sweep point is
@@ -609,7 +609,7 @@ class LoadedSpec:
         for key, value in values.items():
             set_dotted(run_tree, key, value)
         try:
-            spec = resolve_pretrained(ExperimentSpec.model_validate(run_tree))
+            spec = resolve_pretrained(ExperimentSpec.model_validate(run_tree), self.sources)
         except ValidationError as err:
             raise SpecError(self.source, format_validation_error(err)) from None
         except ConfigError as err:
@@ -661,14 +661,16 @@ def _changed_by(overrides: list[str]) -> dict[str, Any]:
     return changed
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> LoadedSpec:
-    """Read, override, validate and expand a spec file. Raises SpecError listing every problem."""
+def load_spec(path: str | Path, overrides: list[str] | None = None, sources: Sources | None = None) -> LoadedSpec:
+    """Read, override, validate and expand a spec file (no store, no network: an ``init_from`` run is found by
+    ``sources``, see ``workflows.pretrained.Sources``). Raises SpecError listing every problem."""
     overrides = list(overrides or [])
     tree = read_spec_file(path)
-    return load_spec_tree(tree, str(path), overrides)
+    return load_spec_tree(tree, str(path), overrides, sources)
 
 
-def load_spec_tree(tree: dict[str, Any], source: str, overrides: list[str] | None = None) -> LoadedSpec:
+def load_spec_tree(tree: dict[str, Any], source: str, overrides: list[str] | None = None,
+                   sources: Sources | None = None) -> LoadedSpec:  # fmt: skip
     overrides = list(overrides or [])
     tree = copy.deepcopy(tree)
     problems = []
@@ -699,7 +701,7 @@ def load_spec_tree(tree: dict[str, Any], source: str, overrides: list[str] | Non
     if problems:
         raise SpecError(source, problems)
     # Cross-field checks run per sweep point in expand(): a sweep may override the base values.
-    return LoadedSpec(source, tree, spec, overrides)
+    return LoadedSpec(source, tree, spec, overrides, sources)
 
 
 def json_schema() -> dict[str, Any]:

@@ -29,6 +29,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from llmcore.io import LOCK_FILE, atomic_write_json, file_lock, is_committed, read_json, write_commit_marker
+from workflows.pretrained import Sources
+from workflows.processes import halted
 from workflows.spec import ExperimentSpec
 
 # --------------------------------------------------------------------------------------------- the types
@@ -46,7 +48,8 @@ class Report:
 class Facts:
     """What planning reads from disk, read once per submit however many sweep points share it."""
 
-    def __init__(self) -> None:
+    def __init__(self, sources: Sources | None = None) -> None:
+        self.sources = sources if sources is not None else Sources()  # where runs' initial weights come from
         self._corpus: dict[str, list[dict[str, Any]]] = {}
         self._digests: dict[tuple[str, int, int], str] = {}
 
@@ -91,6 +94,14 @@ class StageKind:
     executor: str = "cpu"  # "cpu": the CPU/single-GPU executor; "train": training's executor
     runtime_fields: tuple[str, ...] = ()  # spec fields that change only its speed: passed beside the config
     describe: str = ""
+    # Whether its key is part of its run's identity in MLflow (a kind that is not, such as benchmark tasks, is
+    # added to a finished run instead of starting another).
+    identity: bool = True
+
+    @property
+    def process(self) -> bool:
+        """Whether its stages run as processes of their own (training) rather than as a Python body."""
+        return self.body is None
 
     def runtime(self, spec: ExperimentSpec) -> dict[str, Any]:
         """The runtime settings (``train.time_budget_s`` -> ``{"time_budget_s": ...}``), outside the key."""
@@ -293,14 +304,8 @@ def pretrained_tokenizer_config(spec: ExperimentSpec, facts: Facts) -> dict[str,
 
     path = Path(spec.tokenizer.path).expanduser().resolve()
     files = {f.name: facts.digest(f) for f in tokenizer_files(path)}
-    vocab = _source(spec).model.vocab_size if spec.model.init_from is not None else None
+    vocab = facts.sources.of(spec).model.vocab_size if spec.model.init_from is not None else None
     return {"tokenizer": {"type": "pretrained", "files": files}, "vocab": vocab, LOCATE: {"path": str(path)}}
-
-
-def _source(spec: ExperimentSpec) -> Any:
-    from workflows.pretrained import source_of
-
-    return source_of(spec)
 
 
 def init_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
@@ -311,7 +316,7 @@ def init_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]
         return {}
     from llmcore.hf import CONFIG, weight_files
 
-    source = _source(spec)
+    source = facts.sources.of(spec)
     if source.kind == "huggingface":
         files = [source.weights / CONFIG, *weight_files(source.weights)]
     else:
@@ -380,12 +385,22 @@ EVAL = StageKind(
 
 TASK = StageKind(
     "task", 1, ("train", "tokenizer"), task_config, task_body, task_report, ("eval", "seed", "data"),
-    runtime_fields=("train.device", "eval.batch_size"),
+    runtime_fields=("train.device", "eval.batch_size"), identity=False,
     describe="score a multiple-choice benchmark task (eval.tasks) on the final weights, one stage per task",
 )  # fmt: skip
 
 #: Every stage kind, in dependency order (a kind's inputs come before it).
 STAGES: dict[str, StageKind] = {k.name: k for k in (TOKENIZER, SHARDS, INIT, TRAIN, EVAL, TASK)}
+
+
+def kind_of(stage_dir: Path) -> StageKind:
+    """The kind of a stage from its directory's name (``train-3d517b8e4424603b``)."""
+    return STAGES[Path(stage_dir).name.rsplit("-", 1)[0]]
+
+
+def dir_of(dirs: dict[str, Path], kind: StageKind) -> Path | None:
+    """The directory of a run's stage of one kind, among its stage directories (label -> directory)."""
+    return next((d for d in dirs.values() if kind_of(d) is kind), None)
 
 
 # -------------------------------------------------------------------------------------- running a stage
@@ -406,14 +421,17 @@ def prepare_stage(stage_dir: Path, config: dict[str, Any]) -> None:
 
 def run_stage(
     kind: str, stage_dir: str, config: dict[str, Any], input_dirs: dict[str, str], runtime: dict[str, Any],
-    inputs: list[Any] = (),
+    inputs: list[Any] = (), halt: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """The Parsl app of every Python stage: run ``kind``'s body in ``stage_dir`` unless the stage is already
     committed (by an earlier submit, or by another one while this one waited for the lock); returns the marker.
-    ``inputs`` (Parsl's) only orders the task after the stages it reads."""
+    ``inputs`` (Parsl's) only orders the task after the stages it reads. A stage whose submit was halted before
+    it started (``halt``, see ``workflows.processes.Halt``) returns ``{"halted": True}`` without doing anything."""
     d = Path(stage_dir)
     if is_committed(d):
         return read_json(d / "DONE.json")
+    if halted(halt):  # its submit was told to stop while this task waited for a worker: do nothing
+        return {"halted": True}
     with file_lock(d / LOCK_FILE, f"stage {d.name}"):
         if is_committed(d):
             return read_json(d / "DONE.json")
@@ -434,26 +452,34 @@ def write_train_config(stage_dir: Path, config: dict[str, Any], runtime: dict[st
 
 
 def train_command(stage_dir: str, shards_dir: str, env: dict[str, str], launcher: str = "",
-                  init_dir: str | None = None) -> str:  # fmt: skip
+                  init_dir: str | None = None, halt: str | None = None) -> str:  # fmt: skip
     """The shell command that trains one run. ``launcher`` starts the ranks: empty for one process,
     ``$PARSL_MPI_PREFIX`` under Parsl's MPIExecutor, an ``mpiexec ...`` prefix on local sites. Every
-    argument is shell-quoted; only the launcher (built by gptlab, never from a spec) is left to the shell."""
+    argument is shell-quoted; only the launcher (built by gptlab, never from a spec) is left to the shell.
+    ``halt``: the submit's halt file: the command does not start once it exists, and the training stops when
+    it appears (``GPTLAB_HALT_FILE``)."""
+    from llmcore.exitcodes import STOP_REQUESTED
+
+    if halt:
+        env = {**env, "GPTLAB_HALT_FILE": halt}
     args = [sys.executable, "-m", "llmcore.train", "--config", f"{stage_dir}/{TRAIN_CONFIG}", "--shards", shards_dir,
             "--out", stage_dir]  # fmt: skip
     if init_dir:
         args += ["--init", f"{init_dir}/{INIT_WEIGHTS}"]
     env_args = [f"{k}={v}" for k, v in sorted(env.items())]
     command = " ".join(shlex.quote(a) for a in (["env", *env_args] if env_args else []) + args)
-    return f"{launcher} {command}" if launcher else command
+    command = f"{launcher} {command}" if launcher else command
+    return f"if [ -e {shlex.quote(halt)} ]; then exit {STOP_REQUESTED}; fi; {command}" if halt else command
 
 
 def train_app(
-    stage_dir: str, shards_dir: str, env: dict[str, str], launcher: str = "", init_dir: str | None = None,
+    stage_dir: str, input_dirs: dict[str, str], env: dict[str, str], launcher: str = "",
     inputs: list[Any] = (), stdout: str | None = None, stderr: str | None = None,
-    parsl_resource_specification: dict[str, Any] | None = None,
+    parsl_resource_specification: dict[str, Any] | None = None, halt: str | None = None,
 ) -> str:  # fmt: skip
-    """Body of the training bash app (module level, so every executor can ship it by reference)."""
-    return train_command(stage_dir, shards_dir, env, launcher, init_dir)
+    """Body of the training bash app (module level, so every executor can ship it by reference): the command
+    for a training stage reading ``input_dirs`` (its kind's inputs: the shards, and the init weights if any)."""
+    return train_command(stage_dir, input_dirs["shards"], env, launcher, input_dirs.get("init"), halt)
 
 
 def commit_train(stage_dir: str, inputs: list[Any] = ()) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from llmcore.io import file_lock, is_no_space
+from workflows.server import TrackingStoreError, check_tracking_server
 
 T = TypeVar("T")
 
@@ -68,12 +69,6 @@ LOCKED_RETRY_SECONDS = 120.0
 def is_locked_error(exc: BaseException) -> bool:
     text = str(exc).lower()
     return "database is locked" in text or "database table is locked" in text
-
-
-class TrackingStoreError(RuntimeError):
-    """The MLflow store cannot be written: its disk is full, over quota or read-only, or no MLflow tracking
-    server answers at its URI. Nothing is lost: committed stages stay committed, and a submit after fixing it
-    resumes the runs."""
 
 
 STORE_FULL = (
@@ -135,8 +130,6 @@ class Tracker:
     is locked. Tags are gptlab names (``role``); the ``gptlab.`` prefix is added here and only here."""
 
     def __init__(self, uri: str, experiment: str, artifact_root: Path):
-        from workflows.server import check_tracking_server
-
         quiet_mlflow_logs()
         check_tracking_server(uri)  # before the lock file, before anything is written: fail fast, in one sentence
         self.uri = uri

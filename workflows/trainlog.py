@@ -114,11 +114,11 @@ def describe_failure(label: str, stage_dir: Path, exc: BaseException, tries: int
     ``stage LABEL failed: ExceptionType: message``."""
     from parsl.app.errors import BashExitFailure
 
-    log = stage_dir / "train.log"
-    if label != "train" or not isinstance(exc, BashExitFailure):
+    log = stage_dir / "train.log"  # only a stage that is a process of its own (training) writes one
+    if not log.is_file() or not isinstance(exc, BashExitFailure):
         text = " ".join(x.strip() for x in str(exc).splitlines() if x.strip()) or "(no message)"
         msg = f"stage {label} failed: {type(exc).__name__}: {text}"
-        return msg + (f" (training log: {log})" if label == "train" and log.is_file() else "")
+        return msg + (f" (training log: {log})" if log.is_file() else "")
     lines = last_try(read_log(log))
     cause, at = failure_cause(lines)
     error = training_error(exc.exitcode, cause, log, tries)
