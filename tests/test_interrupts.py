@@ -44,7 +44,7 @@ def spec_for(tmp_path, max_steps: int = 1500, **sections):
         train={"max_steps": max_steps, "checkpoint_interval": 20, "eval_interval": 500, "eval_batches": 1},
     )
     for key, value in sections.items():
-        tree[key].update(value)
+        tree.setdefault(key, {}).update(value)
     return write_spec(tmp_path / "s.yaml", tree)
 
 
@@ -64,6 +64,13 @@ def train_dir(tmp_path):
 def first_checkpoint(stage) -> None:
     """Wait for a committed checkpoint (any: a fast training has rotated step 20's away by the time we look)."""
     wait_for(lambda: any((stage / "checkpoints").glob("step_*/DONE.json")), 240, "a first checkpoint")
+
+
+def checkpointed_training(tmp_path):
+    """The training stage directory (of several: the points of a grid) that first commits a checkpoint."""
+    stages = tmp_path / "runs" / "stages"
+    found = lambda: next((d for d in stages.glob("train-*") if any(d.glob("checkpoints/step_*/DONE.json"))), None)
+    return wait_for(found, 240, "a first checkpoint")
 
 
 def runs_by_name(tmp_path) -> dict:
@@ -197,8 +204,7 @@ def test_ctrl_c_with_queued_work_starts_nothing_new_and_kills_only_unfinished_ru
                     sweep={"train.lr": [0.001, 0.002, 0.003]})  # fmt: skip
     proc = start_submit(spec, tmp_path)
     try:
-        stage = train_dir(tmp_path)
-        first_checkpoint(stage)
+        stage = checkpointed_training(tmp_path)
         sent = time.time()
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=120) == 130
@@ -212,8 +218,8 @@ def test_ctrl_c_with_queued_work_starts_nothing_new_and_kills_only_unfinished_ru
         started = [d for d in stages if records(d)]
         assert started == [stage], f"only the first point trained: {started}"
         assert not list((tmp_path / "runs" / "stages").glob("eval-*/DONE.json"))
-        runs = runs_by_name(tmp_path)
-        assert sorted(r.info.status for r in runs.values()) == ["KILLED"] * 3
+        points = [r for r in runs_by_name(tmp_path).values() if r.data.tags["gptlab.role"] == "sweep_point"]
+        assert [r.info.status for r in points] == ["KILLED"] * 3
         assert "queued stages will not start" in log and "3 run(s) KILLED" in log, log
     finally:
         kill_everything_under(tmp_path, [proc])
@@ -230,8 +236,7 @@ def test_a_pruning_decision_survives_an_interrupt_and_a_resubmit_keeps_it(tmp_pa
                     site={"max_workers": 1})  # fmt: skip
     proc = start_submit(spec, tmp_path)
     try:
-        stage = train_dir(tmp_path)
-        first_checkpoint(stage)
+        stage = checkpointed_training(tmp_path)
         record_pruned(stage, 20, "decided by the test, as Pruning.observe records it")
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=120) == 130
