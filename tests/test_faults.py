@@ -243,8 +243,8 @@ while not go.exists():
     time.sleep(0.005)
 t = Tracker(uri, "concurrent", root / "mlartifacts")  # the first one creates the store
 runs = RunLifecycle(t, None)
-parent, _ = runs.find_or_create("parent", {"role": "parent", "spec_hash": "s"})
-run, _ = runs.find_or_create(f"point{i}", {"role": "sweep_point", "spec_hash": "s", "run_hash": f"h{i}"}, parent)
+parent, _, _ = runs.find_or_create("parent", {"role": "parent", "spec_hash": "s"})
+run, _, _ = runs.find_or_create(f"point{i}", {"role": "sweep_point", "spec_hash": "s", "run_hash": f"h{i}"}, parent)
 d = root / f"train{i}"
 d.mkdir()
 fw = MetricsForwarder(t, run, d / "metrics.jsonl")

@@ -23,6 +23,7 @@ import yaml
 
 from workflows.report import save_atomically
 from workflows.spec import replicate_keys, swept_keys
+from workflows.states import mlflow_status
 
 METRICS = ("final/val_loss", "val/ppl", "val/bpb", "train/tokens_per_sec", "model/params", "stage/train_seconds")
 #: Metrics where higher is better (their last path component); every other metric is a loss, lower is better.
@@ -149,7 +150,7 @@ def rows_from_store(client: Any, parent: Any) -> tuple[list[SweepRow], list[str]
     for child in children:
         p = child.data.params
         point = {k: yaml.safe_load(p[k]) if k in p else None for k in keys}
-        status = "PRUNED" if child.data.tags.get("gptlab.pruned") == "true" else child.info.status
+        status = mlflow_status(child.info.status, child.data.tags.get("gptlab.pruned")).value
         rows.append(SweepRow(child.info.run_name, status, point, dict(child.data.metrics), child.info.run_id))
 
     def order(row: SweepRow) -> tuple:

@@ -130,6 +130,8 @@ class RunLifecycle:
     @property
     def pruning(self) -> bool:
         """Whether this plan's spec prunes (a pruned run then stays pruned)."""
+        if self.plan is None:
+            return False
         spec = self.plan.spec
         return (spec.search.prune if spec.search is not None else spec.sweep.prune) is not None
 
