@@ -239,7 +239,12 @@ def _show_site(p: Any) -> None:
 
 
 def _vocab_size(run: Any) -> int:
-    """The trained tokenizer's vocabulary when its stage is done, else the configured size."""
+    """The model's vocabulary: the pretrained weights' (``model.init_from``), else the trained tokenizer's when its
+    stage is done, else the configured size."""
+    if run.spec.model.init_from is not None:
+        from workflows.pretrained import source_of
+
+        return source_of(run.spec).model.vocab_size
     tok = run.stages["tokenizer"]
     if tok.done:
         return int(tok.marker()["result"]["vocab_size"])
