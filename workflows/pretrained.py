@@ -45,6 +45,13 @@ def resolve(spec: ExperimentSpec) -> ExperimentSpec:
     return spec.model_copy(update={"model": model, "tokenizer": tokenizer})
 
 
+def model_vocab(spec: ExperimentSpec) -> int:
+    """A run's model vocabulary as known before any stage ran: the pretrained weights', else the configured size."""
+    if spec.model.init_from is not None:
+        return source_of(spec).model.vocab_size
+    return spec.tokenizer.vocab_size
+
+
 def source_of(spec: ExperimentSpec) -> Source:
     init = spec.model.init_from
     if isinstance(init, RunInit):

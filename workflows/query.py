@@ -67,8 +67,11 @@ def open_store(
             *([f"runs_root={runs_root}"] if runs_root is not None else []),
             *([f"tracking.uri={uri}"] if uri is not None else []),
         ]
+        from workflows.search import add_recorded_trials
+
         try:  # finding the runs means keying the stages, which reads the corpus files' sizes
             p = plan(load_spec(spec, overrides))
+            add_recorded_trials(p)  # a search's runs: its trials so far
         except CorpusError as exc:
             raise SpecError(str(spec), [str(exc)]) from None
         uri = p.spec.tracking.uri or default_tracking_uri(p.runs_root)
