@@ -49,7 +49,7 @@ def folders(tmp_path_factory):
 
 
 def spec_for(folders, folder, name="s"):
-    tree = tiny_spec(folders["corpus"], folders["tmp"] / f"runs-{name}")
+    tree = tiny_spec(folders["corpus"], folders["tmp"] / f"runs-{name}", site={"name": "local-processes"})
     del tree["tokenizer"]  # the folder's own
     tree["model"] = {"init_from": {"type": "huggingface", "path": str(folder)}, "block_size": 32}
     return write_spec(folders["tmp"] / f"{name}.yaml", tree)
@@ -92,3 +92,32 @@ def test_a_conflicting_tokenizer_vocab_size_is_listed_with_the_other_conflicts(f
     assert "disagrees with the pretrained model (2)" in r.output, r.output
     assert "model.n_layer: 3 but" in r.output and "tokenizer.vocab_size: 64 but" in r.output, r.output
     assert cli("validate", spec, "--set", "tokenizer.vocab_size=320").exit_code == 0  # the folder's: no conflict
+
+
+def test_weight_files_are_checked_by_their_headers_alone(folders, tmp_path):
+    from llmcore.hf import SAFETENSORS, weights_problems
+
+    good = folders["good"] / SAFETENSORS
+    assert weights_problems(folders["good"]) == []
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(good, sharded / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    (problem,) = weights_problems(sharded)
+    assert problem == f"{sharded / 'model-00002-of-00002.safetensors'}: missing (named by the folder's index)"
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / SAFETENSORS).write_bytes((10**9).to_bytes(8, "little") + b"{}")  # a header longer than the file
+    assert "truncated or not a safetensors file" in weights_problems(garbage)[0]
+    (garbage / SAFETENSORS).write_bytes((4).to_bytes(8, "little") + b"nope")  # not JSON
+    assert "its header cannot be read" in weights_problems(garbage)[0]
+    import torch
+
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    torch.save({"x": torch.zeros(1000)}, binary / "pytorch_model.bin")
+    assert weights_problems(binary) == []
+    data = (binary / "pytorch_model.bin").read_bytes()
+    (binary / "pytorch_model.bin").write_bytes(data[: len(data) - 200])  # the zip directory at its end is gone
+    assert "truncated or damaged (not a readable zip archive" in weights_problems(binary)[0]
