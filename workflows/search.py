@@ -271,9 +271,8 @@ def add_recorded_trials(p: Plan) -> None:
     run) are left out."""
     if p.spec.search is None or p.runs:
         return
-    optuna = optuna_module()
     for t in recorded_trials(p):
-        if t.state == optuna.trial.TrialState.WAITING:
+        if t.state.name == "WAITING":  # enqueued, never asked: no run yet
             continue
         try:
             name, point, spec = p.loaded.trial(t.number, t.params)
