@@ -90,7 +90,7 @@ def test_a_resubmitted_pruned_grid_prints_no_warning(tmp_path):
 
     tree = tiny_spec(make_corpus(tmp_path / "corpus", n_docs=10), tmp_path / "runs",
                      site={"name": "local-processes", "max_workers": 1},
-                     train={"max_steps": 600, "eval_interval": 20, "eval_batches": 2, "checkpoint_interval": 100,
+                     train={"max_steps": 600, "eval_interval": 20, "eval_batches": 2, "checkpoint_interval": 40,
                             "min_lr": 1e-5},
                      sweep={"train.lr": [3e-3, 1e-5], "prune": {"min_steps": 40, "reduction_factor": 2}})  # fmt: skip
     spec = write_spec(tmp_path / "s.yaml", tree)
@@ -101,6 +101,8 @@ def test_a_resubmitted_pruned_grid_prints_no_warning(tmp_path):
     try:
         wait_for(lambda: any(len(t.intermediate_values) >= 2 for t in recorded_trials(p)), 300,
                  "two validation estimates reported to a trial", every=0.2)  # fmt: skip
+        wait_for(lambda: list((tmp_path / "runs" / "stages").glob("train-*/checkpoints/step_*/DONE.json")), 300,
+                 "a checkpoint to resume from")  # fmt: skip
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
         kill_everything_under(tmp_path / "runs", [])  # its training, orphaned
