@@ -96,8 +96,8 @@ def read_model(folder: str | Path) -> HFModel:
     except KeyError as e:
         raise HFError(f"{path}: {e.args[0]}: field missing") from None
     archs = ", ".join(c.get("architectures") or []) or "none given"
-    raise HFError(f"{path}: model_type {kind!r} (architectures: {archs}) is not supported: gptlab imports the GPT-2 "
-                  "family (model_type gpt2) and the Llama family (model_type llama)")  # fmt: skip
+    raise HFError(f"{path}: model_type {kind!r} (architectures: {archs}) is not one gptlab reads (gpt2: the GPT-2 "
+                  "family; llama: the Llama family)")  # fmt: skip
 
 
 def _refuse(path: Path, problems: list[str]) -> None:
@@ -159,16 +159,20 @@ def _llama(folder: Path, c: dict[str, Any], path: Path) -> HFModel:
                    eos[0] if isinstance(eos, list) else eos)  # fmt: skip
 
 
-def merge_config(spec: ModelConfig, hf: HFModel) -> ModelConfig:
+def merge_config(spec: ModelConfig, hf: HFModel, tokenizer_vocab: int | None = None) -> ModelConfig:
     """The architecture a run gets: the checkpoint's; fields the spec sets must agree (every conflict listed in one
     error), fields it leaves unset take the checkpoint's. ``block_size`` may be smaller (the position table is
-    cropped), not larger; ``dropout`` is a training choice (unset: the checkpoint's)."""
+    cropped), not larger; ``dropout`` is a training choice (unset: the checkpoint's). ``tokenizer_vocab``: a
+    ``tokenizer.vocab_size`` the spec sets, which must be the checkpoint's vocabulary too."""
     given = spec.model_fields_set
     differ = [k for k, v in hf.fields.items() if k in given and k not in FREE_FIELDS and getattr(spec, k) != v]
     conflicts = [f"model.{k}: {getattr(spec, k)!r} but {hf.config_file} has {hf.fields[k]!r}" for k in differ]
     if "block_size" in given and spec.block_size > hf.n_positions:
         conflicts.append(f"model.block_size: {spec.block_size} is beyond the checkpoint's {hf.n_positions} positions "
                          f"({hf.config_file}); at most {hf.n_positions}")  # fmt: skip
+    if tokenizer_vocab is not None and tokenizer_vocab != hf.vocab_size:
+        conflicts.append(f"tokenizer.vocab_size: {tokenizer_vocab} but {hf.config_file} has a vocabulary of "
+                         f"{hf.vocab_size} (leave it unset: the checkpoint's tokenizer is the default)")  # fmt: skip
     if conflicts:
         raise HFError(
             f"model: the spec disagrees with the pretrained model ({len(conflicts)}): " + "; ".join(conflicts)
@@ -195,6 +199,60 @@ def weight_files(folder: str | Path) -> list[Path]:
         if (folder / name).is_file():
             return [folder / name]
     raise HFError(f"model.init_from.path: {folder} has no weights ({SAFETENSORS}, {BIN} or a sharded *.index.json)")
+
+
+def weights_problems(folder: str | Path) -> list[str]:
+    """What is wrong with a folder's weight files, known without reading a tensor: none, a file an index names
+    missing, a safetensors file whose header (an 8-byte length, then JSON) cannot be read or whose tensors end past
+    the end of the file (a truncated download), a ``.bin`` that is not a readable zip archive."""
+    try:
+        files = weight_files(folder)
+    except HFError as err:
+        return [str(err)]
+    problems = []
+    for path in files:
+        if not path.is_file():
+            problems.append(f"{path}: missing (named by the folder's index)")
+        elif path.suffix == ".safetensors":
+            problems += _safetensors_problems(path)
+        else:
+            problems += _bin_problems(path)
+    return problems
+
+
+def _safetensors_problems(path: Path) -> list[str]:
+    """A safetensors file's header: the JSON's length (8 bytes, little-endian), the JSON (name -> dtype, shape,
+    data_offsets), then the data; the largest end offset must fit in the file."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or 8 + n > size:
+                return [f"{path}: truncated or not a safetensors file ({size} bytes; its header says {n} bytes of JSON "
+                        "follow the first 8)"]  # fmt: skip
+            header = json.loads(f.read(n))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        return [f"{path}: not a valid safetensors file (its header cannot be read: {e})"]
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        return [f"{path}: truncated: its header describes {need} bytes, the file has {size} (download it again)"]
+    return []
+
+
+def _bin_problems(path: Path) -> list[str]:
+    """A ``pytorch_model.bin`` saved by torch 1.6 or later is a zip archive, whose directory is at its end: a
+    truncated file has none. (An older pickle is only checked when loaded.)"""
+    import zipfile
+
+    try:
+        with path.open("rb") as f:
+            if f.read(2) != b"PK":
+                return []
+        with zipfile.ZipFile(path):
+            return []
+    except (OSError, zipfile.BadZipFile) as e:
+        return [f"{path}: truncated or damaged (not a readable zip archive: {e}); download it again"]
 
 
 def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:

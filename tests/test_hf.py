@@ -134,7 +134,9 @@ def test_bad_folders_are_errors_naming_the_file_and_field(tmp_path, gpt2_dir):
     with pytest.raises(HFError, match=r"model.init_from.path: .*config.json is missing"):
         read_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
-    with pytest.raises(HFError, match=r"config.json: model_type 'bert' \(architectures: BertModel\) is not supported"):
+    with pytest.raises(
+        HFError, match=r"config.json: model_type 'bert' \(architectures: BertModel\) is not one gptlab reads"
+    ):
         read_model(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(HFError, match="config.json: cannot be read as JSON"):

@@ -12,7 +12,8 @@ schema), ``stages`` (the stage registry: every stage kind in one place), ``plan`
 stages), ``driver`` (running a plan through Parsl; ``submit``), ``lifecycle`` (the MLflow runs of a submit),
 ``store`` and ``server`` (writing to an MLflow store; probing a tracking server), ``tail`` (following a
 training's metrics), ``progress`` (the live table), ``query`` (status, compare and sample from a store),
-``compare`` and ``report`` (tables and plots), ``trainlog`` (reading failed trainings' logs), ``cli``.
+``compare`` and ``report`` (tables and plots), ``trainlog`` (reading failed trainings' logs), ``logfile`` (third-party
+warnings to a log file), ``cli``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def submit(
 
     from workflows.checks import load_and_check
     from workflows.driver import Driver
+    from workflows.logfile import WARNINGS_LOG, warnings_to
     from workflows.planning import plan as make_plan
     from workflows.progress import LineDisplay
 
@@ -71,7 +73,8 @@ def submit(
     if display is None:
         display = LineDisplay(report or (None if quiet else lambda msg: print(msg, flush=True)))
     try:
-        return Driver(p, display, poll_interval, fail_fast).run(started)
+        with warnings_to(p.runs_root / WARNINGS_LOG):  # third-party warnings: to the log, not the user's terminal
+            return Driver(p, display, poll_interval, fail_fast).run(started)
     finally:
         display.close()
 

@@ -101,6 +101,10 @@ def validate(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | 
     from workflows.checks import load_and_check
 
     loaded = load_and_check(spec, set_, site)
+    if loaded.spec.search is not None:  # its runs are its trials, asked for one by one when it is submitted
+        typer.echo(f"{spec}: valid, a search of {loaded.spec.search.trials} trials")
+        _show_space(loaded.spec)
+        return
     n = len(loaded.runs)
     typer.echo(f"{spec}: valid, {n} run{'s' if n != 1 else ''}: " + ", ".join(r[0] for r in loaded.runs))
 
@@ -110,9 +114,22 @@ def validate(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | 
 def plan_cmd(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | None = SiteOpt) -> None:
     """Show the runs, their stages (done or to run, shared or not) and model sizes; submits nothing."""
     from workflows.checks import load_and_check
-    from workflows.planning import param_count, plan
+    from workflows.planning import plan
+    from workflows.search import add_recorded_trials
 
     p = plan(load_and_check(spec, set_, site))
+    add_recorded_trials(p)  # a search's runs: its trials so far, from the study's journal
+    if p.runs or p.spec.search is None:  # a search before its first trial has none
+        _show_runs(p)
+    if p.spec.search is not None:
+        _show_search(p)
+    _show_site(p)
+
+
+def _show_runs(p: Any) -> None:
+    """Each run's stages (done or to run, shared or not) and model size, then its memory estimate."""
+    from workflows.planning import param_count
+
     users: dict[str, int] = {}
     for r in p.runs:
         for s in r.stages.values():
@@ -128,16 +145,13 @@ def plan_cmd(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | 
             + (f" (shared x{users[s.key]})" if users[s.key] > 1 else "")
             for label in labels
         ]
-        table.add_row(r.name, f"{param_count(r.spec, _vocab_size(r)) / 1e6:.2f}M", *cells)
+        table.add_row(r.name, f"{param_count(r.spec, _vocab_size(r, p.loaded.sources)) / 1e6:.2f}M", *cells)
     out.print(table)
     todo = [s for s in p.stages.values() if not s.done]
     typer.echo(
         f"{len(p.stages) - len(todo)} of {len(p.stages)} stages done; {len(todo)} to run on site '{p.spec.site.name}'."
     )
     _show_memory(p)
-    if p.spec.search is not None:
-        _show_search(p)
-    _show_site(p)
 
 
 def _show_memory(p: Any) -> None:
@@ -158,7 +172,7 @@ def _show_memory(p: Any) -> None:
             continue
         seen.add(key)
         world = t.nodes * t.ranks_per_node
-        vocab = _vocab_size(r)
+        vocab = _vocab_size(r, p.loaded.sources)
         est = {par: estimate_memory(r.spec.model, vocab, t.model_copy(update={"parallelism": par}), world)
                for par in ("ddp", "fsdp")}  # fmt: skip
         fits = {par: gpu is None or e.fits(int(gpu * GIB)) for par, e in est.items()}
@@ -185,15 +199,18 @@ def _show_memory(p: Any) -> None:
 
 
 def _show_search(p: Any) -> None:
-    """A search's space, its trial budget and, on batch sites, the node-hours of its trials at worst."""
+    """A search's space, its trial budget, its trials so far, the memory of the largest model its space allows and,
+    on batch sites, the node-hours of its trials at worst."""
     from site_configs.spec import BATCH_SITES
-    from workflows.search import space_lines
+    from workflows.search import journal_path, recorded_trials
 
     search, train = p.spec.search, p.loaded.base.train
-    typer.echo(f"Search: {search.method}, {search.trials} trials, {search.metric} ({search.direction}), at most "
-               f"{search.max_parallel or 'one per worker'} at once; space:")  # fmt: skip
-    for line in space_lines(p.spec):
-        typer.echo(line)
+    _show_space(p.spec)
+    states = [t.state.name for t in recorded_trials(p)]
+    counts = ", ".join(f"{states.count(s)} {s.lower()}" for s in dict.fromkeys(sorted(states)))
+    typer.echo(f"Trials so far: {len(states)} of {search.trials}{f' ({counts})' if counts else ''}; study "
+               f"{journal_path(p)}")  # fmt: skip
+    _show_largest(p)
     if p.spec.site.name in BATCH_SITES:
         h, m, sec = (int(x) for x in p.spec.site.walltime.split(":"))
         hours = (
@@ -201,6 +218,36 @@ def _show_search(p: Any) -> None:
         )
         typer.echo(f"Worst case: {search.trials} trials x {train.nodes} node(s) x {hours:g} h (a training's walltime "
                    f"or time budget) = {search.trials * train.nodes * hours:g} node-hours of training")  # fmt: skip
+
+
+def _show_space(spec: Any) -> None:
+    from workflows.search import space_lines
+
+    search = spec.search
+    typer.echo(f"Search: {search.method}, {search.trials} trials, {search.metric} ({search.direction}), at most "
+               f"{search.max_parallel or 'one per worker'} at once; space:")  # fmt: skip
+    for line in space_lines(spec):
+        typer.echo(line)
+
+
+def _show_largest(p: Any) -> None:
+    """The memory per rank of the search's largest trial (the corner of its space that needs the most)."""
+    from llmcore.memory import GIB, estimate_memory
+    from site_configs.spec import resolve
+    from workflows.planning import param_count
+    from workflows.pretrained import model_vocab
+    from workflows.search import largest_trial
+
+    found = largest_trial(p.loaded)
+    if found is None:
+        typer.echo("Largest model: no corner of the space makes a valid spec")
+        return
+    values, spec = found
+    vocab, gpu = model_vocab(spec, p.loaded.sources), resolve(p.spec.site).gpu_memory_gib
+    est = estimate_memory(spec.model, vocab, spec.train)
+    fits = "" if gpu is None or est.fits(int(gpu * GIB)) else f": does not fit a {gpu:g} GiB GPU"
+    typer.echo(f"Largest model the space allows ({', '.join(f'{k}={v}' for k, v in values.items())}): "
+               f"{param_count(spec, vocab) / 1e6:.2f}M params, {est.summary()}{fits}")  # fmt: skip
 
 
 def _show_site(p: Any) -> None:
@@ -238,14 +285,16 @@ def _show_site(p: Any) -> None:
         typer.echo(f"\nAt most {sum(j.node_hours for j in jobs):g} node-hours requested in all.")
 
 
-def _vocab_size(run: Any) -> int:
-    """The trained tokenizer's vocabulary when its stage is done, else the configured size."""
+def _vocab_size(run: Any, sources: Any) -> int:
+    """The model's vocabulary: the pretrained weights' (``model.init_from``), else the trained tokenizer's when its
+    stage is done, else the configured size."""
+    from workflows.pretrained import model_vocab
     from workflows.stages import TOKENIZER
 
     tok = run.stage_of(TOKENIZER)
-    if tok.done:
+    if tok.done and run.spec.model.init_from is None:
         return int(tok.marker()["result"]["vocab_size"])
-    return run.spec.tokenizer.vocab_size
+    return model_vocab(run.spec, sources)
 
 
 @app.command()

@@ -61,18 +61,41 @@ def resolve(spec: Any, sources: Sources) -> Any:
     from llmcore.hf import merge_config
 
     source = sources.of(spec)
-    model = merge_config(spec.model, source.model)
+    vocab = spec.tokenizer.vocab_size if "vocab_size" in spec.tokenizer.model_fields_set else None
+    model = merge_config(spec.model, source.model, tokenizer_vocab=vocab)
     tokenizer = spec.tokenizer
     if "type" not in tokenizer.model_fields_set:  # unset: the checkpoint's own tokenizer
         tokenizer = TokenizerConfig(type="pretrained", path=str(source.tokenizer))
     return spec.model_copy(update={"model": model, "tokenizer": tokenizer})
 
 
+def model_vocab(spec: Any, sources: Sources) -> int:
+    """A run's model vocabulary as known before any stage ran: the pretrained weights', else the configured size."""
+    if spec.model.init_from is not None:
+        return sources.of(spec).model.vocab_size
+    return spec.tokenizer.vocab_size
+
+
 @lru_cache(maxsize=64)
 def _hf_source(folder: str) -> Source:
-    from llmcore.hf import read_model
+    """A Hugging Face folder: its config.json read, its weight files' headers checked (no tensor read), so a folder
+    without weights or with a truncated file is refused by `validate`, not by a stage after the tokenizer ran."""
+    from llmcore.hf import HFError, read_model, weights_problems
 
-    return Source("huggingface", Path(folder), Path(folder), read_model(folder))
+    try:
+        model = read_model(folder)
+    except HFError as err:
+        raise HFError(_at_field(str(err))) from None
+    problems = weights_problems(folder)
+    if problems:
+        raise HFError("; ".join(_at_field(p) for p in problems))
+    return Source("huggingface", Path(folder), Path(folder), model)
+
+
+def _at_field(problem: str) -> str:
+    """A problem of the folder, under the spec field that names it."""
+    field = "model.init_from.path: "
+    return problem if problem.startswith(field) else field + problem
 
 
 def run_source(checkpoint: Path, tokenizer: Path) -> Source:

@@ -14,6 +14,7 @@ from typing import Any
 from workflows.lifecycle import RunLifecycle
 from workflows.planning import plan
 from workflows.pretrained import Sources
+from workflows.search import add_recorded_trials
 from workflows.server import check_tracking_server
 from workflows.spec import InputError, SpecError, load_spec
 from workflows.stages import TOKENIZER, dir_of, kind_of
@@ -69,6 +70,7 @@ def open_store(
         ]
         try:  # finding the runs means keying the stages, which reads the corpus files' sizes
             p = plan(load_spec(spec, overrides, Sources(find_run_weights)))
+            add_recorded_trials(p)  # a search's runs: its trials so far
         except CorpusError as exc:
             raise SpecError(str(spec), [str(exc)]) from None
         uri = p.spec.tracking.uri or default_tracking_uri(p.runs_root)

@@ -20,13 +20,16 @@ its training), and raising ``search.trials`` goes on from there.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmcore.config import ConfigError
 from site_configs import resolve
+from workflows.pretrained import model_vocab
 from workflows.processes import record_pruned, request_stop
-from workflows.spec import Distribution, ExperimentSpec, PruneSpec, SpecError
+from workflows.spec import Distribution, ExperimentSpec, LoadedSpec, PruneSpec, SpecError
 from workflows.states import pruned_step
 
 if TYPE_CHECKING:
@@ -79,7 +82,7 @@ class Study:
         self.metric = spec.search.metric if spec.search is not None else "val/bpb"
         self.maximize = spec.search is not None and spec.search.direction == "maximize"
         self.max_parallel = spec.search.max_parallel if spec.search and spec.search.max_parallel else max_parallel
-        path = p.runs_root / "studies" / f"{p.spec_hash}.journal"
+        path = journal_path(p)
         path.parent.mkdir(parents=True, exist_ok=True)
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
         pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=prune.min_steps,
@@ -181,8 +184,12 @@ class Study:
         trial = self.trials.get(run.run_hash)
         if trial is None or not evals:
             return False
+        # A resumed trial's earlier estimates are in the study already (its training's metrics.jsonl is read from
+        # the start): Optuna would ignore each again with a UserWarning.
+        known = self.study._storage.get_trial(trial.handle._trial_id).intermediate_values
         for step, loss in sorted(evals.items()):
-            trial.handle.report(-loss if self.maximize else loss, step)  # the pruner judges by the loss, lower better
+            if step not in known:  # the pruner judges by the loss, lower better
+                trial.handle.report(-loss if self.maximize else loss, step)
         return trial.handle.should_prune()
 
     def tell(self, run: RunPlan, status: str, metrics: dict[str, float]) -> None:
@@ -264,3 +271,75 @@ def space_lines(spec: ExperimentSpec) -> list[str]:
         kind = next(k for k in type(d).model_fields if getattr(d, k) is not None)
         out.append(f"  {key}: {kind} {list(getattr(d, kind))}")
     return out
+
+
+def journal_path(p: Plan) -> Path:
+    """Where a spec's study lives: one journal file per spec identity under runs_root."""
+    return p.runs_root / "studies" / f"{p.spec_hash}.journal"
+
+
+def recorded_trials(p: Plan) -> list[Any]:
+    """The trials of a spec's study (Optuna FrozenTrials, by number), read from its journal without writing to it
+    (the driver is its only writer): none before the first submit."""
+    path = journal_path(p)
+    if not path.is_file():  # Optuna's backend would create it
+        return []
+    optuna = optuna_module()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    try:
+        study_id = storage.get_study_id_from_name(p.spec_hash)
+    except KeyError:
+        return []
+    return sorted(storage.get_all_trials(study_id, deepcopy=False), key=lambda t: t.number)
+
+
+def add_recorded_trials(p: Plan) -> None:
+    """Plan the runs of a search's trials so far into ``p`` (a search's plan has none of its own), so that
+    ``plan``, ``status`` and ``compare`` list every trial; trials whose values make no valid spec (told FAIL, no
+    run) are left out."""
+    if p.spec.search is None or p.runs:
+        return
+    for t in recorded_trials(p):
+        if t.state.name == "WAITING":  # enqueued, never asked: no run yet
+            continue
+        try:
+            name, point, spec = p.loaded.trial(t.number, t.params)
+        except SpecError:
+            continue
+        p.add_run(name, point, spec)
+
+
+def largest_trial(loaded: LoadedSpec) -> tuple[dict[str, Any], ExperimentSpec] | None:
+    """(values, run spec) of the trial with the largest training memory the space allows: the corners of the space
+    (each range's bounds, every choice) tried together, as far as there are at most ``MAX_CORNERS`` of them (else
+    each numeric field at its largest value); None when no corner makes a valid spec."""
+    from llmcore.memory import estimate_memory
+
+    corners = _corners(loaded.spec.search.space)
+    best: tuple[int, dict[str, Any], ExperimentSpec] | None = None
+    for values in corners:
+        try:
+            _, _, spec = loaded.trial(0, values)
+        except SpecError:
+            continue
+        vocab = model_vocab(spec, loaded.sources)
+        total = estimate_memory(spec.model, vocab, spec.train).total_bytes
+        if best is None or total > best[0]:
+            best = (total, values, spec)
+    return None if best is None else (best[1], best[2])
+
+
+MAX_CORNERS = 256
+
+
+def _corners(space: dict[str, Distribution]) -> list[dict[str, Any]]:
+    import itertools
+
+    options = {k: d.values_to_check() for k, d in space.items()}
+    if math.prod(len(v) for v in options.values()) > MAX_CORNERS:
+        options = {k: [max(v)] if all(_number(x) for x in v) else v[:1] for k, v in options.items()}
+    return [dict(zip(options, combo)) for combo in itertools.product(*options.values())]
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
