@@ -12,6 +12,7 @@ from pathlib import Path
 from llmcore.config import DataConfig
 from workflows.pretrained import Sources
 from workflows.spec import ExperimentSpec, LoadedSpec, SpecError, load_spec
+from workflows.stages import STAGES
 
 
 def load_and_check(
@@ -50,10 +51,9 @@ def preflight(loaded: LoadedSpec, submitting: bool = False) -> None:
             problems += corpus_problems(spec.data, spec.seed)
     if not problems:
         problems += [p for p in dict.fromkeys(p for _, _, spec in loaded.runs for p in size_problems(spec))]
-        problems += list(
-            dict.fromkeys(p for _, _, spec in loaded.runs for p in pretrained_problems(spec, loaded.sources))
-        )
-    problems += list(dict.fromkeys(p for _, _, spec in loaded.runs for p in task_problems(spec)))
+    kinds = [k for k in STAGES.values() if k.preflight is not None]  # the files each kind of stage will read
+    found = (p for _, _, spec in loaded.runs for k in kinds for p in k.preflight(spec, loaded.sources))
+    problems += list(dict.fromkeys(found))
     problems += site_problems(loaded.spec.site, [spec.train for _, _, spec in loaded.runs], submitting=submitting)
     problems += runs_root_problems(Path(loaded.spec.runs_root).expanduser())
     if problems:
@@ -125,47 +125,6 @@ def size_problems(spec: ExperimentSpec) -> list[str]:
         for split in ("train", "val")
         if 0 < bound[split] < need
     ]
-
-
-def pretrained_problems(spec: ExperimentSpec, sources: Sources) -> list[str]:
-    """A pretrained tokenizer must load, and match the vocabulary of the weights the run starts from."""
-    if spec.tokenizer.type != "pretrained":
-        return []
-    from llmcore.config import ConfigError
-    from llmcore.tokenizer import load_tokenizer
-
-    try:
-        tok = load_tokenizer(spec.tokenizer.path)
-        tok.eos_id  # noqa: B018 - raises when the tokenizer knows no end-of-text token
-    except ConfigError as err:
-        return [str(err)]
-    if spec.model.init_from is None:
-        return []
-    vocab = sources.of(spec).model.vocab_size
-    if tok.vocab_size != vocab:
-        return [f"tokenizer.path: {spec.tokenizer.path} has {tok.vocab_size} tokens, but the model's vocabulary has "
-                f"{vocab}: a tokenizer and a model must match"]  # fmt: skip
-    return []
-
-
-def task_problems(spec: ExperimentSpec) -> list[str]:
-    """Every task file must read as its format (the first defect: file, line and field), with enough other
-    questions for its few-shot examples."""
-    from llmcore.tasks import TaskError, read_questions
-
-    problems = []
-    for i, task in enumerate(spec.eval.tasks):
-        if task.path is None:
-            continue
-        try:
-            questions = read_questions(task.path, task.format)
-        except TaskError as err:
-            problems.append(f"eval.tasks.{i}.path: {err}")
-            continue
-        if task.num_fewshot >= len(questions):
-            problems.append(f"eval.tasks.{i}.num_fewshot: {task.num_fewshot} examples asked, but {task.path} has "
-                            f"{len(questions)} questions (the examples never include the question scored)")  # fmt: skip
-    return problems
 
 
 def runs_root_problems(root: Path) -> list[str]:

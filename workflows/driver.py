@@ -140,7 +140,7 @@ class Driver:
     def _states(self, run: RunPlan, launching: bool = False, live: bool = False) -> dict[str, StageState]:
         """A run's stage states (``workflows.states``), from disk and, with ``live``, from its Parsl tasks."""
         launcher = self.launcher
-        disks = {label: OnDisk.read(s.dir, s.definition.process, launcher.launched_log.get(s.key) if launcher else None)
+        disks = {label: OnDisk.read(s.dir, s.definition, launcher.launched_log.get(s.key) if launcher else None)
                  for label, s in run.stages.items()}  # fmt: skip
         tasks = {label: launcher.task(s) for label, s in run.stages.items()} if live and launcher else None
         cached = {label for label, s in run.stages.items() if launcher is None or s.key in launcher.cached}
@@ -358,7 +358,7 @@ class Driver:
                                          self.lifecycle.metrics_of(r), states))  # fmt: skip
                 continue
             killed += 1
-            step = OnDisk.read(r.training.dir, True).checkpoint
+            step = OnDisk.read(r.training.dir, r.training.definition).checkpoint
             where = f"training checkpointed at step {step}" if step is not None else "no training checkpoint yet"
             error = f"interrupted by {sig} ({where}): `gptlab submit {self.plan.loaded.source}` resumes it"
             self.lifecycle.end_child(r, RunStatus.KILLED, error)

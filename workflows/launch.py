@@ -17,9 +17,9 @@ from typing import Any
 
 from workflows.planning import Plan, RunPlan, Stage
 from workflows.processes import Halt, kill_children
-from workflows.stages import TRAIN_LOG, prepare_stage, write_train_config
-from workflows.states import OnDisk, StageState, stage_state
-from workflows.trainlog import describe_failure, log_size
+from workflows.stages import prepare_stage, write_train_config
+from workflows.states import OnDisk, StageState, file_size, stage_state
+from workflows.trainlog import describe_failure
 
 SHUTDOWN_S = 60.0  # how long Parsl may take to shut down before its processes are killed
 
@@ -54,11 +54,11 @@ class Launcher:
         write_train_config(stage.dir, stage.config, stage.runtime)
         owner = next(r for r in self.plan.runs if stage.key in {s.key for s in r.stages.values()})
         app, launcher, extra, env = train_launch(owner, stage, self.apps, self.train_env)
-        self.launched_log[stage.key] = log_size(stage.dir)
-        log = str(stage.dir / TRAIN_LOG)
+        log = stage.dir / stage.definition.log
+        self.launched_log[stage.key] = file_size(log)
         # Keyword arguments only past the first three: Parsl merges the function's defaults into the call.
-        proc = app(str(stage.dir), dirs, env, launcher=launcher, inputs=deps, stdout=log, stderr=log, halt=halt,
-                   **extra)  # fmt: skip
+        proc = app(str(stage.dir), dirs, env, launcher=launcher, inputs=deps, stdout=str(log), stderr=str(log),
+                   halt=halt, **extra)  # fmt: skip
         self.processes[stage.key] = proc
         return self.apps["commit_train"](str(stage.dir), inputs=[proc])
 
@@ -73,7 +73,7 @@ class Launcher:
 
     def state(self, stage: Stage, launching: bool = False) -> StageState:
         """A stage's state (``workflows.states.stage_state``) from its directory and its live task."""
-        disk = OnDisk.read(stage.dir, stage.definition.process, self.launched_log.get(stage.key))
+        disk = OnDisk.read(stage.dir, stage.definition, self.launched_log.get(stage.key))
         return stage_state(disk, self.task(stage), cached=stage.key in self.cached, launching=launching)
 
     def done(self, run: RunPlan) -> bool:

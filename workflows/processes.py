@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from llmcore.io import atomic_write_bytes, atomic_write_json
-from workflows.trainlog import lock_holder, log_size
+from workflows.trainlog import lock_holder
 
-__all__ = ["Halt", "StopRequest", "kill_children", "kill_training", "log_size", "record_pruned", "request_stop",
+__all__ = ["Halt", "StopRequest", "kill_children", "kill_training", "record_pruned", "request_stop",
            "resume_step"]  # fmt: skip
 
 STOP_FILE = "STOP"  # llmcore.train.STOP_FILE (not imported: that module imports torch)

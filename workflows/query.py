@@ -138,7 +138,7 @@ def stage_states(dirs: dict[str, Path], run: Any | None) -> dict[str, StageState
     status = mlflow_status(run.info.status, tags.get(tag("pruned"))) if run is not None else None
     error = tags.get(tag("error"), "")
     failed = error.split()[1] if error.startswith("stage ") else None
-    disks = {label: OnDisk.read(d, kind_of(d).process) for label, d in dirs.items()}
+    disks = {label: OnDisk.read(d, kind_of(d)) for label, d in dirs.items()}
     cached = set(tags.get(tag("cached_stages"), "").split(","))
     return run_stage_states(disks, cached=cached, run=status, failed=failed if status is RunStatus.FAILED else None)
 

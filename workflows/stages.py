@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict
 
 from llmcore.io import LOCK_FILE, atomic_write_json, file_lock, is_committed, read_json, write_commit_marker
 from workflows.pretrained import Sources
-from workflows.processes import halted
+from workflows.processes import halted, resume_step
 from workflows.spec import ExperimentSpec
 
 # --------------------------------------------------------------------------------------------- the types
@@ -97,6 +97,13 @@ class StageKind:
     # Whether its key is part of its run's identity in MLflow (a kind that is not, such as benchmark tasks, is
     # added to a finished run instead of starting another).
     identity: bool = True
+    # A stage that is a process of its own: the log it writes from its first moment (it has started once the log
+    # grew since its launch), and the step a resume would continue from (its newest committed checkpoint).
+    log: str | None = None
+    resume: Callable[[Path], int | None] | None = None
+    # What `validate` checks of a run's spec for this kind beyond the schema (files it will read): problems as
+    # ``field: message``; given the run spec and where its initial weights come from.
+    preflight: Callable[[ExperimentSpec, Sources], list[str]] | None = None
 
     @property
     def process(self) -> bool:
@@ -118,6 +125,8 @@ class StageKind:
 #: folder's path): passed to the body, left out of the hash, so a folder that moves is the same stage.
 LOCATE = "locate"
 INIT_WEIGHTS = "weights"  # the init stage's weights-only checkpoint
+TRAIN_CONFIG = "train.json"  # what the training process reads: the stage's config with its runtime settings
+TRAIN_LOG = "train.log"  # the process's stdout and stderr, every try appended
 
 
 class Result(BaseModel):
@@ -359,11 +368,56 @@ def task_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]
     return out
 
 
+# --------------------------------------------------------------------------------- preflight checks
+
+
+def pretrained_problems(spec: ExperimentSpec, sources: Sources) -> list[str]:
+    """A pretrained tokenizer must load, and match the vocabulary of the weights the run starts from."""
+    if spec.tokenizer.type != "pretrained":
+        return []
+    from llmcore.config import ConfigError
+    from llmcore.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(spec.tokenizer.path)
+        tok.eos_id  # noqa: B018 - raises when the tokenizer knows no end-of-text token
+    except ConfigError as err:
+        return [str(err)]
+    if spec.model.init_from is None:
+        return []
+    vocab = sources.of(spec).model.vocab_size
+    if tok.vocab_size != vocab:
+        return [f"tokenizer.path: {spec.tokenizer.path} has {tok.vocab_size} tokens, but the model's vocabulary has "
+                f"{vocab}: a tokenizer and a model must match"]  # fmt: skip
+    return []
+
+
+def task_problems(spec: ExperimentSpec, sources: Sources) -> list[str]:
+    """Every task file must read as its format (the first defect: file, line and field), with enough other
+    questions for its few-shot examples."""
+    from llmcore.tasks import TaskError, read_questions
+
+    problems = []
+    for i, task in enumerate(spec.eval.tasks):
+        if task.path is None:
+            continue
+        try:
+            questions = read_questions(task.path, task.format)
+        except TaskError as err:
+            problems.append(f"eval.tasks.{i}.path: {err}")
+            continue
+        if task.num_fewshot >= len(questions):
+            problems.append(f"eval.tasks.{i}.num_fewshot: {task.num_fewshot} examples asked, but {task.path} has "
+                            f"{len(questions)} questions (the examples never include the question scored)")  # fmt: skip
+    return problems
+
+
 # ------------------------------------------------------------------------------------------ the registry
 
 TOKENIZER = StageKind(
     "tokenizer", 1, (), tokenizer_config, tokenizer_body, tokenizer_report, ("data", "tokenizer", "seed", "model"),
     runtime_fields=("tokenizer.num_threads",), describe="train a SentencePiece tokenizer on the corpus",
+    preflight=pretrained_problems,
 )  # fmt: skip
 SHARDS = StageKind(
     "shards", 1, ("tokenizer",), shards_config, shards_body, shards_report, ("data", "seed"),
@@ -375,7 +429,7 @@ INIT = StageKind(
 )  # fmt: skip
 TRAIN = StageKind(
     "train", 1, ("shards", "init"), train_config, None, train_report, ("model", "train", "seed"), executor="train",
-    runtime_fields=("train.time_budget_s",),
+    runtime_fields=("train.time_budget_s",), log=TRAIN_LOG, resume=resume_step,
     describe="train the model: `python -m llmcore.train` in a process of its own, one per rank",
 )  # fmt: skip
 EVAL = StageKind(
@@ -385,7 +439,7 @@ EVAL = StageKind(
 
 TASK = StageKind(
     "task", 1, ("train", "tokenizer"), task_config, task_body, task_report, ("eval", "seed", "data"),
-    runtime_fields=("train.device", "eval.batch_size"), identity=False,
+    runtime_fields=("train.device", "eval.batch_size"), identity=False, preflight=task_problems,
     describe="score a multiple-choice benchmark task (eval.tasks) on the final weights, one stage per task",
 )  # fmt: skip
 
@@ -442,9 +496,6 @@ def run_stage(
 
 
 # ------------------------------------------------------------------------------------ the training process
-
-TRAIN_CONFIG = "train.json"  # what the training process reads: the stage's config with its runtime settings
-TRAIN_LOG = "train.log"  # the process's stdout and stderr, every try appended
 
 
 def write_train_config(stage_dir: Path, config: dict[str, Any], runtime: dict[str, Any]) -> None:

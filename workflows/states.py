@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from workflows.processes import PRUNED_FILE, log_size, resume_step
+from workflows.processes import PRUNED_FILE
+from workflows.stages import StageKind
 
 
 class StageState(str, Enum):
@@ -190,17 +191,19 @@ class OnDisk:
     started: bool = False  # its process has written to its log since it was launched
 
     @classmethod
-    def read(cls, stage_dir: Path, process: bool, log_since: int | None = None) -> OnDisk:
-        """The facts of one stage directory; ``log_since``: the log's size when its process was launched (a
-        process writes its log from its first moment)."""
+    def read(cls, stage_dir: Path, kind: StageKind, log_since: int | None = None) -> OnDisk:
+        """The facts of one stage directory of a kind: what its kind says of a process (its log, its resume step);
+        ``log_since``: the log's size when its process was launched."""
         from llmcore.io import is_committed
 
         if is_committed(stage_dir):
-            return cls(True, process)
-        if not process:
+            return cls(True, kind.process)
+        if not kind.process:
             return cls(False)
-        started = log_size(stage_dir) > log_since if log_since is not None else log_size(stage_dir) > 0
-        return cls(False, True, resume_step(stage_dir), pruned_step(stage_dir), started)
+        size = file_size(stage_dir / kind.log) if kind.log else 0
+        started = size > (log_since or 0)
+        resume = kind.resume(stage_dir) if kind.resume else None
+        return cls(False, True, resume, pruned_step(stage_dir), started)
 
 
 def pruned_step(stage_dir: Path) -> int | None:
@@ -282,3 +285,10 @@ def run_status(states: dict[str, StageState], interrupted: bool = False) -> RunS
     if StageState.FAILED in values:
         return RunStatus.FAILED
     return RunStatus.KILLED if interrupted else RunStatus.RUNNING
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0

@@ -138,10 +138,3 @@ def lock_holder(stage_dir: Path) -> tuple[int, str] | None:
     if len(text) >= 4 and text[0] == "pid" and text[1].isdigit() and text[2] == "on":
         return int(text[1]), text[3]
     return None
-
-
-def log_size(stage_dir: Path) -> int:
-    try:
-        return (stage_dir / "train.log").stat().st_size
-    except OSError:
-        return 0
