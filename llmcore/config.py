@@ -375,6 +375,13 @@ class TrainConfig(RuledModel):
     time_budget_s: float | None = Field(
         None, gt=0, description="Save a checkpoint and stop cleanly before this many seconds; null: no limit."
     )
+    pause_at: int | None = Field(
+        None,
+        ge=1,
+        description="Stop at this step with a validation estimate and a committed checkpoint (exit 76), to be "
+        "resumed later; set by successive halving (`prune.method: sha`) for each rung, not in specs. null: never.",
+        json_schema_extra=ADDED_LATER,
+    )
     seed: int | None = Field(
         None,
         ge=0,

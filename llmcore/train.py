@@ -420,6 +420,9 @@ class Trainer:
         self.stop.install()
         try:
             while self.step < cfg.max_steps:
+                if cfg.pause_at is not None and self.step >= cfg.pause_at:  # a rung of successive halving
+                    stop_reason = "paused"
+                    break
                 if self.step % every == 0 and (stop_reason := self._should_stop(every, step_time, save_time)):
                     break
                 t0 = _clock()
@@ -433,7 +436,8 @@ class Trainer:
                     tokens_per_sec = self.tokens_per_step * (self.step - steps_logged) / (now - t_log)
                     t_log, steps_logged, self.extra["elapsed_s"] = now, self.step, elapsed()
                     metrics.write(self._train_line(self.extra["train_loss"], grad_norm, tokens_per_sec))
-                if self.step % cfg.eval_interval == 0 or last:
+                pause = self.step == cfg.pause_at and not last
+                if self.step % cfg.eval_interval == 0 or last or pause:  # a pause is judged by its estimate
                     t_eval = _clock()
                     self.extra["val_loss"] = estimate_loss(
                         self.fwd, self.val_batches, self.ctx, self.device, lockstep=self.fsdp
@@ -584,9 +588,9 @@ def main(argv: list[str] | None = None) -> int:
         return exitcodes.NO_SPACE
     if D.read_launch_env().rank == 0:
         print(json.dumps(summary))
-    return {None: exitcodes.OK, "time_budget": exitcodes.STOPPED_EARLY, "requested": exitcodes.STOP_REQUESTED}[
-        summary["stop_reason"]
-    ]
+    codes = {None: exitcodes.OK, "time_budget": exitcodes.STOPPED_EARLY, "requested": exitcodes.STOP_REQUESTED,
+             "paused": exitcodes.STOP_REQUESTED}  # fmt: skip
+    return codes[summary["stop_reason"]]
 
 
 if __name__ == "__main__":

@@ -603,3 +603,29 @@ def test_metrics_records_round_trip_and_skip_torn_or_foreign_lines(tmp_path):
     assert records[3].metrics() == {"val/loss": 1.5}
     truncate_metrics(path, 2)
     assert [(r.kind, r.step) for r in read_metrics(path)] == [("train", 1), ("train", 2)]
+
+
+def test_pause_at_stops_at_the_rung_with_an_estimate_and_resumes_the_same_curve(llm_shards, tmp_path):
+    """Successive halving's rung (``train.pause_at``): the training stops exactly at that step with a validation
+    estimate there and a committed checkpoint (exit 76 from the CLI); launched again with the same rung it trains
+    no further step; launched to the end it continues the uninterrupted curve."""
+    long = cfg(max_steps=60, lr_decay_steps=60, checkpoint_interval=50, eval_interval=50)
+    reference = tmp_path / "reference"
+    train(MODEL, long, llm_shards, reference, seed=3)
+    out = tmp_path / "halving"
+    paused = long.model_copy(update={"pause_at": 17})
+    config = {"model": MODEL.model_dump(), "seed": 3}
+    (tmp_path / "rung.json").write_text(json.dumps({**config, "train": paused.model_dump()}))
+    (tmp_path / "end.json").write_text(json.dumps({**config, "train": long.model_dump()}))
+    argv = [sys.executable, "-m", "llmcore.train", "--shards", str(llm_shards), "--out", str(out), "--config"]
+    run = lambda c: subprocess.run([*argv, str(tmp_path / c)], env=child_env(), timeout=300).returncode
+    assert run("rung.json") == 76
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "paused" and summary["steps"] == 17
+    assert latest_checkpoint(out).name == "step_00000017"
+    assert [r["step"] for r in records(out, "eval")] == [17]  # judged at the rung, not at eval_interval
+    trained = len(lines(out))
+    assert train(MODEL, paused, llm_shards, out, seed=3)["steps"] == 17  # the same rung again: no step trained
+    assert len(lines(out)) == trained
+    assert run("end.json") == 0  # promoted to the end
+    assert_same_curve(losses(out), losses(reference))

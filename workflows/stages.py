@@ -343,7 +343,7 @@ def train_seed(spec: ExperimentSpec) -> int:
 
 
 def train_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
-    train = _without(spec.train.key_dict(), "time_budget_s", "seed")
+    train = _without(spec.train.key_dict(), "time_budget_s", "seed", "pause_at")
     # (the weights a run starts from are its `init` input: their content, not their path, is in the key)
     return {"train": {"model": _without(spec.model.key_dict(), "init_from"), "train": train, "seed": train_seed(spec)}}
 
