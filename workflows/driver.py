@@ -34,10 +34,12 @@ from workflows.processes import (
     forget_pruned,
     kill_children,
     kill_training,
+    record_pruned,
     request_stop,
     training_alive,
 )
 from workflows.progress import Board, LineDisplay, LiveDisplay, RunRow, stage_line
+from workflows.rungs import Halving, Journal, rung_steps
 from workflows.search import Pruning, Study, default_parallel
 from workflows.states import OnDisk, RunStatus, StageState, pruned_step, run_stage_states, run_status
 from workflows.tail import MetricsForwarder
@@ -99,8 +101,10 @@ class Driver:
         self.forwarders: dict[str, MetricsForwarder] = {}  # run hash -> its training's forwarder
         self.board = Board([RunRow(r.name, r.spec.train.max_steps, self._states(r, launching=True)) for r in p.runs])
         self.results: dict[str, RunResult] = {}  # run hash -> result, as runs end
-        self.study: Any = None  # the Optuna study of a search or a pruned grid (workflows.search.Study)
+        self.study: Any = None  # the Optuna study of a search or an ASHA-pruned grid (workflows.search.Study)
         self.pruning: Any = None  # its pruner's side in the driver (workflows.search.Pruning)
+        self.halving: Halving | None = None  # a grid's synchronous successive halving (prune.method sha)
+        self.paused: list[RunPlan] = []  # runs whose training waits at a rung for its decision
 
     # ---- the whole submit
 
@@ -109,7 +113,10 @@ class Driver:
         for run_id in lifecycle.mark_dead_runs_killed():
             self.say(f"run {run_id} was left RUNNING by a driver that is gone: marked KILLED")
         lifecycle.start()
-        if p.spec.search is not None or p.spec.sweep.prune is not None:
+        prune = p.spec.sweep.prune
+        if prune is not None and prune.method == "sha":
+            self.halving = self._halving(prune)
+        elif p.spec.search is not None or prune is not None:
             self.study = Study(p, default_parallel(p.spec))
             self.pruning = Pruning(self.study, self.say)
             if p.spec.search is not None:
@@ -137,14 +144,39 @@ class Driver:
                 self._execute(todo)
         return self._end(started)
 
+    def _halving(self, prune: Any) -> Halving:
+        """The grid's successive halving, continued from its journal (a decision journaled but not yet acted on
+        by a driver that was killed is acted on now)."""
+        p = self.plan
+        rungs = rung_steps(prune.min_steps, prune.reduction_factor, p.runs[0].spec.train.max_steps)
+        journal = Journal(p.runs_root / "studies" / f"{p.spec_hash}.rungs.jsonl")
+        halving = Halving([r.run_hash for r in p.runs], rungs, prune.reduction_factor, journal)
+        for r in p.runs:
+            if r.run_hash in halving.pruned and pruned_step(r.training.dir) is None and not r.training.done:
+                k = halving.pruned[r.run_hash]
+                record_pruned(r.training.dir, rungs[k], f"not among the best at rung {k} of successive halving")
+        self.say(f"successive halving: rungs at {', '.join(map(str, rungs))} steps, journal {journal.path}")
+        return halving
+
+    def _pause_at(self, run: RunPlan) -> int | None:
+        return self.halving.target(run.run_hash) if self.halving is not None else None
+
+    def _at_rung(self, run: RunPlan) -> bool:
+        """Whether a run's training waits at its rung (paused there, its rung not decided yet)."""
+        target = self._pause_at(run)
+        return target is not None and OnDisk.read(run.training.dir, run.training.definition).checkpoint == target
+
     def _states(self, run: RunPlan, launching: bool = False, live: bool = False) -> dict[str, StageState]:
         """A run's stage states (``workflows.states``), from disk and, with ``live``, from its Parsl tasks."""
         launcher = self.launcher
         disks = {label: OnDisk.read(s.dir, s.definition, launcher.launched_log.get(s.key) if launcher else None)
                  for label, s in run.stages.items()}  # fmt: skip
-        tasks = {label: launcher.task(s) for label, s in run.stages.items()} if live and launcher else None
+        paused = run in self.paused
+        tasks = (
+            {label: launcher.task(s) for label, s in run.stages.items()} if live and launcher and not paused else None
+        )
         cached = {label for label, s in run.stages.items() if launcher is None or s.key in launcher.cached}
-        return run_stage_states(disks, tasks, cached=cached, launching=launching)
+        return run_stage_states(disks, tasks, cached=cached, launching=launching, paused=paused)
 
     def _ended_earlier(self, run: RunPlan) -> RunResult | None:
         """A run an earlier submit ended (finished, pruned, or failed as a trial), from disk and the study: what
@@ -209,7 +241,11 @@ class Driver:
                 self.lifecycle.tracker.set_tags(self.lifecycle.child(r), {"parsl_run_id": dfk.run_id})
             self.launcher = Launcher(p, site, self.halt)
             for r in todo:
-                self.launcher.launch_run(r)
+                if self._at_rung(r):  # paused at its rung by an earlier submit: it waits for the rung's decision
+                    pending.remove(r)
+                    self.paused.append(r)
+                else:
+                    self.launcher.launch_run(r, self._pause_at(r))
             self._loop(pending, dfk)
         finally:
             shutdown(dfk, self.say)
@@ -221,7 +257,7 @@ class Driver:
         assert launcher is not None
         while True:
             if self.stop.signal:
-                self._interrupt(pending)
+                self._interrupt(pending + self.paused)
                 return
             check_executors(dfk)
             for r in pending:
@@ -233,17 +269,53 @@ class Driver:
             self._refresh(pending)
             for r in [r for r in pending if launcher.done(r)]:
                 pending.remove(r)
+                if self._at_rung(r):
+                    self.paused.append(r)
+                    self.say(f"[{r.name}] paused at rung {self.halving.rung[r.run_hash]} "
+                             f"(step {self._pause_at(r)}): waits for the other points")  # fmt: skip
+                    continue
                 done = self._finalize(r)
                 self.say(f"[{r.name}] {done.status} {run_summary_line(done.metrics)}".rstrip())
+            if self.halving is not None:
+                self._decide_rung(pending)
             if self.fail_fast and pending and any(x.status == "FAILED" for x in self.results.values()):
                 self._cancel(pending)
                 return
             if self.study is not None:
                 self._more_trials(pending)
             self.display.update(self.board)
-            if not pending:
+            if not pending and not self.paused:
                 return
+            if not pending:  # every live point waits at a rung that cannot decide: a bug, never a hang
+                raise RuntimeError(f"successive halving: {len(self.paused)} point(s) wait at a rung nothing decides")
             launcher.wait(pending, self.poll_interval)
+
+    def _decide_rung(self, pending: list[RunPlan]) -> None:
+        """Successive halving: once every live point reached the open rung (or failed), promote the best (they
+        resume from their checkpoints) and prune the rest. The decisions are journaled before they are acted on."""
+        halving, by_hash = self.halving, {r.run_hash: r for r in self.plan.runs}
+        scores: dict[str, float | None] = {}
+        for r in self.paused:
+            fw = self.forwarders.get(r.run_hash)
+            evals = fw.tail.evals if fw is not None else {}
+            scores[r.run_hash] = evals.get(self._pause_at(r))
+        for h, result in self.results.items():
+            if result.status == "FAILED" and h in halving.rung:
+                scores[h] = None
+        for d in halving.decide(scores):
+            run = by_hash[d.run]
+            if run not in self.paused:
+                continue  # failed: closed already
+            self.paused.remove(run)
+            self.lifecycle.tracker.set_tags(self.lifecycle.child(run), {"rung": str(halving.rung[d.run])})
+            if d.promoted:
+                self.say(f"[{run.name}] promoted past rung {d.rung} (val loss {d.score:.4f}): resumes to "
+                         f"{self._pause_at(run) or run.spec.train.max_steps} steps")  # fmt: skip
+                self.launcher.relaunch(run, self._pause_at(run))
+                pending.append(run)
+            else:
+                record_pruned(run.training.dir, halving.rungs[d.rung], f"not among the best at rung {d.rung}")
+                self._end_pruned(run, self._states(run))
 
     def _more_trials(self, pending: list[RunPlan]) -> None:
         """A search: start new trials while the budget and free slots allow."""
@@ -307,7 +379,9 @@ class Driver:
         """A run whose training the pruner stopped: KILLED in MLflow, tagged pruned, with its last metrics."""
 
         run_id, step = self.lifecycle.child(run), pruned_step(run.training.dir)
-        why = f"pruned at step {step} by ASHA: its checkpoint is kept (a submit without the pruner resumes it)"
+        prune = (self.plan.spec.search or self.plan.spec.sweep).prune
+        how = "successive halving" if prune is not None and prune.method == "sha" else "ASHA"
+        why = f"pruned at step {step} by {how}: its checkpoint is kept (a submit without the pruner resumes it)"
         self.lifecycle.tracker.set_tags(run_id, {"pruned": "true", "pruned_at_step": str(step)})
         self.lifecycle.end_child(run, RunStatus.PRUNED, why)
         result = RunResult(run.name, run_id, "PRUNED", run.point, self.lifecycle.metrics_of(run), states, why)

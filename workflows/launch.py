@@ -35,15 +35,24 @@ class Launcher:
         self.launched_log: dict[str, int] = {}  # training stage key -> train.log's size when it was launched
         self.cached: set[str] = {s.key for s in p.stages.values() if s.done}
 
-    def launch_run(self, run: RunPlan) -> None:
-        """Launch every stage of a run not launched (or committed) yet."""
+    def launch_run(self, run: RunPlan, pause_at: int | None = None) -> None:
+        """Launch every stage of a run not launched (or committed) yet; its training stops at ``pause_at`` (a rung
+        of successive halving) if given."""
         for stage in run.stages.values():
             if stage.key not in self.futures:
                 if stage.done:
                     self.cached.add(stage.key)
-                self.futures[stage.key] = None if stage.done else self._launch(stage, run)
+                self.futures[stage.key] = None if stage.done else self._launch(stage, run, pause_at)
 
-    def _launch(self, stage: Stage, run: RunPlan) -> Future:
+    def relaunch(self, run: RunPlan, pause_at: int | None) -> None:
+        """Launch a run's uncommitted stages again (a training promoted past its rung resumes from its checkpoint)."""
+        for stage in run.stages.values():
+            if not stage.done:
+                self.futures.pop(stage.key, None)
+                self.processes.pop(stage.key, None)
+        self.launch_run(run, pause_at)
+
+    def _launch(self, stage: Stage, run: RunPlan, pause_at: int | None = None) -> Future:
         prepare_stage(stage.dir, stage.config)
         deps = [f for k in stage.deps if (f := self.futures[k]) is not None]
         dirs = {k: str(d) for k, d in stage.inputs.items()}
@@ -51,7 +60,7 @@ class Launcher:
         if not stage.definition.process:
             return self.apps["stage"](stage.kind, str(stage.dir), stage.config, dirs, stage.runtime, inputs=deps,
                                       halt=halt)  # fmt: skip
-        write_train_config(stage.dir, stage.config, stage.runtime)
+        write_train_config(stage.dir, stage.config, {**stage.runtime, "pause_at": pause_at})
         owner = next(r for r in self.plan.runs if stage.key in {s.key for s in r.stages.values()})
         app, launcher, extra, env = train_launch(owner, stage, self.apps, self.train_env)
         log = stage.dir / stage.definition.log

@@ -77,12 +77,19 @@ class TrackingSpec(StrictModel):
 
 
 class PruneSpec(StrictModel):
-    """Early stopping of clearly losing trainings: Optuna's asynchronous successive halving (ASHA). Each training's
-    validation estimates (``train.eval_interval``) are reported at rungs of ``min_steps * reduction_factor**k``
-    steps; a training not among the best ``1 / reduction_factor`` of those that reached its rung is asked to stop
-    (it saves a resumable checkpoint) and is recorded as pruned."""
+    """Early stopping of clearly losing trainings at rungs of ``min_steps * reduction_factor**k`` steps.
 
-    method: Literal["asha"] = Field("asha", description="The pruning rule: asynchronous successive halving.")
+    ``asha`` (Optuna's asynchronous successive halving): each training's validation estimates
+    (``train.eval_interval``) are reported as they come; a training not among the best ``1 / reduction_factor`` of
+    those that reached its rung *so far* is asked to stop (it saves a resumable checkpoint) and is recorded as
+    pruned. Nothing waits, but what is pruned depends on the order trainings come in.
+    ``sha`` (a grid only; ``workflows.rungs``): every point trains to the rung and pauses there with a checkpoint;
+    once all have reported, the best ``1 / reduction_factor`` resume to the next rung and the rest are pruned. The
+    result does not depend on the order, for the cost of waiting at each rung."""
+
+    method: Literal["asha", "sha"] = Field(
+        "asha", description="asha: asynchronous successive halving (Optuna); sha: synchronous, pausing at each rung."
+    )
     min_steps: int = Field(
         ..., ge=1, description="Steps every training runs before it can be stopped (the first rung)."
     )
@@ -190,6 +197,14 @@ class SearchSpec(StrictModel):
         ..., min_length=1, description="Dotted field -> its distribution, e.g. `train.lr: {log_uniform: [1e-4, 1e-2]}`."
     )
     prune: PruneSpec | None = Field(None, description="Stop clearly losing trials early (ASHA); null: run all.")
+
+    @field_validator("prune")
+    @classmethod
+    def _asha_only(cls, value: PruneSpec | None) -> PruneSpec | None:
+        if value is not None and value.method == "sha":
+            raise ValueError("method sha waits for every point at each rung, so it needs the whole grid up front: "
+                             "use it under sweep, or asha for a search")  # fmt: skip
+        return value
 
 
 class ExperimentSpec(StrictModel):

@@ -53,6 +53,8 @@ class StageState(str, Enum):
     """A training stopped before its end (Ctrl-C, SIGTERM, a time budget) after a committed checkpoint."""
     PRUNED = "pruned"
     """A training an early-stopping rule stopped (its decision recorded), with a resumable checkpoint."""
+    PAUSED = "paused"
+    """A training stopped at a rung of successive halving, waiting for the rung's decision (promoted or pruned)."""
     WAITING = "waiting"
     """Launched, waiting for the stages it reads."""
     QUEUED = "queued"
@@ -215,17 +217,20 @@ def pruned_step(stage_dir: Path) -> int | None:
 
 
 def stage_state(disk: OnDisk, task: str | None = None, *, cached: bool = False, run: RunStatus | None = None,
-                failed: bool = False, launching: bool = False) -> StageState:  # fmt: skip
+                failed: bool = False, launching: bool = False, paused: bool = False) -> StageState:  # fmt: skip
     """The one decision of a stage's state.
 
     ``task``: the Parsl state of its live task in this driver (a training's: its process's while that runs);
     ``cached``: committed before this submit; ``run``: its run's status when no live task is known (another
     driver's RUNNING run); ``failed``: the run's recorded error names this stage; ``launching``: this driver is
-    about to launch it (an interrupted training then shows as resuming)."""
+    about to launch it (an interrupted training then shows as resuming); ``paused``: its run waits at a rung of
+    successive halving."""
     if disk.committed:
         return StageState.CACHED if cached else StageState.DONE
     if (disk.pruned is not None or (run is RunStatus.PRUNED and disk.checkpoint is not None)) and not launching:
         return StageState.PRUNED  # (runs pruned before decisions were recorded on disk: by their MLflow tag)
+    if paused and disk.checkpoint is not None:
+        return StageState.PAUSED
     if task is not None:
         state = StageState.from_parsl(task)
         if state is StageState.DONE:  # its task returned without committing: its submit was halted first
@@ -249,13 +254,14 @@ def after(state: StageState) -> StageState | None:
         StageState.FAILED: StageState.NOT_RUN,
         StageState.INTERRUPTED: StageState.TO_RUN,
         StageState.PRUNED: StageState.NOT_RUN,
+        StageState.PAUSED: StageState.WAITING,
         StageState.TO_RUN: StageState.TO_RUN,
     }.get(state)
 
 
 def run_stage_states(disks: dict[str, OnDisk], tasks: dict[str, str | None] | None = None, *,
                      cached: set[str] = frozenset(), run: RunStatus | None = None, failed: str | None = None,
-                     launching: bool = False) -> dict[str, StageState]:  # fmt: skip
+                     launching: bool = False, paused: bool = False) -> dict[str, StageState]:  # fmt: skip
     """Every stage of a run (label -> state, in dependency order) by :func:`stage_state`; without a live task, a
     stage behind one that is not committed takes the state :func:`after` says (waiting behind a running one, not
     run behind a failed one, to run behind one to run)."""
@@ -268,7 +274,7 @@ def run_stage_states(disks: dict[str, OnDisk], tasks: dict[str, str | None] | No
             states[label] = behind
             continue
         states[label] = stage_state(disk, task, cached=label in cached, run=run, failed=label == failed,
-                                    launching=launching)  # fmt: skip
+                                    launching=launching, paused=paused)  # fmt: skip
         if task is None and behind is None:
             behind = after(states[label])
     return states
