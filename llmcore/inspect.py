@@ -344,7 +344,8 @@ def passage_ids(tok: Any, tokens: np.ndarray, chars: int) -> list[int]:
 
 
 def write_report(model: GPT, tok: Any, views: Views, out_dir: Path, title: str) -> dict[str, Any]:
-    """PNGs, inspect.json, attention.npz and report.html in out_dir; returns inspect.json's content."""
+    """PNGs, inspect.json, attention.npz and report.html in out_dir; returns inspect.json's content (``files``:
+    every file written, the report first)."""
     from llmcore.io import atomic_open, atomic_write_bytes, atomic_write_json
 
     out_dir = Path(out_dir)
@@ -368,6 +369,7 @@ def write_report(model: GPT, tok: Any, views: Views, out_dir: Path, title: str) 
         atomic_write_bytes(out_dir / name, data)
     with atomic_open(out_dir / ATTENTION, "wb") as f:
         np.savez_compressed(f, **{f"prompt{i}": tr.attention.numpy() for i, (_, tr) in enumerate(views.traces)})
+    summary["files"] = [REPORT, SUMMARY, ATTENTION, *images]
     atomic_write_json(out_dir / SUMMARY, summary)
     atomic_write_bytes(out_dir / REPORT, report_html(views, summary, images).encode("utf-8"))
     return summary

@@ -289,8 +289,28 @@ def submit(
         if r.error:
             typer.echo(f"[{r.name}] {r.error}", err=True)
     typer.echo(f"Tracking: {result.tracking_uri} (experiment {result.experiment}); browse with `gptlab ui`.")
+    _show_inspect_reports(result)
     if not result.ok:
         raise typer.Exit(1)
+
+
+def _show_inspect_reports(result: Any) -> None:
+    """Where each run's inspect report is (eval.inspect): its stage directory, from the run's MLflow tags."""
+    from mlflow.tracking import MlflowClient
+
+    from llmcore.inspect import REPORT
+    from workflows.query import stage_dirs
+    from workflows.store import retry_locked
+
+    runs = [r for r in result.runs if "inspect" in r.stages and r.run_id]
+    if not runs:
+        return
+    client = MlflowClient(result.tracking_uri)
+    typer.echo("Inside the model (eval.inspect; also MLflow artifacts under inspect/):")
+    for r in runs:
+        stage = stage_dirs(retry_locked(lambda: client.get_run(r.run_id)), None).get("inspect")
+        if stage is not None and (stage / REPORT).is_file():
+            typer.echo(f"  {r.name}: {stage / REPORT}")
 
 
 @app.command()
