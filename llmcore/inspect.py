@@ -197,9 +197,10 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def _heatmap(ax: Any, probs: torch.Tensor, tokens: list[str], x_labels: bool, y_labels: bool, title: str) -> Any:
+def heatmap(ax: Any, probs: Any, tokens: list[str], x_labels: bool, y_labels: bool, title: str) -> Any:
+    """One head's attention probabilities (T, T; a tensor or an array) on ax, the tokens on the axes."""
     T = len(tokens)
-    image = ax.imshow(probs.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    image = ax.imshow(np.asarray(probs), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
     size = max(4, min(9, 220 // max(T, 1)))
     labels = [_label(t) for t in tokens]
     ax.set_xticks(range(T), labels if x_labels else [], rotation=90, fontsize=size)
@@ -221,7 +222,7 @@ def attention_figure(tr: Trace, layer: int | None = None, title: str = "") -> An
     for r, li in enumerate(layers):
         for h in range(H):
             x_labels, y_labels = labels and r == len(layers) - 1, labels and h == 0
-            image = _heatmap(axes[r][h], tr.attention[li, h], tr.tokens, x_labels, y_labels, f"layer {li} head {h}")
+            image = heatmap(axes[r][h], tr.attention[li, h], tr.tokens, x_labels, y_labels, f"layer {li} head {h}")
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention probability")
     what = "every layer x head" if layer is None else f"layer {layer}"
     fig.suptitle(title or f"attention, {what} (rows: queries, columns: keys)")

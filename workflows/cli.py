@@ -369,20 +369,29 @@ def compare(
     out_dir: Path | None = typer.Option(
         None, "--out", help="Where sweep.csv and the plot go \\[default: <runs_root>/reports/compare-<experiment>]."
     ),
+    layer: int | None = typer.Option(
+        None,
+        "--layer",
+        min=0,
+        help="Runs with eval.inspect: the layer whose attention is drawn side by side \\[default: the last].",
+    ),
+    head: int = typer.Option(0, "--head", min=0, help="Runs with eval.inspect: the head drawn side by side."),
 ) -> None:
     """Table and plots of one submit's sweep points (or search trials): swept values against results.
 
     The submit is the latest of the spec (with a spec) or of the store's newest experiment (or --experiment).
     Replicates are grouped (mean, sd and n per point; the best point by its mean; a note where a point's 95%
     interval overlaps the best one's). Writes sweep.csv (points.csv with replicates), a plot of --metric against
-    the swept parameter (a search: against the trial number and each searched field) and the runs' loss curves;
-    files an earlier compare wrote there are replaced or removed."""
+    the swept parameter (a search: against the trial number and each searched field), the runs' loss curves and,
+    for runs with eval.inspect, the same attention head (--layer, --head) of every run side by side; files an
+    earlier compare wrote there are replaced or removed."""
     from workflows.compare import (
         METRICS,
         Report,
         best,
         best_group,
         fmt,
+        inspect_data,
         loss_histories,
         overlaps,
         rows_from_store,
@@ -433,10 +442,11 @@ def compare(
     if target.exists() and not target.is_dir():
         raise InputError("gptlab compare", [f"{option}: {target} is a file, not a directory"])
     try:
-        files = write_report(report, target, loss_histories(store.client, rows))
+        attention = (inspect_data(store.client, rows), layer, head)
+        files = write_report(report, target, loss_histories(store.client, rows), attention)
     except OSError as exc:
         raise InputError("gptlab compare", [f"{option}: cannot write to {target} ({exc.strerror or exc})"]) from None
-    plotted = any(f.suffix == ".png" and f.name != "loss_curves.png" for f in files)
+    plotted = any(f.suffix == ".png" and f.name not in ("loss_curves.png", "inspect_attention.png") for f in files)
     why = "" if plotted else f" (nothing to plot: no finished run has {metric} or nothing was swept)"
     typer.echo("Wrote " + ", ".join(str(f) for f in files) + why)
 
