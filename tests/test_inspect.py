@@ -161,3 +161,89 @@ def test_report_is_one_self_contained_page_with_the_pngs_beside_it(tmp_path):
     assert summary["prompts"][1]["ids"] == [0]  # an empty prompt starts from EOS, as sampling does
     assert summary["passage"]["tokens"] == len("print('hello world')\n") * 6 - 1
     assert len(summary["prompts"][0]["lens_last"]) == 4  # embed + 3 blocks
+
+
+# ------------------------------------------------------------------------------------- the stage and the commands
+
+
+def test_inspect_is_a_stage_of_its_own_keyed_by_what_it_reads(tmp_path):
+    from helpers import make_corpus, tiny_spec
+
+    from workflows.planning import plan, spec_identity
+    from workflows.spec import load_spec_tree
+
+    corpus = make_corpus(tmp_path / "corpus", n_docs=4)
+    tree = tiny_spec(corpus, tmp_path / "runs")
+    planned = lambda *sets: plan(load_spec_tree(tree, "s.yaml", list(sets))).runs[0]
+    plain = planned()
+    looked = planned("eval.inspect={prompts: [a, b], passage_chars: 100}")
+    assert "inspect" not in plain.stages and "inspect" in looked.stages
+    assert all(looked.stages[k].key == s.key for k, s in plain.stages.items())  # eval, training... unchanged
+    assert spec_identity(plain.spec) == spec_identity(looked.spec)  # the same MLflow runs get the report
+    stage = looked.stages["inspect"]
+    assert stage.config == {"inspect": {"prompts": ["a", "b"], "passage_chars": 100}}
+    assert {k for k in stage.inputs} == {"train", "shards", "tokenizer"}
+    other = planned("eval.inspect={prompts: [a, c], passage_chars: 100}").stages["inspect"]
+    assert other.key != stage.key
+    sampled = planned("eval.inspect={prompts: [a, b], passage_chars: 100}", "eval.temperature=0.1")
+    assert sampled.stages["inspect"].key == stage.key  # sampling settings are not what it reads
+
+
+def test_gptlab_inspect_a_hugging_face_folder_and_bad_input(tmp_path):
+    from helpers import gpt2_folder, make_corpus
+    from typer.testing import CliRunner
+
+    from workflows.cli import app
+
+    corpus = make_corpus(tmp_path / "corpus", n_docs=4)
+    folder = gpt2_folder(tmp_path / "gpt2", corpus)
+    (tmp_path / "passage.txt").write_text((corpus / "doc000.txt").read_text())
+    out = tmp_path / "report"
+    args = ["inspect", "--pretrained", str(folder), "--prompt", "The cat\\nsat", "--prompt", "on the mat", "--out",
+            str(out), "--text", str(tmp_path / "passage.txt"), "--passage-chars", "300"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"{out / 'report.html'}" in result.output
+    summary = json.loads((out / SUMMARY).read_text())
+    assert [p["prompt"] for p in summary["prompts"]] == ["The cat\nsat", "on the mat"]
+    assert summary["passage"]["tokens"] > 50 and (out / "prompt1_layer1.png").is_file()
+    bad = CliRunner().invoke(app, ["inspect", "--pretrained", str(tmp_path / "corpus")])
+    assert bad.exit_code == 2 and "Bad input (gptlab inspect): --pretrained:" in bad.output
+    assert "config.json is missing" in bad.output and "Traceback" not in bad.output
+    (tmp_path / "file").write_text("x")
+    bad = CliRunner().invoke(app, ["inspect", "--pretrained", str(folder), "--out", str(tmp_path / "file")])
+    assert bad.exit_code == 2 and "--out:" in bad.output and "is a file" in bad.output
+    bad = CliRunner().invoke(app, ["inspect", "some-run", "--pretrained", str(folder)])
+    assert bad.exit_code == 2 and "give a run, or --pretrained DIR, not both" in bad.output
+
+
+@pytest.mark.slow
+def test_a_sweep_inspects_each_run_into_mlflow_and_compare_sets_them_side_by_side(tmp_path):
+    from helpers import make_corpus, tiny_spec, write_spec
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from workflows import submit
+    from workflows.cli import app
+
+    corpus = make_corpus(tmp_path / "corpus", n_docs=12)
+    tree = tiny_spec(corpus, tmp_path / "runs", sweep={"model.pos_encoding": ["learned", "rope"]})
+    tree["eval"]["inspect"] = {"prompts": ["The cat sat"], "passage_chars": 200}
+    spec = write_spec(tmp_path / "tiny.yaml", tree)
+    result = submit(spec, quiet=True, poll_interval=0.5)
+    assert result.ok, [r.error for r in result.runs]
+    client = MlflowClient(result.tracking_uri)
+    for r in result.runs:
+        files = {a.path for a in client.list_artifacts(r.run_id, "inspect")}
+        assert {"inspect/report.html", "inspect/attention.npz", "inspect/prompt0_layer0.png"} <= files
+        assert "inspect/passage_loss" in r.metrics
+    summary = {a.path for a in client.list_artifacts(result.parent_run_id, "summary")}
+    assert "summary/inspect_attention.png" in summary
+    out = CliRunner().invoke(app, ["compare", str(spec), "--layer", "0", "--head", "1"])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "runs" / "reports" / "compare-tiny" / "inspect_attention.png").is_file()
+    out = CliRunner().invoke(app, ["inspect", "pos_encoding=rope", "--spec", str(spec)])
+    assert out.exit_code == 0, out.output
+    report = tmp_path / "runs" / "reports" / "inspect-pos_encoding=rope" / REPORT
+    assert report.is_file() and "position encoding <b>rope</b>" in report.read_text()
+    assert json.loads((report.parent / SUMMARY).read_text())["prompts"][0]["prompt"] == "The cat sat"

@@ -1,4 +1,4 @@
-"""The `gptlab` command line: validate, plan, submit, status, compare, sample, ui, schema.
+"""The `gptlab` command line: validate, plan, submit, status, compare, sample, inspect, ui, schema.
 
 Bad input (spec, override, corpus) prints one paragraph naming the file and field and exits with code 2;
 a submit whose sweep points do not all finish exits with code 1.
@@ -568,6 +568,64 @@ def evaluate_cmd(
     out.print(table)
     typer.echo(f"{n} questions in {result['seconds_scoring']:.1f}s ({result['questions_per_second']:.1f}/s)"
                + ("; recorded on the run" if pretrained is None else ""))  # fmt: skip
+
+
+@app.command("inspect")
+@user_errors
+def inspect_cmd(
+    run: str | None = typer.Argument(None, help="Run name, MLflow run id, or a unique id prefix.", show_default=False),
+    pretrained: Path | None = PretrainedOpt,
+    prompt: list[str] | None = typer.Option(
+        None,
+        "--prompt",
+        "-p",
+        help="A text to look at (repeatable; \\n and \\t are read as newline and tab) "
+        "\\[default: the run's eval.inspect prompts].",
+        show_default=False,
+    ),
+    text: Path | None = typer.Option(
+        None,
+        "--text",
+        help="A text file whose start is scored token by token \\[default: a run's validation split].",
+        show_default=False,
+    ),
+    passage_chars: int = typer.Option(2000, "--passage-chars", min=0, help="Characters scored token by token."),
+    out_dir: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Where report.html and the PNGs go \\[default: <runs_root>/reports/inspect-<run>, or "
+        "inspect-<folder> for --pretrained].",
+        show_default=False,
+    ),
+    device: str = DeviceOpt,
+    spec: Path | None = FindSpecOpt,
+    runs_root: Path | None = RunsRootOpt,
+    uri: str | None = UriOpt,
+    experiment: str | None = ExperimentOpt,
+) -> None:
+    """Look inside a run's final weights (or a Hugging Face folder's): for each prompt the attention maps of every
+    layer x head and the logit lens (the top next tokens after each layer), the position encodings, and the loss of
+    each token of a passage; one self-contained report.html (open it in a browser, no network) and its PNGs."""
+    from llmcore.hardware import resolve_device
+    from workflows.inspecting import from_pretrained, from_run, passage_from_text, write
+    from workflows.query import open_store
+
+    if (run is None) == (pretrained is None):
+        raise InputError("gptlab inspect", ["RUN / --pretrained: give a run, or --pretrained DIR, not both"])
+    try:
+        dev = resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise InputError("gptlab inspect", [f"--device: {exc}"]) from None
+    if pretrained is not None:
+        target = from_pretrained(pretrained, dev)
+    else:
+        store = open_store(spec, None, runs_root, uri, experiment)
+        target = from_run(store, run, dev, 0 if text else passage_chars, lambda msg: typer.echo(f"# {msg}", err=True))
+    if text is not None and passage_chars:
+        target.passage = passage_from_text(target.tokenizer, text, passage_chars)
+    prompts = [p.replace("\\n", "\n").replace("\\t", "\t") for p in prompt] if prompt else target.prompts
+    files = write(target, prompts, out_dir or target.default_out)
+    typer.echo(f"Inside {target.name}: {files[0]} ({len(files) - 1} more files beside it)")
 
 
 @app.command()
