@@ -14,8 +14,8 @@ eval.inspect (two prompts of 6 and 15 tokens, a 1500-character validation passag
 - ``compute`` (both prompts traced, the passage scored token by token): the model's part of the report;
 - ``write_report`` (every figure drawn and encoded as PNG, report.html, inspect.json, attention.npz): drawing;
 - the report's size on disk.
-Medians of 5 (quick: 2) repetitions of the forward passes; one report each (after one warmup report). Results:
-bench/results/inspection.json.
+Medians of 20 (quick: 3) repetitions of the forward passes, after 3 warmups; one report each (after one warmup
+report). Results: bench/results/inspection.json.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ class Wider:
 
 
 def median_s(fn, repeats: int) -> float:
+    """The median time of ``repeats`` calls after three warmup calls (on a shared 2-core machine single calls of a
+    few milliseconds vary a hundredfold)."""
+    for _ in range(3):
+        fn()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -77,7 +81,7 @@ def main() -> None:
         "quickstart (0.8M)": (ModelConfig(n_layer=3, n_head=4, n_embd=128, block_size=128), tok.vocab_size),
         "GPT-2 124M shape": (ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, mlp="gelu_tanh"), 50257),
     }
-    repeats = 2 if args.quick else 5
+    repeats = 3 if args.quick else 20
     figures, details = [], {"threads": torch.get_num_threads(), "prompts": prompts, "passage_tokens": len(passage)}
     for name, (cfg, vocab) in models.items():
         torch.manual_seed(0)

@@ -247,3 +247,12 @@ def test_a_sweep_inspects_each_run_into_mlflow_and_compare_sets_them_side_by_sid
     report = tmp_path / "runs" / "reports" / "inspect-pos_encoding=rope" / REPORT
     assert report.is_file() and "position encoding <b>rope</b>" in report.read_text()
     assert json.loads((report.parent / SUMMARY).read_text())["prompts"][0]["prompt"] == "The cat sat"
+    from matplotlib.figure import Figure
+
+    from llmcore.inspect import attention_figure, logit_lens_figure
+    from workflows.inspecting import load_model_of
+
+    model, tok = load_model_of("pos_encoding=rope", spec=spec)  # the README's notebook lines
+    tr = trace(model, tok, "The cat")
+    views = [attention_figure(tr), attention_figure(tr, layer=0), logit_lens_figure(tr, tok), positions_figure(model)]
+    assert all(isinstance(f, Figure) for f in views) and model.cfg.pos_encoding == "rope"
