@@ -211,7 +211,8 @@ def heatmap(ax: Any, probs: Any, tokens: list[str], x_labels: bool, y_labels: bo
 
 def attention_figure(tr: Trace, layer: int | None = None, title: str = "") -> Any:
     """Attention probabilities with the tokens on the axes (rows: queries, columns: keys): every layer x head as a
-    grid (a row per layer), or the heads of one layer, larger (four to a row)."""
+    grid (a row per layer; tokens named up to 24 of them), or the heads of one layer, larger (four to a row; tokens
+    named up to 64)."""
     L, H, T, _ = tr.attention.shape
     if layer is None:
         maps = [(f"layer {li} head {h}", tr.attention[li, h]) for li in range(L) for h in range(H)]
@@ -219,7 +220,7 @@ def attention_figure(tr: Trace, layer: int | None = None, title: str = "") -> An
                        "columns: keys)")  # fmt: skip
     maps = [(f"layer {layer} head {h}", tr.attention[layer, h]) for h in range(H)]
     cell = max(3.5, min(7.0, 0.22 * T + 1.5))
-    return _mosaic(maps, min(H, 4), tr.tokens, cell, True, title or f"attention, layer {layer} (rows: queries, "
+    return _mosaic(maps, min(H, 4), tr.tokens, cell, T <= 64, title or f"attention, layer {layer} (rows: queries, "
                    "columns: keys)")  # fmt: skip
 
 
