@@ -589,7 +589,13 @@ def inspect_cmd(
         help="A text file whose start is scored token by token \\[default: a run's validation split].",
         show_default=False,
     ),
-    passage_chars: int = typer.Option(2000, "--passage-chars", min=0, help="Characters scored token by token."),
+    passage_chars: int | None = typer.Option(
+        None,
+        "--passage-chars",
+        min=0,
+        help="Characters scored token by token \\[default: the run's eval.inspect.passage_chars, else 2000].",
+        show_default=False,
+    ),
     out_dir: Path | None = typer.Option(
         None,
         "--out",
@@ -620,9 +626,11 @@ def inspect_cmd(
         target = from_pretrained(pretrained, dev)
     else:
         store = open_store(spec, None, runs_root, uri, experiment)
-        target = from_run(store, run, dev, 0 if text else passage_chars, lambda msg: typer.echo(f"# {msg}", err=True))
-    if text is not None and passage_chars:
-        target.passage = passage_from_text(target.tokenizer, text, passage_chars)
+        say = lambda msg: typer.echo(f"# {msg}", err=True)
+        target = from_run(store, run, dev, 0 if text else passage_chars, say)
+    chars = target.passage_chars if passage_chars is None else passage_chars
+    if text is not None and chars:
+        target.passage = passage_from_text(target.tokenizer, text, chars)
     prompts = [p.replace("\\n", "\n").replace("\\t", "\t") for p in prompt] if prompt else target.prompts
     files = write(target, prompts, out_dir or target.default_out)
     typer.echo(f"Inside {target.name}: {files[0]} ({len(files) - 1} more files beside it)")

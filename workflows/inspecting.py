@@ -33,6 +33,7 @@ class Inspected:
     prompts: list[str]  # the run's eval.inspect prompts when it has them, else the default ones
     passage: list[int] | None
     default_out: Path
+    passage_chars: int  # the run's eval.inspect passage_chars when it has them, else the default
 
 
 def load_model_of(run: str | None = None, *, pretrained: str | Path | None = None, spec: str | Path | None = None,
@@ -56,8 +57,9 @@ def passage_from_text(tok: Any, path: Path, chars: int) -> list[int]:
     return tok.encode(text[:chars])
 
 
-def from_run(store: Any, ref: str, device: str, chars: int, say: Any) -> Inspected:
-    """A run's final weights; its passage: the start of its validation split; its prompts: its eval.inspect."""
+def from_run(store: Any, ref: str, device: str, chars: int | None, say: Any) -> Inspected:
+    """A run's final weights; its passage: the first ``chars`` characters of its validation split; its prompts and
+    (``chars`` None) passage length: its eval.inspect's, else the defaults."""
     from llmcore.config import InspectConfig
     from llmcore.inspect import passage_ids
     from llmcore.io import read_json
@@ -66,9 +68,10 @@ def from_run(store: Any, ref: str, device: str, chars: int, say: Any) -> Inspect
 
     found, model, tok, meta = run_model(store, ref, device, say)
     dirs = stage_dirs(found, store.runs_root)
-    prompts = InspectConfig().prompts
+    cfg = InspectConfig()
     if "inspect" in dirs and (dirs["inspect"] / "config.json").is_file():
-        prompts = read_json(dirs["inspect"] / "config.json")["inspect"]["prompts"]
+        cfg = InspectConfig.model_validate(read_json(dirs["inspect"] / "config.json")["inspect"])
+    chars = cfg.passage_chars if chars is None else chars
     passage = None
     if chars and "shards" in dirs:
         try:
@@ -78,7 +81,7 @@ def from_run(store: Any, ref: str, device: str, chars: int, say: Any) -> Inspect
         passage = passage_ids(tok, val.read(0, min(val.tokens, chars)), chars)
     name = f"{found.info.run_name} (run {found.info.run_id[:12]}, step {meta['step']})"
     out = (store.runs_root or Path(".")) / "reports" / f"inspect-{_slug(found.info.run_name)}"
-    return Inspected(model.eval(), tok, name, prompts, passage, out)
+    return Inspected(model.eval(), tok, name, cfg.prompts, passage, out, cfg.passage_chars)
 
 
 def from_pretrained(folder: Path, device: str) -> Inspected:
@@ -89,7 +92,9 @@ def from_pretrained(folder: Path, device: str) -> Inspected:
         model, tok = pretrained_model(folder, device)
     except InputError as err:
         raise InputError("gptlab inspect", err.problems) from None
-    return Inspected(model, tok, str(folder), InspectConfig().prompts, None, Path(f"inspect-{_slug(folder.name)}"))
+    cfg = InspectConfig()
+    return Inspected(model, tok, str(folder), cfg.prompts, None, Path(f"inspect-{_slug(folder.name)}"),
+                     cfg.passage_chars)  # fmt: skip
 
 
 def _slug(name: str) -> str:
