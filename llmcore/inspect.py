@@ -87,10 +87,14 @@ def trace(model: GPT, tok: Any, prompt: str) -> Trace:
     attn_inputs: dict[int, tuple[torch.Tensor, Any]] = {}
     resid: list[torch.Tensor] = []
 
-    def keep_input(i: int):
-        return lambda module, args, output: attn_inputs.__setitem__(i, (args[0], args[1]))
+    def keep_input(i: int):  # the block calls attn(x, rope, cache, layer): positionally today, by name tolerated
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["x"]
+            attn_inputs[i] = (x, args[1] if len(args) > 1 else kwargs.get("rope"))
 
-    hooks = [b.attn.register_forward_hook(keep_input(i)) for i, b in enumerate(model.blocks)]
+        return hook
+
+    hooks = [b.attn.register_forward_hook(keep_input(i), with_kwargs=True) for i, b in enumerate(model.blocks)]
     hooks.append(model.drop.register_forward_hook(lambda m, a, out: resid.append(out)))  # embedding (+ positions)
     hooks += [b.register_forward_hook(lambda m, a, out: resid.append(out)) for b in model.blocks]
     training = model.training
