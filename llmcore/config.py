@@ -476,6 +476,22 @@ class TaskConfig(StrictModel):
     num_fewshot: int = Field(0, ge=0, description="Solved examples from the same file (seeded) before each question.")
 
 
+class InspectConfig(StrictModel):
+    """What ``eval.inspect`` looks at inside the trained model (a stage of its own, after training): attention maps,
+    position encodings and the logit lens for each prompt, and the loss of each token of a validation passage."""
+
+    prompts: list[str] = Field(
+        default_factory=lambda: ["The model reads this sentence one token at a time."],
+        min_length=1,
+        description="Texts whose attention maps (every layer x head) and logit lens the report draws; each is cut to "
+        "its last block_size tokens (short prompts give readable axes: 10 to 30 tokens).",
+    )
+    passage_chars: int = Field(
+        2000, ge=0, description="Characters of the validation split (from its start) scored token by token, shown as "
+        "coloured text; 0: none.",
+    )  # fmt: skip
+
+
 class EvalConfig(RuledModel):
     """Final evaluation of a trained model."""
 
@@ -493,6 +509,11 @@ class EvalConfig(RuledModel):
         description="Multiple-choice benchmark tasks scored on the final weights, each by a stage of its own.",
         json_schema_extra=ADDED_LATER,
     )
+    inspect: InspectConfig | None = Field(
+        None, description="Look inside the trained model (attention maps, position encodings, logit lens, per-token "
+        "loss): an HTML report and PNGs per run, MLflow artifacts under inspect/; null: no inspect stage.",
+        json_schema_extra=ADDED_LATER,
+    )  # fmt: skip
 
     def problems(self) -> list[str]:
         problems = []

@@ -1,4 +1,4 @@
-"""The `gptlab` command line: validate, plan, submit, status, compare, sample, ui, schema.
+"""The `gptlab` command line: validate, plan, submit, status, compare, sample, inspect, ui, schema.
 
 Bad input (spec, override, corpus) prints one paragraph naming the file and field and exits with code 2;
 a submit whose sweep points do not all finish exits with code 1.
@@ -340,8 +340,28 @@ def submit(
         if r.error:
             typer.echo(f"[{r.name}] {r.error}", err=True)
     typer.echo(f"Tracking: {result.tracking_uri} (experiment {result.experiment}); browse with `gptlab ui`.")
+    _show_inspect_reports(result)
     if not result.ok:
         raise typer.Exit(1)
+
+
+def _show_inspect_reports(result: Any) -> None:
+    """Where each run's inspect report is (eval.inspect): its stage directory, from the run's MLflow tags."""
+    from mlflow.tracking import MlflowClient
+
+    from llmcore.inspect import REPORT
+    from workflows.query import stage_dirs
+    from workflows.store import retry_locked
+
+    runs = [r for r in result.runs if "inspect" in r.stages and r.run_id]
+    if not runs:
+        return
+    client = MlflowClient(result.tracking_uri)
+    typer.echo("Inside the model (eval.inspect; also MLflow artifacts under inspect/):")
+    for r in runs:
+        stage = stage_dirs(retry_locked(lambda: client.get_run(r.run_id)), None).get("inspect")
+        if stage is not None and (stage / REPORT).is_file():
+            typer.echo(f"  {r.name}: {stage / REPORT}")
 
 
 @app.command()
@@ -400,20 +420,29 @@ def compare(
     out_dir: Path | None = typer.Option(
         None, "--out", help="Where sweep.csv and the plot go \\[default: <runs_root>/reports/compare-<experiment>]."
     ),
+    layer: int | None = typer.Option(
+        None,
+        "--layer",
+        min=0,
+        help="Runs with eval.inspect: the layer whose attention is drawn side by side \\[default: the last].",
+    ),
+    head: int = typer.Option(0, "--head", min=0, help="Runs with eval.inspect: the head drawn side by side."),
 ) -> None:
     """Table and plots of one submit's sweep points (or search trials): swept values against results.
 
     The submit is the latest of the spec (with a spec) or of the store's newest experiment (or --experiment).
     Replicates are grouped (mean, sd and n per point; the best point by its mean; a note where a point's 95%
     interval overlaps the best one's). Writes sweep.csv (points.csv with replicates), a plot of --metric against
-    the swept parameter (a search: against the trial number and each searched field) and the runs' loss curves;
-    files an earlier compare wrote there are replaced or removed."""
+    the swept parameter (a search: against the trial number and each searched field), the runs' loss curves and,
+    for runs with eval.inspect, the same attention head (--layer, --head) of every run side by side; files an
+    earlier compare wrote there are replaced or removed."""
     from workflows.compare import (
         METRICS,
         Report,
         best,
         best_group,
         fmt,
+        inspect_data,
         loss_histories,
         overlaps,
         rows_from_store,
@@ -464,10 +493,11 @@ def compare(
     if target.exists() and not target.is_dir():
         raise InputError("gptlab compare", [f"{option}: {target} is a file, not a directory"])
     try:
-        files = write_report(report, target, loss_histories(store.client, rows))
+        attention = (inspect_data(store.client, rows), layer, head)
+        files = write_report(report, target, loss_histories(store.client, rows), attention)
     except OSError as exc:
         raise InputError("gptlab compare", [f"{option}: cannot write to {target} ({exc.strerror or exc})"]) from None
-    plotted = any(f.suffix == ".png" and f.name != "loss_curves.png" for f in files)
+    plotted = any(f.suffix == ".png" and f.name not in ("loss_curves.png", "inspect_attention.png") for f in files)
     why = "" if plotted else f" (nothing to plot: no finished run has {metric} or nothing was swept)"
     typer.echo("Wrote " + ", ".join(str(f) for f in files) + why)
 
@@ -589,6 +619,72 @@ def evaluate_cmd(
     out.print(table)
     typer.echo(f"{n} questions in {result['seconds_scoring']:.1f}s ({result['questions_per_second']:.1f}/s)"
                + ("; recorded on the run" if pretrained is None else ""))  # fmt: skip
+
+
+@app.command("inspect")
+@user_errors
+def inspect_cmd(
+    run: str | None = typer.Argument(None, help="Run name, MLflow run id, or a unique id prefix.", show_default=False),
+    pretrained: Path | None = PretrainedOpt,
+    prompt: list[str] | None = typer.Option(
+        None,
+        "--prompt",
+        "-p",
+        help="A text to look at (repeatable; \\n and \\t are read as newline and tab) "
+        "\\[default: the run's eval.inspect prompts].",
+        show_default=False,
+    ),
+    text: Path | None = typer.Option(
+        None,
+        "--text",
+        help="A text file whose start is scored token by token \\[default: a run's validation split].",
+        show_default=False,
+    ),
+    passage_chars: int | None = typer.Option(
+        None,
+        "--passage-chars",
+        min=0,
+        help="Characters scored token by token \\[default: the run's eval.inspect.passage_chars, else 2000].",
+        show_default=False,
+    ),
+    out_dir: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Where report.html and the PNGs go \\[default: <runs_root>/reports/inspect-<run>, or "
+        "inspect-<folder> for --pretrained].",
+        show_default=False,
+    ),
+    device: str = DeviceOpt,
+    spec: Path | None = FindSpecOpt,
+    runs_root: Path | None = RunsRootOpt,
+    uri: str | None = UriOpt,
+    experiment: str | None = ExperimentOpt,
+) -> None:
+    """Look inside a run's final weights (or a Hugging Face folder's): for each prompt the attention maps of every
+    layer x head and the logit lens (the top next tokens after each layer), the position encodings, and the loss of
+    each token of a passage; one self-contained report.html (open it in a browser, no network) and its PNGs."""
+    from llmcore.hardware import resolve_device
+    from workflows.inspecting import from_pretrained, from_run, passage_from_text, write
+    from workflows.query import open_store
+
+    if (run is None) == (pretrained is None):
+        raise InputError("gptlab inspect", ["RUN / --pretrained: give a run, or --pretrained DIR, not both"])
+    try:
+        dev = resolve_device(device)
+    except (ValueError, RuntimeError) as exc:
+        raise InputError("gptlab inspect", [f"--device: {exc}"]) from None
+    if pretrained is not None:
+        target = from_pretrained(pretrained, dev)
+    else:
+        store = open_store(spec, None, runs_root, uri, experiment)
+        say = lambda msg: typer.echo(f"# {msg}", err=True)
+        target = from_run(store, run, dev, 0 if text else passage_chars, say)
+    chars = target.passage_chars if passage_chars is None else passage_chars
+    if text is not None and chars:
+        target.passage = passage_from_text(target.tokenizer, text, chars)
+    prompts = [p.replace("\\n", "\n").replace("\\t", "\t") for p in prompt] if prompt else target.prompts
+    files = write(target, prompts, out_dir or target.default_out)
+    typer.echo(f"Inside {target.name}: {files[0]} ({len(files) - 1} more files beside it)")
 
 
 @app.command()

@@ -359,6 +359,60 @@ def loss_histories(client: Any, rows: list[SweepRow]) -> dict[str, dict[str, lis
     }
 
 
+def inspect_data(client: Any, rows: list[SweepRow]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """{run name: (its inspect.json, its attention arrays per prompt)} of the finished rows whose runs have an
+    inspect stage (``eval.inspect``), read from their MLflow artifacts (so a tracking server's runs work too)."""
+    import json
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from llmcore.inspect import ATTENTION, SUMMARY
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file on stderr otherwise
+    out = {}
+    for r in rows:
+        if r.status != "FINISHED":
+            continue
+        if f"inspect/{ATTENTION}" not in {a.path for a in client.list_artifacts(r.run_id, "inspect")}:
+            continue  # a run without an inspect stage
+        with tempfile.TemporaryDirectory(prefix="gptlab-compare-") as tmp:
+            summary = json.loads(Path(client.download_artifacts(r.run_id, f"inspect/{SUMMARY}", tmp)).read_text())
+            with np.load(client.download_artifacts(r.run_id, f"inspect/{ATTENTION}", tmp)) as arrays:
+                out[r.name] = (summary, {k: arrays[k] for k in arrays.files})
+    return out
+
+
+def plot_attention(data: dict[str, tuple[dict[str, Any], dict[str, Any]]], layer: int | None, head: int, out: Path,
+                   title: str) -> Path | None:  # fmt: skip
+    """The same layer and head of every run side by side (columns), one row per prompt: how, e.g., learned and
+    RoPE models attend. ``layer`` None: the last layer. None when no run was inspected."""
+    if not data:
+        return None
+    from matplotlib.figure import Figure
+
+    from llmcore.inspect import heatmap
+
+    prompts = max(len(summary["prompts"]) for summary, _ in data.values())
+    fig = Figure(figsize=(3.6 * len(data) + 1.0, 3.6 * prompts + 0.8), dpi=100, layout="constrained")
+    axes = fig.subplots(prompts, len(data), squeeze=False)
+    for c, (name, (summary, arrays)) in enumerate(data.items()):
+        L, H = summary["n_layer"], summary["n_head"]
+        li = L - 1 if layer is None else layer
+        for p in range(prompts):
+            ax = axes[p][c]
+            if p >= len(summary["prompts"]) or li >= L or head >= H:
+                ax.set_axis_off()
+                ax.set_title(f"{name}: no layer {li} head {head}" if p < len(summary["prompts"]) else "", fontsize=8)
+                continue
+            heatmap(ax, arrays[f"prompt{p}"][li, head], summary["prompts"][p]["tokens"], True, c == 0,
+                    f"{name}\nlayer {li} head {head}, prompt {p}")  # fmt: skip
+    fig.suptitle(title)
+    save_atomically(fig, out)
+    return out
+
+
 # -------------------------------------------------------------------------------------------- reports
 
 REPORT_MANIFEST = ".gptlab-report.json"  # which files the last report wrote into its directory
@@ -381,10 +435,12 @@ class Report:
         return group_rows(self.rows, self.keys, self.replicate_keys)
 
 
-def write_report(report: Report, out_dir: Path, curves: dict[str, Any] | None = None) -> list[Path]:
-    """sweep.csv (a line per run), points.csv (per point, with replicates), <metric>.png, search.png (a search)
-    and loss_curves.png in out_dir, those there is something for; returns the files written. Files an earlier
-    report wrote there and this one does not are removed, so the directory always holds one consistent report."""
+def write_report(report: Report, out_dir: Path, curves: dict[str, Any] | None = None,
+                 attention: tuple[dict[str, Any], int | None, int] | None = None) -> list[Path]:  # fmt: skip
+    """sweep.csv (a line per run), points.csv (per point, with replicates), <metric>.png, search.png (a search),
+    loss_curves.png and inspect_attention.png (``attention``: inspect_data's runs, the layer and the head) in
+    out_dir, those there is something for; returns the files written. Files an earlier report wrote there and this
+    one does not are removed, so the directory always holds one consistent report."""
     from llmcore.io import atomic_write_bytes, atomic_write_json, read_json
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -402,6 +458,10 @@ def write_report(report: Report, out_dir: Path, curves: dict[str, Any] | None = 
         written.append(plot(groups, report.metric, out_dir / f"{name}.png", report.title))
     if curves:
         written.append(plot_loss_curves(curves, out_dir / "loss_curves.png", f"{report.title.split(':')[0]}: loss"))
+    if attention:
+        data, layer, head = attention
+        heading = f"{report.title.split(':')[0]}: the same attention head across runs"
+        written.append(plot_attention(data, layer, head, out_dir / "inspect_attention.png", heading))
     files = [f for f in written if f is not None]
     manifest = out_dir / REPORT_MANIFEST
     try:
@@ -424,7 +484,8 @@ def log_sweep_summary(tracker: Any, parent_id: str, p: Any, runs: list[Any], met
     report = Report(rows_from_results(runs), swept_keys(spec), replicate_keys(spec), metric,
                     f"{spec.name}: {metric}", search=spec.search is not None)  # fmt: skip
     curves = loss_histories(tracker.client, report.rows)
-    files = write_report(report, p.runs_root / "reports" / f"sweep-{p.spec_hash}", curves)
+    attention = (inspect_data(tracker.client, report.rows), None, 0)
+    files = write_report(report, p.runs_root / "reports" / f"sweep-{p.spec_hash}", curves, attention)
     tracker.log_artifacts(parent_id, [(f, "summary") for f in files])
     top = best_group(report.groups, metric)
     if top is not None:

@@ -108,7 +108,7 @@ def spec_identity(spec: ExperimentSpec) -> dict[str, Any]:
     continues the same study)."""
     identity = {k: v for k, v in spec.key_dict().items() if k not in ("site", "tracking", "runs_root")}
     if "eval" in identity:  # a task added to a finished experiment is recorded on the same runs
-        identity["eval"] = {k: v for k, v in identity["eval"].items() if k != "tasks"}
+        identity["eval"] = {k: v for k, v in identity["eval"].items() if k not in ("tasks", "inspect")}
     if identity.get("search"):
         identity["search"] = {k: v for k, v in identity["search"].items() if k not in ("trials", "max_parallel")}
     return identity

@@ -281,6 +281,42 @@ def task_report(stage_dir: Path, result: dict[str, Any]) -> Report:
     return Report(metrics, [(f, "tasks") for f in files if f.is_file()], r.step)
 
 
+def inspect_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path], runtime: dict[str, Any]):
+    """Look inside the final weights: attention maps, position encodings and the logit lens for each prompt, the
+    loss of each token of a validation passage; one HTML report and its PNGs in the stage directory."""
+    from llmcore.checkpoint import load_model
+    from llmcore.config import InspectConfig
+    from llmcore.hardware import resolve_device
+    from llmcore.inspect import compute, passage_ids, write_report
+    from llmcore.shards import TokenSplit
+    from llmcore.tokenizer import load_tokenizer
+
+    cfg = InspectConfig.model_validate(config["inspect"])
+    model, meta = load_model(inputs["train"], resolve_device(runtime["device"]))
+    tok = load_tokenizer(inputs["tokenizer"])
+    passage = None
+    if cfg.passage_chars:
+        val = TokenSplit(inputs["shards"], "val")
+        passage = passage_ids(tok, val.read(0, min(val.tokens, cfg.passage_chars)), cfg.passage_chars)
+    views = compute(model.eval(), tok, cfg.prompts, passage)
+    c = model.cfg
+    title = f"Inside the model: {c.n_layer} layers x {c.n_head} heads, {c.pos_encoding} positions, step {meta['step']}"
+    summary = write_report(model, tok, views, stage_dir, title)
+    return {"step": meta["step"], "files": summary["files"], "passage": summary.get("passage")}
+
+
+class InspectResult(Result):
+    step: int
+    files: list[str]
+    passage: dict[str, float] | None = None
+
+
+def inspect_report(stage_dir: Path, result: dict[str, Any]) -> Report:
+    r = InspectResult.model_validate(result)
+    metrics = {"inspect/passage_loss": r.passage["mean_loss"]} if r.passage else {}
+    return Report(metrics, [(stage_dir / f, "inspect") for f in r.files], r.step)
+
+
 # ---------------------------------------------------------------------------------- the key configs
 
 
@@ -349,7 +385,13 @@ def train_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]
 
 
 def eval_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
-    return {"eval": {"eval": _without(spec.eval.key_dict(), "tasks"), "seed": spec.seed}}  # tasks: stages of their own
+    # tasks and inspect: stages of their own
+    return {"eval": {"eval": _without(spec.eval.key_dict(), "tasks", "inspect"), "seed": spec.seed}}
+
+
+def inspect_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
+    inspect = spec.eval.inspect
+    return {} if inspect is None else {"inspect": {"inspect": inspect.key_dict()}}
 
 
 def task_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
@@ -443,8 +485,14 @@ TASK = StageKind(
     describe="score a multiple-choice benchmark task (eval.tasks) on the final weights, one stage per task",
 )  # fmt: skip
 
+INSPECT = StageKind(
+    "inspect", 1, ("train", "shards", "tokenizer"), inspect_config, inspect_body, inspect_report, ("eval",),
+    runtime_fields=("train.device",),
+    describe="attention maps, position encodings, logit lens and per-token loss (eval.inspect): an HTML report",
+)  # fmt: skip
+
 #: Every stage kind, in dependency order (a kind's inputs come before it).
-STAGES: dict[str, StageKind] = {k.name: k for k in (TOKENIZER, SHARDS, INIT, TRAIN, EVAL, TASK)}
+STAGES: dict[str, StageKind] = {k.name: k for k in (TOKENIZER, SHARDS, INIT, TRAIN, EVAL, TASK, INSPECT)}
 
 
 def kind_of(stage_dir: Path) -> StageKind:
