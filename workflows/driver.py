@@ -99,12 +99,12 @@ class Driver:
         self.stop = StopRequest(self._force, first=lambda sig: self.halt.set(sig))
         self.launcher: Launcher | None = None
         self.forwarders: dict[str, MetricsForwarder] = {}  # run hash -> its training's forwarder
+        self.halving: Halving | None = None  # a grid's synchronous successive halving (prune.method sha)
+        self.paused: list[RunPlan] = []  # runs whose training waits at a rung for its decision
         self.board = Board([RunRow(r.name, r.spec.train.max_steps, self._states(r, launching=True)) for r in p.runs])
         self.results: dict[str, RunResult] = {}  # run hash -> result, as runs end
         self.study: Any = None  # the Optuna study of a search or an ASHA-pruned grid (workflows.search.Study)
         self.pruning: Any = None  # its pruner's side in the driver (workflows.search.Pruning)
-        self.halving: Halving | None = None  # a grid's synchronous successive halving (prune.method sha)
-        self.paused: list[RunPlan] = []  # runs whose training waits at a rung for its decision
 
     # ---- the whole submit
 
@@ -185,7 +185,7 @@ class Driver:
         states = self._states(run)
         status = run_status(states)
         if self.lifecycle.pruning and status is RunStatus.PRUNED:  # pruned (maybe interrupted before it was closed)
-            if trial != "PRUNED":
+            if self.study is not None and trial != "PRUNED":
                 self.study.tell(run, "PRUNED", {})
             self._end_pruned(run, states)
             return self.results[run.run_hash]

@@ -487,7 +487,7 @@ TASK = StageKind(
 
 INSPECT = StageKind(
     "inspect", 1, ("train", "shards", "tokenizer"), inspect_config, inspect_body, inspect_report, ("eval",),
-    runtime_fields=("train.device",),
+    runtime_fields=("train.device",), identity=False,
     describe="attention maps, position encodings, logit lens and per-token loss (eval.inspect): an HTML report",
 )  # fmt: skip
 
