@@ -108,6 +108,13 @@ def test_sha_pauses_every_point_at_each_rung_and_resumes_only_the_best(tmp_path)
     decisions = journal_of(tmp_path)
     assert [(d["rung"], d["promoted"]) for d in decisions].count((0, True)) == 2 and len(decisions) == 6
     assert "paused at rung 0" in r.stdout and "promoted past rung 0" in r.stdout
+    assert sorted(o[2] for o in got.values()) == ["0", "0", "1", "2"]  # each run says the rung it reached
+    import csv
+
+    (table,) = (tmp_path / "runs" / "reports").glob("sweep-*/sweep.csv")  # the parent run's summary/sweep.csv
+    rows = list(csv.DictReader(table.open()))
+    assert sorted(int(row["rung"]) for row in rows) == [0, 0, 1, 2]
+    assert (table.parent / "loss_curves.png").is_file()
 
 
 @pytest.mark.slow

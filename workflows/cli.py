@@ -123,7 +123,31 @@ def plan_cmd(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | 
         _show_runs(p)
     if p.spec.search is not None:
         _show_search(p)
+    if p.spec.sweep.prune is not None and p.spec.sweep.prune.method == "sha":
+        _show_rungs(p)
     _show_site(p)
+
+
+def _show_rungs(p: Any) -> None:
+    """Successive halving: its rungs, how many points reach each, the most steps a point trains and, on batch
+    sites, the node-hours of the trainings at most."""
+    from site_configs.spec import BATCH_SITES
+    from workflows.rungs import halving_cost, rung_steps
+
+    prune, train = p.spec.sweep.prune, p.runs[0].spec.train
+    rungs = rung_steps(prune.min_steps, prune.reduction_factor, train.max_steps)
+    n = len(p.runs)
+    typer.echo(f"Successive halving (sha, reduction factor {prune.reduction_factor}) over {n} points:")
+    for k, steps in enumerate(rungs):
+        typer.echo(f"  rung {k}: {n} point(s) train to step {steps}" + (" (the end)" if k == len(rungs) - 1 else ""))
+        n = max(1, n // prune.reduction_factor)
+    total, grid = halving_cost(len(p.runs), rungs, prune.reduction_factor)
+    typer.echo(f"At most {rungs[-1]} steps for any point; {total} training steps in all, "
+               f"{100 * total / grid:.1f}% of the grid's {grid}")  # fmt: skip
+    if p.spec.site.name in BATCH_SITES and train.time_budget_s is None:
+        h, m, sec = (int(x) for x in p.spec.site.walltime.split(":"))
+        hours = (h + m / 60 + sec / 3600) * total / grid * len(p.runs)
+        typer.echo(f"At most {hours * train.nodes:g} node-hours of training (each point's share of its walltime)")
 
 
 def _show_runs(p: Any) -> None:

@@ -47,6 +47,7 @@ class SweepRow:
     point: dict[str, Any]
     metrics: dict[str, float]
     run_id: str
+    rung: int | None = None  # successive halving: the rung it reached (pruned there, or the last)
 
 
 @dataclass
@@ -130,7 +131,7 @@ def best(rows: list[SweepRow], metric: str) -> SweepRow | None:
 
 def rows_from_results(runs: list[Any]) -> list[SweepRow]:
     """Rows from a submit's RunResults (already in sweep order)."""
-    return [SweepRow(r.name, r.status, dict(r.point), dict(r.metrics), r.run_id) for r in runs]
+    return [SweepRow(r.name, r.status, dict(r.point), dict(r.metrics), r.run_id, r.rung) for r in runs]
 
 
 def rows_from_store(client: Any, parent: Any) -> tuple[list[SweepRow], list[str], list[str]]:
@@ -151,7 +152,9 @@ def rows_from_store(client: Any, parent: Any) -> tuple[list[SweepRow], list[str]
         p = child.data.params
         point = {k: yaml.safe_load(p[k]) if k in p else None for k in keys}
         status = mlflow_status(child.info.status, child.data.tags.get("gptlab.pruned")).value
-        rows.append(SweepRow(child.info.run_name, status, point, dict(child.data.metrics), child.info.run_id))
+        rung = child.data.tags.get("gptlab.rung")
+        rows.append(SweepRow(child.info.run_name, status, point, dict(child.data.metrics), child.info.run_id,
+                             int(rung) if rung is not None and rung.isdigit() else None))  # fmt: skip
 
     def order(row: SweepRow) -> tuple:
         return tuple(_index(grid.get(k, []), row.point.get(k)) for k in keys) + (row.name,)
@@ -171,11 +174,13 @@ def _index(values: list[Any], value: Any) -> int:
 
 def csv_text(rows: list[SweepRow], keys: list[str], extra: tuple[str, ...] = ()) -> str:
     columns = list(dict.fromkeys((*METRICS, *task_columns(r.metrics for r in rows), *extra)))
+    rungs = any(r.rung is not None for r in rows)  # successive halving: the rung each point reached
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["run", *keys, "status", *columns, "run_id"])
+    w.writerow(["run", *keys, "status", *(["rung"] if rungs else []), *columns, "run_id"])
     for r in rows:
-        w.writerow([r.name, *(_cell(r.point.get(k)) for k in keys), r.status,
+        rung = ["" if r.rung is None else r.rung] if rungs else []
+        w.writerow([r.name, *(_cell(r.point.get(k)) for k in keys), r.status, *rung,
                     *(r.metrics.get(m, "") for m in columns), r.run_id])  # fmt: skip
     return buf.getvalue()
 
@@ -327,9 +332,11 @@ def plot_search(rows: list[SweepRow], keys: list[str], metric: str, out: Path, t
     return _save(fig, out)
 
 
-def plot_loss_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], out: Path, title: str) -> Path | None:
-    """Every run's training loss (line) and validation estimates (markers) against the step, overlaid.
-    ``curves``: {run name: {"train/loss": [(step, value)], "val/loss": [(step, value)]}}. None without curves."""
+def plot_loss_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], out: Path, title: str,
+                     stopped: frozenset[str] = frozenset()) -> Path | None:  # fmt: skip
+    """Every run's training loss (line) and validation estimates (markers) against the step, overlaid; where a
+    pruned run (``stopped``) stopped is marked with an x. ``curves``: {run name: {"train/loss": [(step, value)],
+    "val/loss": [(step, value)]}}. None without curves."""
     if not any(c.get("train/loss") for c in curves.values()):
         return None
     fig, ax = _figure()
@@ -338,6 +345,8 @@ def plot_loss_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], out:
         train = sorted(c.get("train/loss", []))
         if train:
             ax.plot([s for s, _ in train], [v for _, v in train], lw=1, alpha=0.75, color=color, label=name)
+            if name in stopped:
+                ax.plot(*train[-1], "x", ms=9, mew=2, color=color)
         val = sorted(c.get("val/loss", []))
         if val:
             ax.plot([s for s, _ in val], [v for _, v in val], "o--", lw=1, ms=4, color=color)
@@ -457,7 +466,9 @@ def write_report(report: Report, out_dir: Path, curves: dict[str, Any] | None = 
     else:
         written.append(plot(groups, report.metric, out_dir / f"{name}.png", report.title))
     if curves:
-        written.append(plot_loss_curves(curves, out_dir / "loss_curves.png", f"{report.title.split(':')[0]}: loss"))
+        pruned = frozenset(r.name for r in report.rows if r.status == "PRUNED")
+        title = f"{report.title.split(':')[0]}: loss" + (" (x: pruned there)" if pruned else "")
+        written.append(plot_loss_curves(curves, out_dir / "loss_curves.png", title, pruned))
     if attention:
         data, layer, head = attention
         heading = f"{report.title.split(':')[0]}: the same attention head across runs"

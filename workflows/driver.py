@@ -62,6 +62,7 @@ class RunResult:
     # exception, the full log's path); for a failed training the lines after it are the end of its log,
     # under a header naming the log file.
     error: str | None = None
+    rung: int | None = None  # successive halving: the rung it reached (pruned there, or the last)
 
     @property
     def cause(self) -> str | None:
@@ -389,6 +390,10 @@ class Driver:
         return result
 
     def _close(self, run: RunPlan, result: RunResult) -> None:
+        if self.halving is not None:
+            h = run.run_hash
+            result.rung = self.halving.pruned.get(h, self.halving.rung[h])
+            self.lifecycle.tracker.set_tags(result.run_id, {"rung": str(result.rung)})
         self.results[run.run_hash] = result
         row = self.board.rows[run.name]
         row.status, row.val_bpb = result.status, result.metrics.get("val/bpb")
