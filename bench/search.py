@@ -36,7 +36,7 @@ QUICK = ["data.sources.0.max_bytes=1000000", "tokenizer.vocab_size=512", "train.
          "train.eval_interval=10", "train.checkpoint_interval=60", "eval.batches=4"]  # fmt: skip
 
 
-def tree_for(root: Path, quick: bool, prune: bool) -> dict:
+def tree_for(root: Path, quick: bool, prune: bool | str) -> dict:
     tree = quickstart_tree(root / "runs", QUICK if quick else [])
     lrs, warmups = (LRS[1:3], WARMUPS[:2]) if quick else (LRS, WARMUPS)
     tree["sweep"] = {"train.lr": lrs, "train.warmup_steps": warmups}
@@ -45,6 +45,8 @@ def tree_for(root: Path, quick: bool, prune: bool) -> dict:
     tree["site"] = {"max_workers": 1}
     if prune:
         tree["sweep"]["prune"] = {"min_steps": 10 if quick else 25, "reduction_factor": 3}
+        if prune == "sha":
+            tree["sweep"]["prune"]["method"] = "sha"
     return tree
 
 
@@ -96,6 +98,27 @@ def replay(evals: list[list[tuple[int, float]]], order: list[int], prune: dict, 
     return steps / (len(order) * max_steps), min(finished, key=finished.get)
 
 
+def replay_sha(
+    evals: list[list[tuple[int, float]]], order: list[int], prune: dict, max_steps: int
+) -> tuple[float, int]:
+    """Synchronous successive halving (workflows.rungs.Halving, the driver's own decisions) over the measured
+    curves, the points given in ``order``: (steps trained over the grid's steps, index of the point it trains to
+    the end)."""
+    import tempfile
+
+    from workflows.rungs import Halving, Journal, rung_steps
+
+    rungs = rung_steps(prune["min_steps"], prune["reduction_factor"], max_steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        names = [f"p{i:02d}" for i in order]
+        h = Halving(names, rungs, prune["reduction_factor"], Journal(Path(tmp) / "j.jsonl"))
+        while h.decide({n: dict(evals[int(n[1:])])[h.target(n)] for n in h.live() if h.target(n) is not None}):
+            pass
+    steps = sum(rungs[h.pruned[n]] if n in h.pruned else max_steps for n in names)
+    (winner,) = [int(n[1:]) for n in names if n not in h.pruned]
+    return steps / (len(order) * max_steps), winner
+
+
 def replays(runs_root: Path, quick: bool, points: list[list[float]]) -> dict:
     """The replay figures: grid order, reversed, 100 seeded random orders (``points``: [lr, warmup, val/bpb])."""
     import random
@@ -116,18 +139,23 @@ def replays(runs_root: Path, quick: bool, points: list[list[float]]) -> dict:
     rng = random.Random(0)
     shuffled = [replay(evals, rng.sample(range(n), n), prune, max_steps) for _ in range(100)]
     fractions = sorted(f for f, _ in shuffled)
+    sha_orders = [list(range(n)), list(range(n))[::-1], *(random.Random(s).sample(range(n), n) for s in range(20))]
+    sha = [replay_sha(evals, order, prune, max_steps) for order in sha_orders]
     return {"grid_order": grid_order[0], "grid_order_best_within_1pct": within(grid_order[1]),
             "reverse": reverse[0], "reverse_best_within_1pct": within(reverse[1]),
             "random_mean": sum(fractions) / len(fractions), "random_median": fractions[len(fractions) // 2],
             "random_share_at_most_40pct": sum(f <= 0.40 for f in fractions) / len(fractions),
             "random_share_best_within_1pct": sum(within(b) for _, b in shuffled) / len(shuffled),
-            "random_share_both": sum(f <= 0.40 and within(b) for f, b in shuffled) / len(shuffled)}  # fmt: skip
+            "random_share_both": sum(f <= 0.40 and within(b) for f, b in shuffled) / len(shuffled),
+            "sha_fractions": sorted({f for f, _ in sha}), "sha_best_within_1pct": [within(b) for _, b in sha],
+            "sha_is_the_grids_best": all(grid_bpb[b] == best for _, b in sha)}  # fmt: skip
 
 
-def side(root: Path, quick: bool, prune: bool, data_plan) -> dict:
+def side(root: Path, quick: bool, prune: bool | str, data_plan) -> dict:
     from workflows import submit
 
-    spec = write_spec(root / ("asha.yaml" if prune else "grid.yaml"), tree_for(root, quick, prune))
+    name = {False: "grid", True: "asha", "sha": "sha"}[prune]
+    spec = write_spec(root / f"{name}.yaml", tree_for(root, quick, prune))
     copy_data_stages(data_plan, root / "runs")
     t0 = time.perf_counter()
     result = submit(spec, quiet=True, poll_interval=0.5)
@@ -156,9 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         asha = side(root / "asha", args.quick, True, data)
         print(f"  asha: {asha['trainings']} trainings ({asha['pruned']} pruned), {asha['train_s']:.0f} s, best "
               f"{asha['best']} {asha['best_bpb']:.4f}", flush=True)  # fmt: skip
+        sha = side(root / "sha", args.quick, "sha", data)
+        print(f"  sha: {sha['trainings']} trainings ({sha['pruned']} pruned), {sha['train_s']:.0f} s, best "
+              f"{sha['best']} {sha['best_bpb']:.4f}", flush=True)  # fmt: skip
     time_ratio = asha["train_s"] / grid["train_s"]
     gap = 100 * (asha["best_bpb"] - grid["best_bpb"]) / grid["best_bpb"]
     met = None if args.quick else time_ratio <= 0.40 and gap <= 1.0
+    sha_ratio = sha["train_s"] / grid["train_s"]
+    sha_gap = 100 * (sha["best_bpb"] - grid["best_bpb"]) / grid["best_bpb"]
     figures = [
         figure("grid: training seconds", grid["train_s"], "s"),
         figure("ASHA: training seconds", asha["train_s"], "s"),
@@ -173,8 +206,28 @@ def main(argv: list[str] | None = None) -> int:
         figure("  orders at <= 40% of the grid's steps", 100 * replayed["random_share_at_most_40pct"], "%"),
         figure("  orders whose best is within 1% of the grid's", 100 * replayed["random_share_best_within_1pct"], "%"),
         figure("  orders with both", 100 * replayed["random_share_both"], "%"),
+        figure("sha: training seconds", sha["train_s"], "s"),
+        figure("sha / grid training time", 100 * sha_ratio, "%", "<= 25%", None if args.quick else sha_ratio <= 0.25),
+        figure(
+            "sha: best val/bpb above the grid's",
+            sha_gap,
+            "%",
+            "the grid's best",
+            None if args.quick else sha["best_bpb"] == grid["best_bpb"],
+        ),
+        figure(
+            "sha replay over the grid's curves, 22 orders: largest steps / the grid's",
+            100 * max(replayed["sha_fractions"]),
+            "%",
+            "<= 25%",
+        ),
+        figure(
+            "sha replay: orders whose winner is the grid's best",
+            100 * sum(replayed["sha_best_within_1pct"]) / len(replayed["sha_best_within_1pct"]),
+            "%",
+        ),
     ]
-    write_report("search", args, figures, {"grid": grid, "asha": asha, "replay": replayed, "met": met})
+    write_report("search", args, figures, {"grid": grid, "asha": asha, "sha": sha, "replay": replayed, "met": met})
     return 0
 
 
