@@ -92,3 +92,19 @@ def test_stage_is_done_only_with_its_commit_marker(corpus, tmp_path):
     write_commit_marker(stage.dir, {"kind": "tokenizer"})
     assert stage.done
     assert stage.dir.parent == (tmp_path / "runs" / "stages").resolve()
+
+
+def test_plan_warns_when_more_trainings_run_at_once_than_sqlite_forwarding_keeps_up_with(tmp_path):
+    from helpers import gptlab, write_spec
+
+    from workflows.store import SQLITE_CEILING
+
+    tree = tiny_spec(make_corpus(tmp_path / "corpus"), tmp_path / "runs")
+    tree["search"] = {"trials": SQLITE_CEILING + 1, "max_parallel": SQLITE_CEILING + 1,
+                      "space": {"train.lr": {"log_uniform": [1e-3, 1e-2]}}}  # fmt: skip
+    wide = gptlab("plan", write_spec(tmp_path / "wide.yaml", tree), cwd=tmp_path)
+    assert wide.returncode == 0, wide.stderr
+    assert f"Warning: {SQLITE_CEILING + 1} trainings at once is past" in wide.stdout
+    tree["search"]["max_parallel"] = 4
+    narrow = gptlab("plan", write_spec(tmp_path / "narrow.yaml", tree), cwd=tmp_path)
+    assert "up to 4 training(s) at once" in narrow.stdout and "Warning" not in narrow.stdout

@@ -126,6 +126,23 @@ def plan_cmd(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | 
     if p.spec.sweep.prune is not None and p.spec.sweep.prune.method == "sha":
         _show_rungs(p)
     _show_site(p)
+    _show_tracking(p)
+
+
+def _show_tracking(p: Any) -> None:
+    """Where the runs are tracked, and a warning when more trainings run at once than a SQLite store's forwarding
+    was measured to keep up with (``bench/tracking_scale.py``)."""
+    from workflows.search import default_parallel
+    from workflows.store import SQLITE_CEILING, default_tracking_uri
+
+    uri = p.spec.tracking.uri or default_tracking_uri(p.runs_root)
+    width = len(p.runs) if p.spec.search is None else p.spec.search.trials
+    at_once = min(width, (p.spec.search.max_parallel if p.spec.search else None) or default_parallel(p.spec))
+    typer.echo(f"Tracking: {uri}; up to {at_once} training(s) at once")
+    if uri.startswith("sqlite:") and at_once > SQLITE_CEILING:
+        typer.echo(f"Warning: {at_once} trainings at once is past what one driver forwards into a SQLite store "
+                   f"within 30 s ({SQLITE_CEILING}, measured by bench/tracking_scale.py): metrics will lag; use a "
+                   "tracking server (README: Sharing runs with a team) for a study this wide")  # fmt: skip
 
 
 def _show_rungs(p: Any) -> None:

@@ -43,6 +43,11 @@ PARAM_BATCH = 100
 MAX_PARAM_CHARS = 6000
 
 
+#: Concurrent trainings whose metrics one driver forwards into a SQLite store with a p99 lag under 30 s and under
+#: one core (``python bench/tracking_scale.py``: see docs/performance.md); ``gptlab plan`` warns past it.
+SQLITE_CEILING = 500
+
+
 def default_tracking_uri(runs_root: Path) -> str:
     return f"sqlite:///{runs_root / 'mlflow.db'}"
 
