@@ -45,7 +45,7 @@ MAX_PARAM_CHARS = 6000
 
 #: Concurrent trainings whose metrics one driver forwards into a SQLite store with a p99 lag under 30 s and under
 #: one core (``python bench/tracking_scale.py``: see docs/performance.md); ``gptlab plan`` warns past it.
-SQLITE_CEILING = 500
+SQLITE_CEILING = 100
 
 
 def default_tracking_uri(runs_root: Path) -> str:
