@@ -109,12 +109,46 @@ def simulate(n: int, seconds: float, every: float, uri: str | None, tmp: Path) -
     }  # fmt: skip
 
 
+def big_experiment(n: int, tmp: Path) -> dict:
+    """``gptlab status`` and ``gptlab compare`` over an experiment of ``n`` finished sweep-point runs (each with
+    its params, final metrics and a 10-point loss curve) in a SQLite store: seconds each."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    from workflows.store import Tracker, default_tracking_uri
+
+    root = tmp / f"big{n}"
+    root.mkdir()
+    tracker = Tracker(default_tracking_uri(root), "big", root / "mlartifacts")
+    client, now = tracker.client, int(time.time() * 1000)
+    parent = tracker.create_run("big", {"role": "parent", "spec_hash": "h"})
+    client.log_batch(parent, params=[Param("sweep", "{train.lr: [...]}"), Param("swept", "[train.lr]")])
+    t0 = time.time()
+    for i in range(n):
+        run = tracker.create_run(f"lr={i}", {"role": "sweep_point", "spec_hash": "h", "parent": parent})
+        curve = [Metric(k, 3.0 - s / 100, now, s) for s in range(0, 100, 10) for k in ("train/loss", "val/loss")]
+        client.log_batch(run, metrics=[*curve, Metric("val/bpb", 1.9 + i / n, now, 100)],
+                         params=[Param("train.lr", str(i))], tags=[RunTag("mlflow.parentRunId", parent)])  # fmt: skip
+        client.set_terminated(run, "FINISHED")
+    made = time.time() - t0
+    out = {"runs": n, "create_s": made}
+    for command in (["status", "--runs-root", str(root)], ["compare", "--runs-root", str(root), "--out",
+                                                              str(root / "report")]):  # fmt: skip
+        t0 = time.time()
+        r = subprocess.run([sys.executable, "-m", "workflows.cli", *command], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})  # fmt: skip
+        assert r.returncode == 0, r.stdout + r.stderr
+        out[f"{command[0]}_s"] = time.time() - t0
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser("tracking_scale", __doc__)
     p.add_argument("--sizes", default=None, help="comma-separated N (default 10,100,1000; --quick: 10,50)")
     p.add_argument("--seconds", type=float, default=None, help="seconds each N runs (default 60; --quick: 15)")
     p.add_argument("--every", type=float, default=2.0, help="seconds between a training's lines")
     p.add_argument("--uri", default=None, help="a tracking server (default: a SQLite store per N)")
+    p.add_argument("--experiment-runs", type=int, default=None, help="status/compare over this many runs "
+                   "(default 2000; --quick: 100; 0: skip)")  # fmt: skip
     args = p.parse_args(argv)
     sizes = [int(x) for x in (args.sizes or ("10,50" if args.quick else "10,100,1000")).split(",")]
     seconds = args.seconds or (15.0 if args.quick else 60.0)
@@ -127,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
             lines = f"{r['lines_sent']}/{r['lines_written']} lines"
             print(f"  N={n}: p50 {r['lag_p50_s']:.2f} s, p99 {r['lag_p99_s']:.2f} s, driver "
                   f"{r['driver_cpu_cores']:.2f} cores, {lines}", flush=True)  # fmt: skip
+        big = args.experiment_runs if args.experiment_runs is not None else (100 if args.quick else 2000)
+        listed = big_experiment(big, Path(tmp)) if big else None
+    if listed:
+        print(f"  {big} runs: status {listed['status_s']:.1f} s, compare {listed['compare_s']:.1f} s", flush=True)
+        figures += [figure(f"gptlab status over {big} runs (SQLite)", listed["status_s"], "s"),
+                    figure(f"gptlab compare over {big} runs (SQLite)", listed["compare_s"], "s")]  # fmt: skip
     store = "server" if args.uri else "SQLite"
     for r in rows:
         ok = r["lag_p99_s"] is not None and r["lag_p99_s"] < LAG_TARGET_S and r["driver_cpu_cores"] < 1.0
@@ -141,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ceiling = max((r["n"] for r in rows if r["lag_p99_s"] is not None and r["lag_p99_s"] < LAG_TARGET_S
                    and r["driver_cpu_cores"] < 1.0), default=0)  # fmt: skip
     figures.append(figure(f"{store}: the largest N measured within the target", ceiling, "trainings"))
-    write_report("tracking_scale", args, figures, {"rows": rows, "every_s": args.every, "seconds": seconds})
+    details = {"rows": rows, "every_s": args.every, "seconds": seconds, "experiment": listed}
+    write_report("tracking_scale", args, figures, details)
     return 0
 
 

@@ -358,14 +358,23 @@ def plot_loss_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], out:
     return _save(fig, out)
 
 
-def loss_histories(client: Any, rows: list[SweepRow]) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """The loss curves of the rows that trained (finished or pruned), from MLflow."""
+#: At most this many runs in the overlaid plots (loss curves, the attention head side by side): more are unreadable,
+#: and each costs the store a query (`compare` over 2,000 runs read 4,000 metric histories).
+MAX_SIDE_BY_SIDE = 24
+
+
+def loss_histories(client: Any, rows: list[SweepRow], metric: str = "val/bpb") -> dict[str, dict[str, list]]:
+    """The loss curves of the rows that trained (finished or pruned), from MLflow: all of them up to
+    MAX_SIDE_BY_SIDE, else the best finished ones by ``metric`` and the first pruned ones."""
     keys = ("train/loss", "val/loss")
-    return {
-        r.name: {k: [(m.step, m.value) for m in client.get_metric_history(r.run_id, k)] for k in keys}
-        for r in rows
-        if r.status in ("FINISHED", "PRUNED")
-    }
+    trained = [r for r in rows if r.status in ("FINISHED", "PRUNED")]
+    if len(trained) > MAX_SIDE_BY_SIDE:
+        finished = sorted((r for r in trained if metric in r.metrics), key=lambda r: r.metrics[metric])
+        keep = {r.name for r in finished[: MAX_SIDE_BY_SIDE * 3 // 4]}
+        keep |= {r.name for r in trained if r.status == "PRUNED"}
+        trained = [r for r in trained if r.name in keep][:MAX_SIDE_BY_SIDE]
+    return {r.name: {k: [(m.step, m.value) for m in client.get_metric_history(r.run_id, k)] for k in keys}
+            for r in trained}  # fmt: skip
 
 
 def inspect_data(client: Any, rows: list[SweepRow]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
@@ -381,7 +390,7 @@ def inspect_data(client: Any, rows: list[SweepRow]) -> dict[str, tuple[dict[str,
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file on stderr otherwise
     out = {}
-    for r in rows:
+    for r in rows[:MAX_SIDE_BY_SIDE]:
         if r.status != "FINISHED":
             continue
         if f"inspect/{ATTENTION}" not in {a.path for a in client.list_artifacts(r.run_id, "inspect")}:
