@@ -92,12 +92,10 @@ def private_ui(other_user, tmp_path_factory):
 
 
 def owner_credentials(printed: str) -> tuple[str, str, str]:
-    """User, password and the experiment URL, from what `gptlab ui` printed."""
-    m = re.search(r"for you only: user (\S+), password (\S+) \(kept in", printed)
+    """User, password and the login link, from what `gptlab ui` printed."""
+    m = re.search(r"for you only: user (\S+), password (\S+) \(kept in .*open (\S+) first", printed)
     assert m, printed
-    urls = [line.split(": ", 1)[1] for line in printed.splitlines() if line.startswith("  tiny: ")]
-    assert len(urls) == 1, printed
-    return m.group(1), m.group(2), urls[0]
+    return m.group(1), m.group(2), m.group(3)
 
 
 def rest(base: str, run_id: str, experiment_id: str) -> dict[str, tuple[str, list[str]]]:
@@ -113,9 +111,11 @@ def rest(base: str, run_id: str, experiment_id: str) -> dict[str, tuple[str, lis
 
 
 def test_the_owner_reads_runs_and_spec_with_what_gptlab_ui_printed(private_ui):
-    user, password, url = owner_credentials(private_ui["printed"])
-    parts = urlsplit(url)
-    assert (parts.username, parts.password) == (user, password), "the printed URL carries the owner's credentials"
+    user, password, login = owner_credentials(private_ui["printed"])
+    parts = urlsplit(login)
+    assert (parts.username, parts.password) == (user, password), "the login link carries the owner's credentials"
+    urls = [line.split(": ", 1)[1] for line in private_ui["printed"].splitlines() if line.startswith("  tiny: ")]
+    assert len(urls) == 1 and urls[0].startswith(private_ui["base"] + "/#/experiments/"), private_ui["printed"]
     result = private_ui["result"]
     run_id = result.runs[0].run_id
     for name, (endpoint, extra) in rest(private_ui["base"], run_id, result.experiment_id).items():

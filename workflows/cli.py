@@ -623,13 +623,13 @@ def ui(
         False,
         "--insecure",
         help="Serve without a password: every user who can reach the port reads and changes "
-        "the runs (on a shared login node: every user of the node).",  # fmt: skip
+        "the runs (on a shared login node: every user of the node).",
     ),
 ) -> None:
     """Start the MLflow UI on this store, for you only: MLflow's basic-auth app with one account, yours (its
-    password generated once and kept 0600 in <runs_root>/.gptlab-ui), on loopback by default. Prints the URL of
-    each experiment's runs table with your credentials in it: MLflow 3.17 opens an experiment reached from its
-    home page on the GenAI traces view, these URLs open the training runs with the swept fields and val/bpb as
+    password generated once and kept 0600 in <runs_root>/.gptlab-ui), on loopback by default. Prints the login and
+    the URL of each experiment's runs table: MLflow 3.17 opens an experiment reached from its home page on the
+    GenAI traces view, these URLs open the training runs with the swept fields and val/bpb as
     columns (the view each submit saves on its experiment)."""
     store = uri or f"sqlite:///{runs_root.resolve() / 'mlflow.db'}"
     if uri is None and not (runs_root / "mlflow.db").is_file():
@@ -643,13 +643,13 @@ def ui(
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     base = f"http://{host}:{port}"
     private = None if insecure else PrivateUI(runs_root)
-    link = (lambda url: url) if private is None else private.with_credentials
     if private is None:
         typer.echo(f"MLflow UI on {base} (store {store}) WITHOUT a password (--insecure): every user who can "
                    f"connect to port {port} of {host} reads and changes these runs; Ctrl-C stops it.")  # fmt: skip
     else:
         typer.echo(f"MLflow UI on {base} (store {store}) for you only: user {private.user}, password "
-                   f"{private.password} (kept in {private.config_path}); Ctrl-C stops it.")  # fmt: skip
+                   f"{private.password} (kept in {private.config_path}); your browser asks for them once, or open "
+                   f"{private.login_url(base)} first. Ctrl-C stops it.")  # fmt: skip
     try:
         from mlflow.tracking import MlflowClient
 
@@ -663,7 +663,7 @@ def ui(
         experiments = []
     for exp in experiments:
         if exp.name != "Default":  # MLflow's own, empty in a gptlab store (as in `gptlab status`)
-            typer.echo(f"  {exp.name}: {link(runs_table_url(base, exp))}")
+            typer.echo(f"  {exp.name}: {runs_table_url(base, exp)}")
     sys.stdout.flush()  # before exec replaces this process
     argv = ["--backend-store-uri", store, "--host", host, "--port", str(port)]
     if private is None:

@@ -136,8 +136,8 @@ class PrivateUI:
     (``mlflow server --app-name basic-auth``): an auth config file and an auth database in ``<runs_root>/.gptlab-ui``
     (directory 0700, files 0600), one admin account named after the Unix user, with a password generated once and
     kept in that config file for the next `gptlab ui`. Another user of the machine can connect to the port, but
-    every request without the password is answered 401; the owner opens the URLs `gptlab ui` prints (credentials
-    in them) or logs in with the user name and password it prints.
+    every request without the password is answered 401; the owner logs in with the user name and password
+    `gptlab ui` prints (the browser asks for them), or opens the login link it prints once.
 
     A secret never goes on a command line (``ps`` shows those to every user): the password is in the 0600 file,
     the Flask secret key in the server's environment (readable by its owner only)."""
@@ -181,10 +181,15 @@ class PrivateUI:
         """The server's environment: MLflow reads its auth config and Flask secret key from these."""
         return {"MLFLOW_AUTH_CONFIG_PATH": str(self.config_path), "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret_key}
 
-    def with_credentials(self, url: str) -> str:
-        """``url`` with the owner's user name and password in it (a browser sends them as basic auth)."""
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://{self.user}:{self.password}@{rest}"
+    def login_url(self, base: str) -> str:
+        """A URL that logs a browser in: the owner's credentials in it, on an API page that asks for them, so the
+        browser keeps them for the UI's other pages. (The UI's own pages must be opened without credentials in the
+        URL: its scripts cannot fetch from a page whose address holds them.)"""
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{self.user}:{self.password}@{rest}{LOGIN_PATH}"
+
+
+LOGIN_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
 
 
 def _ui_user_name(name: str) -> str:
