@@ -4,7 +4,7 @@
 # without touching any other cluster of the machine) on port ${GPTLAB_PG_PORT:-5439}, starts it with pg_ctlcluster,
 # and creates the role `gptlab` (password ${GPTLAB_PG_PASSWORD:-gptlab}, CREATEDB: each test module makes its own
 # database) and a database `gptlab`. Idempotent: a second run only makes sure the cluster is up.
-# Prints the SQLAlchemy URI MLflow takes: postgresql://gptlab:...@127.0.0.1:PORT/gptlab
+# Prints the SQLAlchemy URI MLflow takes: postgresql+psycopg2://gptlab:...@127.0.0.1:PORT/gptlab
 # The psycopg2 driver MLflow needs for that URI comes from the `test` (or `team`) extra. Needs root and apt.
 set -euo pipefail
 PORT="${GPTLAB_PG_PORT:-5439}"
@@ -39,4 +39,4 @@ fi
 if [ -z "$(psql_admin -c "select 1 from pg_database where datname = 'gptlab'")" ]; then
     psql_admin -c "create database gptlab owner gptlab"
 fi
-echo "postgresql://gptlab:${PASSWORD}@127.0.0.1:${PORT}/gptlab (cluster $VERSION/$CLUSTER)"
+echo "postgresql+psycopg2://gptlab:${PASSWORD}@127.0.0.1:${PORT}/gptlab (cluster $VERSION/$CLUSTER)"

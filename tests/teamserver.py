@@ -41,8 +41,10 @@ def cluster() -> tuple[str, int]:
     pytest.fail("no running PostgreSQL cluster `gptlab`: run .ci/postgres-up.sh (Debian's postgresql)")
 
 
-def pg_uri(database: str) -> str:
-    return f"postgresql://{ROLE}:{ROLE_PASSWORD}@127.0.0.1:{cluster()[1]}/{database}"
+def pg_uri(database: str, driver: str = "+psycopg2") -> str:
+    """The database's URI; with the driver named, as SQLAlchemy (MLflow) takes it (SQLAlchemy 2.1's default
+    driver for a bare postgresql:// is psycopg 3, which gptlab does not install)."""
+    return f"postgresql{driver}://{ROLE}:{ROLE_PASSWORD}@127.0.0.1:{cluster()[1]}/{database}"
 
 
 def create_database(prefix: str) -> str:
@@ -50,7 +52,7 @@ def create_database(prefix: str) -> str:
     import psycopg2
 
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    conn = psycopg2.connect(pg_uri("gptlab"))
+    conn = psycopg2.connect(pg_uri("gptlab", driver=""))
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(f'create database "{name}"')
@@ -61,7 +63,7 @@ def create_database(prefix: str) -> str:
 def drop_database(name: str) -> None:
     import psycopg2
 
-    conn = psycopg2.connect(pg_uri("gptlab"))
+    conn = psycopg2.connect(pg_uri("gptlab", driver=""))
     conn.autocommit = True
     with conn.cursor() as cur:
         cur.execute(f'drop database if exists "{name}" with (force)')

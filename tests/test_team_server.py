@@ -114,6 +114,7 @@ def test_two_members_do_not_see_or_overwrite_each_other_unless_permitted(team_se
 
     # Bob may not write into Alice's experiment: a submit of his spec under her experiment's name is refused at
     # once, naming the experiment, and her runs are untouched.
+    (tmp_path / "into").mkdir()
     into_alice, _ = spec_for(tmp_path / "into", team_server, "alice-exp", alice["corpus"])
     r = gptlab("submit", into_alice, "--quiet", env=bob)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr

@@ -125,6 +125,23 @@ def quiet_mlflow_logs() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
+@contextmanager
+def permitted(experiment: str) -> Iterator[None]:
+    """Turn a tracking server's "permission denied" (MLflow's basic-auth: the experiment is another member's) into
+    a :class:`TrackingStoreError` naming ``tracking.experiment`` and what to do."""
+    try:
+        yield
+    except Exception as exc:
+        if getattr(exc, "error_code", "") != "PERMISSION_DENIED" and "error code 403" not in str(exc):
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none: MLFLOW_TRACKING_USERNAME is not set)"
+        raise TrackingStoreError(
+            f"tracking.experiment {experiment}: the server's user {user} has no permission on it (HTTP 403: it is "
+            "another member's experiment); ask its owner or the server's admin to grant you EDIT on it, or name "
+            "another tracking.experiment"
+        ) from None
+
+
 class Tracker:
     """Writes to one experiment of an MLflow store, each write under the store's lock and retried while the store
     is locked. Tags are gptlab names (``role``); the ``gptlab.`` prefix is added here and only here."""
@@ -135,7 +152,7 @@ class Tracker:
         self.uri = uri
         self.lock_path = store_lock_path(uri, artifact_root)
         self._held = threading.local()
-        with self.locked():  # the first client call creates (migrates) a new SQLite store: one process only
+        with self.locked(), permitted(experiment):  # the first client call creates (migrates) a new SQLite store
             self.client = retry_locked(lambda: MlflowClient(tracking_uri=uri))
             exp = retry_locked(lambda: self.client.get_experiment_by_name(experiment))
             if exp is None:
