@@ -29,7 +29,7 @@ def start_submit(server, tmp, experiment: str) -> tuple[subprocess.Popen, object
     tree = tiny_spec(corpus, tmp / "runs", tracking={"uri": server.uri, "experiment": experiment,
                                                      "outage_report_s": REPORT_S},
                      model={"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},
-                     train={"max_steps": 200, "eval_interval": 50, "checkpoint_interval": 100,
+                     train={"max_steps": 400, "eval_interval": 50, "checkpoint_interval": 200,
                             "batch_size": 16})  # fmt: skip
     tree["name"] = experiment
     spec = write_spec(tmp / "s.yaml", tree)
