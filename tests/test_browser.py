@@ -12,13 +12,17 @@ extra. Without them this test fails, it never skips. Screenshots land in the tes
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from helpers import free_port, make_corpus, stop_group, tiny_spec, wait_for_json, write_spec
+from helpers import free_port, make_corpus, stop_group, tiny_spec, wait_for, write_spec
 from mlflow.tracking import MlflowClient
 
 from workflows import submit
@@ -135,14 +139,37 @@ def ui(tmp_path_factory):
     driver = None
     try:
         driver = chromium_driver(tmp / "chromium-profile")  # starts while the UI is still importing
-        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny"
-        body = wait_for_json(url, proc, 90, lambda: (tmp / "ui.log").read_text())
-        assert body["experiment"]["experiment_id"] == result.experiment_id
-        lines = (tmp / "ui.log").read_text().splitlines()
-        printed = [line.split(": ", 1)[1] for line in lines if line.startswith("  tiny: ")]  # the experiment's URL
+        # The UI is for its owner only: `gptlab ui` prints the owner's login link (user name and password in it).
+        log_text = lambda: (tmp / "ui.log").read_text()
+        lines = wait_for(lambda: [ln for ln in log_text().splitlines() if ln.startswith("  tiny: ")], 90, "links")
+        printed = [line.split(": ", 1)[1] for line in lines]  # the experiment's URL
         assert len(printed) == 1, lines
+        login = re.search(r" open (\S+) first\.", log_text()).group(1)
+        creds = urlsplit(login)
+        assert creds.username and creds.password, login
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=tiny"
+
+        def up() -> bool:
+            assert proc.poll() is None, log_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as resp:
+                    return resp.status == 200
+            except OSError:
+                return False
+
+        wait_for(up, 90, "gptlab ui to answer", every=0.5)
+        with pytest.raises(urllib.error.HTTPError) as refused:  # without them: refused
+            urllib.request.urlopen(url, timeout=30)
+        assert refused.value.code == 401, refused.value
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = creds.username, creds.password
+        try:
+            body = MlflowClient(f"http://127.0.0.1:{port}").get_experiment_by_name("tiny")
+        finally:
+            del os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
+        assert body.experiment_id == result.experiment_id
+        driver.get(login)  # the shared browser logs in once, as a user would
         yield {"driver": driver, "base": f"http://127.0.0.1:{port}/", "result": result, "runs": runs, "dir": tmp,
-               "client": client, "url": printed[0]}  # fmt: skip
+               "client": client, "url": printed[0], "login": login}  # fmt: skip
     finally:
         if driver is not None:
             driver.quit()
@@ -186,6 +213,10 @@ def test_printed_url_opens_the_runs_table_with_the_sweep_in_chromium(ui):
             """A run's cell in a column of the runs table (its row is split in parts; one holds the column)."""
             return d.find_element(By.CSS_SELECTOR, f'[role="row"][row-id="{run_id}"] [col-id="{column}"]')
 
+        # A fresh profile logs in with the link `gptlab ui` printed (a browser keeps basic-auth credentials for
+        # the server; the UI's own pages must not carry them in their URL), then opens the experiment's URL.
+        d.get(ui["login"])
+        assert "experiments" in d.execute_script("return document.body.innerText"), "the login was refused"
         d.get(url)
         # The runs table, in the saved view: not the GenAI traces view, no "Detect Issues" popup, no dialog.
         wait.until(EC.url_contains(f"/experiments/{result.experiment_id}/runs"))

@@ -756,10 +756,18 @@ def ui(
     uri: str | None = typer.Option(None, help="Backend store URI; default sqlite:///<runs_root>/mlflow.db."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind; loopback unless you opt in to another."),
     port: int = typer.Option(5000, help="Port."),
+    insecure: bool = typer.Option(
+        False,
+        "--insecure",
+        help="Serve without a password: every user who can reach the port reads and changes "
+        "the runs (on a shared login node: every user of the node).",
+    ),
 ) -> None:
-    """Start the MLflow UI on this store (loopback only by default), and print the URL of each experiment's runs
-    table: MLflow 3.17 opens an experiment reached from its home page on the GenAI traces view, these URLs open the
-    training runs with the swept fields and val/bpb as columns (the view each submit saves on its experiment)."""
+    """Start the MLflow UI on this store, for you only: MLflow's basic-auth app with one account, yours (its
+    password generated once and kept 0600 in <runs_root>/.gptlab-ui), on loopback by default. Prints the login and
+    the URL of each experiment's runs table: MLflow 3.17 opens an experiment reached from its home page on the
+    GenAI traces view, these URLs open the training runs with the swept fields and val/bpb as
+    columns (the view each submit saves on its experiment)."""
     store = uri or f"sqlite:///{runs_root.resolve() / 'mlflow.db'}"
     if uri is None and not (runs_root / "mlflow.db").is_file():
         typer.echo(
@@ -767,9 +775,18 @@ def ui(
             err=True,
         )
         raise typer.Exit(2)
+    from workflows.server import PrivateUI
+
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     base = f"http://{host}:{port}"
-    typer.echo(f"MLflow UI on {base} (store {store}); Ctrl-C stops it.")
+    private = None if insecure else PrivateUI(runs_root)
+    if private is None:
+        typer.echo(f"MLflow UI on {base} (store {store}) WITHOUT a password (--insecure): every user who can "
+                   f"connect to port {port} of {host} reads and changes these runs; Ctrl-C stops it.")  # fmt: skip
+    else:
+        typer.echo(f"MLflow UI on {base} (store {store}) for you only: user {private.user}, password "
+                   f"{private.password} (kept in {private.config_path}); your browser asks for them once, or open "
+                   f"{private.login_url(base)} first. Ctrl-C stops it.")  # fmt: skip
     try:
         from mlflow.tracking import MlflowClient
 
@@ -785,7 +802,10 @@ def ui(
         if exp.name != "Default":  # MLflow's own, empty in a gptlab store (as in `gptlab status`)
             typer.echo(f"  {exp.name}: {runs_table_url(base, exp)}")
     sys.stdout.flush()  # before exec replaces this process
-    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", store, "--host", host, "--port", str(port)])
+    argv = ["--backend-store-uri", store, "--host", host, "--port", str(port)]
+    if private is None:
+        os.execv(mlflow, [mlflow, "ui", *argv])
+    os.execve(mlflow, [mlflow, "server", "--app-name", "basic-auth", *argv], dict(os.environ, **private.env()))
 
 
 @app.command()

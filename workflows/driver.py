@@ -334,7 +334,8 @@ class Driver:
         """Read a training's new metric lines; send them to MLflow every FORWARD_EVERY seconds, or ``now``."""
         fw = self.forwarders.get(run.run_hash)
         if fw is None:
-            fw = MetricsForwarder(self.lifecycle.tracker, self.lifecycle.child(run), run.training.dir / "metrics.jsonl")
+            fw = MetricsForwarder(self.lifecycle.tracker, self.lifecycle.child(run), run.training.dir / "metrics.jsonl",
+                                  say=lambda msg: self.say(f"[{run.name}] {msg}"))  # fmt: skip
             self.forwarders[run.run_hash] = fw
         fw.poll(0.0 if now else FORWARD_EVERY)
 

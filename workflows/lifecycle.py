@@ -60,7 +60,11 @@ class Child:
 
 def tracker_for(p: Plan) -> Tracker:
     t = p.spec.tracking
-    return Tracker(t.uri or default_tracking_uri(p.runs_root), t.experiment or p.spec.name, p.runs_root / "mlartifacts")
+    tracker = Tracker(
+        t.uri or default_tracking_uri(p.runs_root), t.experiment or p.spec.name, p.runs_root / "mlartifacts"
+    )
+    tracker.outage_report_s = t.outage_report_s
+    return tracker
 
 
 class RunLifecycle:

@@ -7,8 +7,10 @@ with short timeouts and no retries, and turns every way of not answering into on
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
+from pathlib import Path
 
 
 class TrackingStoreError(RuntimeError):
@@ -122,3 +124,74 @@ def _probe(uri: str) -> str | None:
             "server's address (its port, and its path prefix behind a proxy)"
         )
     return None
+
+
+# ------------------------------------------------------------------ `gptlab ui`: served to its owner only
+
+UI_DIR = ".gptlab-ui"  # under runs_root, 0700: the UI's auth config and auth database, 0600
+
+
+class PrivateUI:
+    """What `gptlab ui` needs to serve a store to its owner only, with MLflow's own basic-auth app
+    (``mlflow server --app-name basic-auth``): an auth config file and an auth database in ``<runs_root>/.gptlab-ui``
+    (directory 0700, files 0600), one admin account named after the Unix user, with a password generated once and
+    kept in that config file for the next `gptlab ui`. Another user of the machine can connect to the port, but
+    every request without the password is answered 401; the owner logs in with the user name and password
+    `gptlab ui` prints (the browser asks for them), or opens the login link it prints once.
+
+    A secret never goes on a command line (``ps`` shows those to every user): the password is in the 0600 file,
+    the Flask secret key in the server's environment (readable by its owner only)."""
+
+    def __init__(self, runs_root: Path):
+        import configparser
+        import getpass
+        import secrets
+
+        self.dir = runs_root.resolve() / UI_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o700)
+        self.config_path, db = self.dir / "basic_auth.ini", self.dir / "auth.db"
+        config = configparser.ConfigParser(interpolation=None)
+        if self.config_path.is_file():
+            config.read(self.config_path)
+        section = config["mlflow"] if config.has_section("mlflow") else None
+        if section is None or not section.get("admin_password") or not db.is_file():
+            db.unlink(missing_ok=True)  # a password is only taken when the admin is created: start both afresh
+            config["mlflow"] = {
+                "default_permission": "NO_PERMISSIONS",
+                "database_uri": f"sqlite:///{db}",
+                "admin_username": _ui_user_name(getpass.getuser()),
+                "admin_password": secrets.token_urlsafe(18),
+                "authorization_function": "mlflow.server.auth:authenticate_request_basic_auth",
+                "flask_secret_key": secrets.token_hex(32),
+            }
+            fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                config.write(f)
+        os.chmod(self.config_path, 0o600)
+        section = config["mlflow"]
+        self.user, self.password = section["admin_username"], section["admin_password"]
+        self.secret_key = section.get("flask_secret_key") or secrets.token_hex(32)
+        # The auth database MLflow creates inherits the umask: keep it the owner's (created empty, 0600, first).
+        if not db.exists():
+            os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.chmod(db, 0o600)
+
+    def env(self) -> dict[str, str]:
+        """The server's environment: MLflow reads its auth config and Flask secret key from these."""
+        return {"MLFLOW_AUTH_CONFIG_PATH": str(self.config_path), "MLFLOW_FLASK_SERVER_SECRET_KEY": self.secret_key}
+
+    def login_url(self, base: str) -> str:
+        """A URL that logs a browser in: the owner's credentials in it, on an API page that asks for them, so the
+        browser keeps them for the UI's other pages. (The UI's own pages must be opened without credentials in the
+        URL: its scripts cannot fetch from a page whose address holds them.)"""
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{self.user}:{self.password}@{rest}{LOGIN_PATH}"
+
+
+LOGIN_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def _ui_user_name(name: str) -> str:
+    """The Unix user name as an MLflow account name (letters, digits, ``._-`` kept, so it stays URL-safe)."""
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "owner"

@@ -74,6 +74,14 @@ class TrackingSpec(StrictModel):
     log_model: bool = Field(
         True, description="Log the final weights (safetensors) as an artifact; turn off for large models."
     )
+    outage_report_s: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds a tracking server may stay unreachable while trainings run before the driver reports "
+        "it (in its output, and as the run tag `gptlab.tracking_outage` once the server is back). Nothing is "
+        "dropped meanwhile: the metrics wait in each training's metrics.jsonl and are sent, exactly once, when "
+        "the server answers again.",
+    )
 
 
 class PruneSpec(StrictModel):

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -128,6 +129,51 @@ def quiet_mlflow_logs() -> None:
     for name in ("mlflow", "alembic", "alembic.runtime.migration"):
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    # MLflow's client retries a tracking server that does not answer 7 times with a backoff of 2, 4, ... 64 s, each
+    # try waiting up to 120 s: minutes of silence. Bounded here (a few seconds when nothing listens, about a
+    # minute at worst); the metric forwarder never retries a write itself (see ``Tracker.log_batch_once``).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """The tracking server (or the database behind it) does not answer for now: no connection, a timeout, or an
+    HTTP 5xx. Not a refusal (401, 403) and not a bad request, which waiting does not fix."""
+    import requests
+
+    seen, todo = [], [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or any(e is x for x in seen):
+            continue
+        seen.append(e)
+        if isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
+            return True
+        code = getattr(e, "error_code", "")
+        if code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE") and "403" not in str(e):
+            return True
+        if re.search(r"error code 5\d\d|Max retries exceeded|failed with exception", str(e)):
+            return True
+        todo += [e.__cause__, e.__context__]
+    return False
+
+
+@contextmanager
+def permitted(experiment: str) -> Iterator[None]:
+    """Turn a tracking server's "permission denied" (MLflow's basic-auth: the experiment is another member's) into
+    a :class:`TrackingStoreError` naming ``tracking.experiment`` and what to do."""
+    try:
+        yield
+    except Exception as exc:
+        if getattr(exc, "error_code", "") != "PERMISSION_DENIED" and "error code 403" not in str(exc):
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "(none: MLFLOW_TRACKING_USERNAME is not set)"
+        raise TrackingStoreError(
+            f"tracking.experiment {experiment}: the server's user {user} has no permission on it (HTTP 403: it is "
+            "another member's experiment); ask its owner or the server's admin to grant you EDIT on it, or name "
+            "another tracking.experiment"
+        ) from None
 
 
 class Tracker:
@@ -138,9 +184,10 @@ class Tracker:
         quiet_mlflow_logs()
         check_tracking_server(uri)  # before the lock file, before anything is written: fail fast, in one sentence
         self.uri = uri
+        self.outage_report_s = 120.0  # the spec's tracking.outage_report_s, set by whoever read the spec
         self.lock_path = store_lock_path(uri, artifact_root)
         self._held = threading.local()
-        with self.locked():  # the first client call creates (migrates) a new SQLite store: one process only
+        with self.locked(), permitted(experiment):  # the first client call creates (migrates) a new SQLite store
             self.client = retry_locked(lambda: MlflowClient(tracking_uri=uri))
             exp = retry_locked(lambda: self.client.get_experiment_by_name(experiment))
             if exp is None:
@@ -240,6 +287,32 @@ class Tracker:
                         run_id, metrics=chunk, tags=run_tags if last else [], synchronous=True
                     )
                 )
+
+    def log_batch_once(self, run_id: str, metrics: list[Metric], tags: dict[str, str]) -> None:
+        """One ``log_batch`` (at most BATCH metrics, with run tags, one store transaction), sent once: never retried
+        by MLflow's client, since a retry of a batch that landed but whose answer was lost would log its points
+        twice. The caller re-reads the run's tags before sending again. On a tracking server this is a single
+        REST call with bounded timeouts; on a local store, a client call (retried only while SQLite is locked,
+        which means it did not land)."""
+        assert len(metrics) <= BATCH
+        run_tags = [RunTag(tag(k), str(v)) for k, v in tags.items()]
+        if is_local_store(self.uri):
+            with self.locked():
+                retry_locked(lambda: self.client.log_batch(run_id, metrics=metrics, tags=run_tags, synchronous=True))
+            return
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        body = {
+            "run_id": run_id,
+            "metrics": [{"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in metrics],
+            "tags": [{"key": t.key, "value": t.value} for t in run_tags],
+        }
+        endpoint = "/api/2.0/mlflow/runs/log-batch"
+        with self.locked():
+            resp = http_request(get_default_host_creds(self.uri), endpoint, "POST", max_retries=0, backoff_factor=0,
+                                timeout=(5, 60), raise_on_status=False, json=body)  # fmt: skip
+            verify_rest_response(resp, endpoint)
 
     def log_values(self, run_id: str, values: dict[str, float], step: int) -> None:
         """Log final values at ``step``, each once: a value the run already holds at that step is not repeated

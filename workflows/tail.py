@@ -8,14 +8,16 @@ is live, the store has one writer, and compute nodes that cannot reach a trackin
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric
 
 from llmcore.metrics import EvalLine, TrainLine, parse_lines
-from workflows.store import Tracker, retry_locked, tag
+from workflows.store import BATCH, Tracker, is_unreachable, retry_locked, tag
 
 
 class MetricsTail:
@@ -63,18 +65,40 @@ class MetricsTail:
 
 
 class MetricsForwarder:
-    """Forwards a training's new records to one MLflow run, never the same step twice.
+    """Forwards a training's new records to one MLflow run, each point exactly once, through server outages.
 
-    The last forwarded step per record kind is kept as a run tag, so a driver that restarts (or a training that
-    resumes from a checkpoint and rewrites later steps) does not duplicate points.
+    The last forwarded step per record kind is kept as a run tag, written in the same store transaction as the
+    points it covers (one ``log_batch`` of at most 1000 values each), and re-read before every send: so a driver
+    that restarts, a training that resumes from a checkpoint and rewrites later steps, or a batch that may or may
+    not have landed before the server went away, never duplicates a point.
+
+    When the tracking server (or the database behind it) does not answer, the records stay pending and the
+    training goes on; past MAX_PENDING records they are let go from memory and read again from ``metrics.jsonl``
+    (the buffer on disk) once the server is back. An outage longer than the tracker's ``outage_report_s`` is said
+    in the driver's output when it passes that time, and recorded on the run (tag ``gptlab.tracking_outage``)
+    when the server is back.
     """
 
-    def __init__(self, tracker: Tracker, run_id: str, path: Path):
+    MAX_PENDING = 20_000  # records held in memory while the server is away; beyond, metrics.jsonl holds them
+
+    def __init__(self, tracker: Tracker, run_id: str, path: Path, say: Callable[[str], None] | None = None):
         self.tracker, self.run_id = tracker, run_id
         self.tail = MetricsTail(path)
         self.pending: list[TrainLine | EvalLine] = []  # read but not yet sent
         self.sent_at = float("-inf")
-        self.last = self._forwarded()
+        self.say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.down_since: float | None = None  # monotonic time of the first failed send of this outage
+        self.down_wall = ""  # the same, as a UTC clock time, for the messages
+        self.reported = False  # this outage was said in the driver's output
+        self.reread = False  # pending records were let go: read metrics.jsonl again from its start
+        self.outages: list[str] = []  # outages past outage_report_s, not yet recorded on the run
+        try:
+            self.last = self._forwarded()
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            self.last = {"train": -1, "eval": -1}  # re-read before any send
+            self._down()
 
     @property
     def latest(self) -> TrainLine | None:
@@ -89,27 +113,86 @@ class MetricsForwarder:
         """Read the new records (``latest`` follows them at once) and send what is pending to the store when
         ``min_interval`` seconds have passed since the last send (0: now). Returns how many metric values were
         sent. Sending costs a store transaction whatever its size, so the driver sends every few seconds while a
-        training runs and once more, at once, when it has ended."""
+        training runs and once more, at once, when it has ended. A server that does not answer keeps the records
+        pending (see the class docstring); this never raises for that."""
         self.pending += self.tail.read()
-        if not self.pending or time.monotonic() - self.sent_at < min_interval:
+        if len(self.pending) > self.MAX_PENDING:
+            self.pending, self.reread = [], True  # they are in metrics.jsonl: read again when the server is back
+        if (not self.pending and not self.reread) or time.monotonic() - self.sent_at < min_interval:
             return 0
-        records, self.pending = self.pending, []
         self.sent_at = time.monotonic()
+        try:
+            sent = self._send()
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            self._down()
+            return 0
+        if self.down_since is not None:
+            self._back(sent)
+        return sent
+
+    def _send(self) -> int:
+        """Send every pending record not yet in the run, batch by batch; each batch and the tags saying how far
+        it reaches land in one transaction, and the tags are read again first (a send that failed may have
+        landed)."""
+        sent = 0
         with self.tracker.locked():  # exactly once, even with another driver forwarding the same file
             self.last = self._forwarded()
-            metrics, last = self._metrics(records)
-            if metrics:
-                self.tracker.log_metrics(self.run_id, metrics, {f"forwarded.{k}": str(v) for k, v in last.items()})
+            if self.reread:
+                self.tail.offset, self.tail.inode = 0, -1
+                self.pending, self.reread = self.tail.read(), False
+            for metrics, last in self._batches(self.pending):
+                tags = {f"forwarded.{k}": str(v) for k, v in last.items()}
+                if self.outages:
+                    tags["tracking_outage"] = "; ".join(self.outages)
+                self.tracker.log_batch_once(self.run_id, metrics, tags)
                 self.last.update(last)
-        return len(metrics)
+                self.outages = []
+                sent += len(metrics)
+            self.pending = []
+        return sent
 
-    def _metrics(self, records: list[TrainLine | EvalLine]) -> tuple[list[Metric], dict[str, int]]:
+    def _batches(self, records: list[TrainLine | EvalLine]) -> Iterator[tuple[list[Metric], dict[str, int]]]:
+        """(metrics, last step per kind) of the records past ``last``, at most BATCH metrics each, whole records."""
         metrics: list[Metric] = []
         last: dict[str, int] = {}
         for rec in records:
             if rec.step <= max(self.last.get(rec.kind, -1), last.get(rec.kind, -1)):
                 continue
             ts = int(rec.time * 1000)
-            metrics += [Metric(name, value, ts, rec.step) for name, value in rec.metrics().items()]
+            points = [Metric(name, value, ts, rec.step) for name, value in rec.metrics().items()]
+            if metrics and len(metrics) + len(points) > BATCH:
+                yield metrics, last
+                metrics, last = [], {}
+            metrics += points
             last[rec.kind] = rec.step
-        return metrics, last
+        if metrics:
+            yield metrics, last
+
+    def _down(self) -> None:
+        now = time.monotonic()
+        if self.down_since is None:
+            self.down_since, self.down_wall = now, time.strftime("%H:%M:%S UTC", time.gmtime())
+        gone = now - self.down_since
+        if not self.reported and gone >= self.tracker.outage_report_s:
+            self.reported = True
+            self.say(
+                f"the tracking server {self.tracker.uri} has not answered since {self.down_wall} ({gone:.0f} s, "
+                f"past tracking.outage_report_s): training goes on, its metrics wait in {self.tail.path} and are "
+                "sent when the server answers"
+            )
+
+    def _back(self, sent: int) -> None:
+        gone = time.monotonic() - self.down_since
+        if gone >= self.tracker.outage_report_s:
+            note = f"server unreachable from {self.down_wall} for {gone:.0f} s; metrics sent late, none lost"
+            self.say(f"the tracking server {self.tracker.uri} answers again after {gone:.0f} s: {sent} metric "
+                     "values sent late, none lost")  # fmt: skip
+            try:  # on the run, with the next batch if this one is already sent
+                self.tracker.set_tags(self.run_id, {"tracking_outage": note})
+            except Exception as exc:
+                if not is_unreachable(exc):
+                    raise
+                self.outages.append(note)
+        self.down_since, self.reported = None, False
