@@ -57,6 +57,8 @@ def test_a_member_submits_and_reads_back_with_every_command(team_server, alice, 
     assert list((team_server.dir / "artifacts").rglob("model.safetensors")), "stored under --artifacts-destination"
 
     assert "alice-exp" in ok(gptlab("status", "--uri", team_server.uri, env=env))
+    ui = ok(gptlab("ui", "--uri", team_server.uri, env=env))  # the server's own UI: links, nothing started
+    assert f"alice-exp: {team_server.uri}/#/experiments/{exp.experiment_id}/runs?" in ui and "as alice" in ui, ui
     assert ok(gptlab("status", spec, env=env)).count("FINISHED") >= 1
     assert "val/bpb" in ok(gptlab("compare", spec, "--out", tmp_path / "cmp", env=env))
     assert ok(gptlab("sample", run.info.run_name, "--spec", spec, "--max-new-tokens", "8", env=env)).strip()
@@ -92,6 +94,9 @@ def test_wrong_credentials_fail_naming_tracking_uri_before_any_stage(team_server
     assert f"tracking.uri {team_server.uri}: the MLflow server refuses these credentials (HTTP 401)" in r.stderr, out
     assert "MLFLOW_TRACKING_USERNAME" in r.stderr
     assert not (tmp_path / "runs" / "stages").exists(), "no stage was started"
+    r = gptlab("ui", "--uri", team_server.uri, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert f"tracking.uri {team_server.uri}: the MLflow server refuses these credentials" in r.stderr, r.stderr
 
 
 def test_two_members_do_not_see_or_overwrite_each_other_unless_permitted(team_server, alice, tmp_path):  # noqa: F811
@@ -111,6 +116,8 @@ def test_two_members_do_not_see_or_overwrite_each_other_unless_permitted(team_se
         assert "bob-exp" not in {e.name for e in MlflowClient(team_server.uri).search_experiments()}
     status = ok(gptlab("status", "--uri", team_server.uri, env=bob))
     assert "bob-exp" in status and "alice-exp" not in status
+    ui = ok(gptlab("ui", "--uri", team_server.uri, env=bob))
+    assert "bob-exp: " in ui and "alice-exp" not in ui, ui
 
     # Bob may not write into Alice's experiment: a submit of his spec under her experiment's name is refused at
     # once, naming the experiment, and her runs are untouched.

@@ -751,6 +751,7 @@ def export(
 
 
 @app.command()
+@user_errors
 def ui(
     runs_root: Path = typer.Option(Path("runs"), help="runs_root of the experiments (holds mlflow.db)."),
     uri: str | None = typer.Option(None, help="Backend store URI; default sqlite:///<runs_root>/mlflow.db."),
@@ -768,6 +769,8 @@ def ui(
     the URL of each experiment's runs table: MLflow 3.17 opens an experiment reached from its home page on the
     GenAI traces view, these URLs open the training runs with the swept fields and val/bpb as
     columns (the view each submit saves on its experiment)."""
+    if uri is not None and uri.lower().startswith(("http://", "https://")):
+        return _server_ui_links(uri)  # a tracking server is its own UI, behind its own login
     store = uri or f"sqlite:///{runs_root.resolve() / 'mlflow.db'}"
     if uri is None and not (runs_root / "mlflow.db").is_file():
         typer.echo(
@@ -806,6 +809,24 @@ def ui(
     if private is None:
         os.execv(mlflow, [mlflow, "ui", *argv])
     os.execve(mlflow, [mlflow, "server", "--app-name", "basic-auth", *argv], dict(os.environ, **private.env()))
+
+
+def _server_ui_links(uri: str) -> None:
+    """`gptlab ui --uri http(s)://...`: start nothing (the server serves its own UI, to its own accounts); check
+    the credentials in MLflow's variables and print the runs-table URL of each experiment they may read."""
+    from mlflow.tracking import MlflowClient
+
+    from workflows.lifecycle import runs_table_url
+    from workflows.server import check_tracking_server
+    from workflows.store import quiet_mlflow_logs
+
+    quiet_mlflow_logs()
+    check_tracking_server(uri)  # no server, or refused credentials: exit 2 naming tracking.uri
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    typer.echo(f"{uri} is a tracking server: it serves its own UI; log in there" + (f" as {user}." if user else "."))
+    for exp in MlflowClient(uri).search_experiments():
+        if exp.name != "Default":
+            typer.echo(f"  {exp.name}: {runs_table_url(uri, exp)}")
 
 
 @app.command()
