@@ -105,7 +105,7 @@ def read_model(folder: str | Path) -> HFModel:
         raise HFError(f"{path}: {e.args[0]}: field missing") from None
     archs = ", ".join(c.get("architectures") or []) or "none given"
     raise HFError(f"{path}: model_type {kind!r} (architectures: {archs}) is not one gptlab reads (gpt2: the GPT-2 "
-                  "family; llama: the Llama family; gpt_neox: GPT-NeoX with full rotary and a sequential residual)")  # fmt: skip
+                  "family; llama: the Llama family; gpt_neox: GPT-NeoX, full rotary)")  # fmt: skip
 
 
 def _refuse(path: Path, problems: list[str]) -> None:
@@ -178,9 +178,9 @@ def _neox(folder: Path, c: dict[str, Any], path: Path) -> HFModel:
         problems.append("use_parallel_residual: only the sequential residual (false) is supported")
     pct = rope.get("partial_rotary_factor", c.get("rotary_pct", 0.25))
     if pct != 1.0:
-        problems.append(f"rotary_pct / partial_rotary_factor: {pct}; only rotary over the whole head (1.0) is supported")
+        problems.append(f"rotary_pct / partial_rotary_factor: {pct}; only rotary over the whole head (1.0) is read")
     if c.get("rope_scaling") not in (None, {}) or rope.get("rope_type", "default") != "default":
-        problems.append(f"rope_scaling / rope_parameters: {c.get('rope_scaling') or rope} is not supported (plain RoPE)")
+        problems.append(f"rope_scaling / rope_parameters: {c.get('rope_scaling') or rope}: only plain RoPE is read")
     if not c.get("attention_bias", True):
         problems.append("attention_bias: false is not supported")
     _refuse(path, problems)
@@ -364,7 +364,7 @@ def _neox_rows(cfg: ModelConfig) -> list[tuple[str, list[str], str]]:
                              ("attn.c_proj", "attention.dense"), ("ln_2", "post_attention_layernorm"),
                              ("mlp.c_fc", "mlp.dense_h_to_4h"), ("mlp.c_proj", "mlp.dense_4h_to_h")):  # fmt: skip
             how = "heads" if ours == "attn.c_attn" else "copy"  # (3, H, D) rows here, (H, 3, D) there
-            rows += [(f"{b}{ours}.weight", [f"{m}{theirs}.weight"], how), (f"{b}{ours}.bias", [f"{m}{theirs}.bias"], how)]
+            rows += [(f"{b}{ours}.{p}", [f"{m}{theirs}.{p}"], how) for p in ("weight", "bias")]
     rows += [("ln_f.weight", ["gpt_neox.final_layer_norm.weight"], "copy"),
              ("ln_f.bias", ["gpt_neox.final_layer_norm.bias"], "copy")]  # fmt: skip
     if not cfg.tie_embeddings:
@@ -460,8 +460,8 @@ def export_family(cfg: ModelConfig) -> str:
             wrong[arch].append(f"n_kv_head={cfg.n_kv_head}")
     differs = "; ".join(f"as {arch}: {', '.join(w)}" for arch, w in wrong.items())
     combos = ("learned positions + layernorm + gelu or gelu_tanh -> GPT2LMHeadModel; rope + rmsnorm + swiglu "
-              "without biases -> LlamaForCausalLM; rope + layernorm + gelu or gelu_tanh without grouped-query attention -> "
-              "GPTNeoXForCausalLM")  # fmt: skip
+              "without biases -> LlamaForCausalLM; rope + layernorm + gelu or gelu_tanh without grouped-query "
+              "attention -> GPTNeoXForCausalLM")  # fmt: skip
     raise HFError(f"model: these fields have no Hugging Face equivalent ({differs}); what exports: {combos}")
 
 
