@@ -365,9 +365,9 @@ class LoraConfig(RuledModel):
 
         return [n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n.split(".", 2)[2], pattern)]
 
-    def layers(self, model: ModelConfig) -> dict[str, tuple[int, int]]:
-        """The adapted layers of a model: {full name (``blocks.3.attn.q``): (in, out)}; a ConfigError names a
-        pattern that matches none of them."""
+    def layers(self, model: ModelConfig, strict: bool = True) -> dict[str, tuple[int, int]]:
+        """The adapted layers of a model: {full name (``blocks.3.attn.q``): (in, out)}; with `strict` a FieldError
+        names a pattern that matches none of them (the memory estimate counts what matches: training refuses)."""
         D, C = model.head_size, model.n_embd
         sizes = {"attn.q": (C, model.n_head * D), "attn.k": (C, model.kv_heads * D), "attn.v": (C, model.kv_heads * D),
                  "attn.c_proj": (C, C), "mlp.c_fc": (C, model.hidden * (2 if model.mlp == "swiglu" else 1)),
@@ -376,7 +376,7 @@ class LoraConfig(RuledModel):
         chosen: dict[str, tuple[int, int]] = {}
         for t in self.targets:
             found = self._matches(t, list(every))
-            if not found:
+            if not found and strict:
                 raise FieldError("train.lora.targets", f"{t!r} matches no layer of this {model.n_layer}-block model")
             chosen.update({n: every[n] for n in found})
         return {n: chosen[n] for n in every if n in chosen}  # in model order
