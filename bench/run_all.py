@@ -3,7 +3,7 @@
     python bench/run_all.py [--quick] [--only NAME ...]        (from the repository root)
 
 Runs, each in its own process (so one's memory or threads never colour another's figures): cli, planning,
-tokenizer, shards, tracking, orchestration, train_step, fsdp, search, tasks, pretrained, inspection. Each writes
+tokenizer, shards, tracking, orchestration, train_step, fsdp, search, tasks, pretrained, inspection, lora. Each writes
 bench/results/<name>.json; this script then writes bench/results/summary.json and bench/results/summary.md (the
 table docs/performance.md quotes: figure, value, target, met, command, and the machine). ``--quick`` runs every
 benchmark at small sizes (a smoke test in a few minutes; its figures are not the published ones). The full suite
@@ -34,6 +34,7 @@ BENCHMARKS = (
     "tasks",
     "pretrained",
     "inspection",
+    "lora",
 )
 NANOGPT_MS = 30.0  # nanoGPT's train.py, CPU recipe, 2 cores (the reference)
 

@@ -18,6 +18,11 @@ reshards); ``state.pt`` holds the rest (step, every rank's RNG state, the data c
 hashes the shard files it wrote; rank 0 writes ``DONE.json`` last, listing every file, once all have reported.
 The run's final checkpoint (``consolidate``) also holds the whole model as ``model.safetensors``; ``load_model``
 reads the DCP files of the others in one process.
+
+LoRA (``train.lora``; ``meta.json`` holds ``"lora"``: the adapted layers, r, alpha, and ``base_sha256``, the sha256
+of the base weights file the adapters belong to): a checkpoint holds the adapters only, as ``lora.safetensors``
+(sharded: only the adapters in the DCP files), and the optimizer state of the adapters; the run's final checkpoint
+also holds the merged weights as a plain ``model.safetensors``, which every reader loads with no LoRA knowledge.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from llmcore.model import GPT
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE, STATE_FILE, META_FILE = "model.safetensors", "state.pt", "meta.json"
+LORA_FILE = "lora.safetensors"  # the adapters of a LoRA training
 FORMAT = 1
 SHARDED = "sharded"  # meta.json "layout" of checkpoints every rank writes through DCP
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -102,10 +108,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _weights(model: GPT) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """State dict with each shared tensor stored once, and the aliases {dropped name: kept name}."""
+    return _dedup(model.state_dict())
+
+
+def _dedup(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, tuple[int, ...]], str] = {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         key = (t.data_ptr(), tuple(t.shape))
         if key in seen:
             aliases[name] = seen[key]
@@ -130,32 +140,56 @@ def save_checkpoint(
     *,
     rng_states: list[dict[str, Any]] | None = None,
     keep: int = 2,
+    lora: dict[str, Any] | None = None,
+    final: bool = False,
 ) -> Path:
     """Write a committed checkpoint for `step`; return its directory.
 
     sampler_state: the data-loader cursor (JSON-able; the trainer passes one per data stream).
     rng_states: one `rng_state()` per rank, in rank order; default: this process's only.
     extra: JSON-able facts stored in meta.json (the trainer keeps losses and counters there).
+    lora: a LoRA model's adapters' description (meta.json's "lora"): only the adapters are written, and with
+    `final` the merged weights as model.safetensors.
     """
     gpt = unwrap(model)
     path = step_dir(out_dir, step)
     if path.exists():  # a torn attempt (or an older run's) at this step: start clean
         shutil.rmtree(path)
     path.mkdir(parents=True)
-    tensors, aliases = _weights(gpt)
     optim = optimizer.state_dict()
     rng = rng_states if rng_states is not None else [rng_state()]
+    state = {k: v.detach().to("cpu") for k, v in gpt.state_dict().items()}
     files = _write_blobs(
         path,
         {
-            MODEL_FILE: save_safetensors(tensors, metadata={"aliases": json.dumps(aliases)}),
+            **_weight_blobs(state, gpt, lora, final),
             STATE_FILE: _state_bytes(step, optim, scaler, rng, sampler_state),
-            META_FILE: _meta_bytes(gpt, step, extra),
+            META_FILE: _meta_bytes(gpt, step, extra, **({"lora": lora} if lora else {})),
         },
     )
     write_commit_marker(path, {"step": step, "files": files})
     _prune(Path(out_dir), keep)
     return path
+
+
+def _weight_blobs(state: dict[str, torch.Tensor], gpt: torch.nn.Module, lora: dict[str, Any] | None,
+                  final: bool) -> dict[str, bytes]:  # fmt: skip
+    """model.safetensors of a full state dict; of a LoRA model's: lora.safetensors (the adapters), and when
+    `final` also the merged weights as model.safetensors."""
+    from llmcore.lora import adapter_state_dict, merge_state_dict
+
+    blobs = {}
+    if lora is not None:
+        adapters = {k: v.contiguous() for k, v in adapter_state_dict(state).items()}
+        meta = {"aliases": "{}", "base_sha256": lora["base_sha256"]}
+        blobs[LORA_FILE] = save_safetensors(adapters, metadata=meta)
+        if not final:
+            return blobs
+        state = merge_state_dict(state, gpt)
+    tensors, aliases = _dedup(state)
+    blobs[MODEL_FILE] = save_safetensors({k: v.contiguous() for k, v in tensors.items()},
+                                         metadata={"aliases": json.dumps(aliases)})  # fmt: skip
+    return blobs
 
 
 def save_weights(path: Path, model: torch.nn.Module, extra: dict[str, Any] | None = None) -> Path:
@@ -231,12 +265,14 @@ def save_sharded_checkpoint(
     rng_states: list[dict[str, Any]],
     consolidate: bool,
     keep: int = 2,
+    lora: dict[str, Any] | None = None,
 ) -> Path:
     """Write a committed sharded checkpoint for `step`; a collective: every rank calls it with its FSDP model.
 
     Each rank writes its shard of the model and optimizer (DCP) and hashes the files it wrote; rank 0 writes
     state.pt and meta.json, with `consolidate` also the full weights as model.safetensors (gathered to its CPU:
-    parameters x 4 bytes of host memory), then, when every rank has reported its files, DONE.json.
+    parameters x 4 bytes of host memory), then, when every rank has reported its files, DONE.json. With `lora`
+    only the adapters go to the DCP files, and the consolidated weights are merged.
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -250,7 +286,7 @@ def save_sharded_checkpoint(
     dist.barrier()  # nobody writes into the directory rank 0 is clearing
     model_sd, optim_sd = get_state_dict(gpt, optimizer)
     aliases = _tied(model_sd)  # the tied head is stored once, as the embedding
-    shards = {"model": {k: v for k, v in model_sd.items() if k not in aliases}, "optimizer": optim_sd}
+    shards = {"model": _saved_keys(model_sd, aliases, lora), "optimizer": optim_sd}
     try:
         dcp.save(shards, checkpoint_id=path)
     except CheckpointException as e:  # every rank gets every rank's failure: a full disk stays an OSError
@@ -262,9 +298,15 @@ def save_sharded_checkpoint(
     if rank == 0:
         blobs = {
             STATE_FILE: _state_bytes(step, None, None, rng_states, sampler_state),
-            META_FILE: _meta_bytes(gpt, step, extra, layout=SHARDED, world_size=world),
+            META_FILE: _meta_bytes(
+                gpt, step, extra, layout=SHARDED, world_size=world, **({"lora": lora} if lora else {})
+            ),
         }
         if consolidate:
+            if lora is not None:
+                from llmcore.lora import merge_state_dict
+
+                full = merge_state_dict(full, gpt)
             weights = {k: v.contiguous() for k, v in full.items() if k not in aliases}
             blobs[MODEL_FILE] = save_safetensors(weights, metadata={"aliases": json.dumps(aliases)})
     files = _gather_files(path, blobs, rank, world)
@@ -272,6 +314,13 @@ def save_sharded_checkpoint(
         write_commit_marker(path, {"step": step, "files": files})
         _prune(Path(out_dir), keep)
     return path
+
+
+def _saved_keys(model_sd: dict[str, Any], aliases: dict[str, str], lora: dict[str, Any] | None) -> dict[str, Any]:
+    """The model entries a sharded checkpoint holds: each tensor once; of a LoRA model, its adapters only."""
+    from llmcore.lora import is_adapter
+
+    return {k: v for k, v in model_sd.items() if k not in aliases and (lora is None or is_adapter(k))}
 
 
 def _gather_files(path: Path, blobs: dict[str, bytes], rank: int, world: int) -> dict[str, dict[str, Any]]:
@@ -390,15 +439,15 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path / META_FILE} is not valid JSON: {e}") from e
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, verified, with the tied names restored."""
-    data = _read_verified(path, MODEL_FILE)
+def _read_weights(path: Path, name: str = MODEL_FILE) -> dict[str, torch.Tensor]:
+    """model.safetensors (or `name`), verified, with the tied names restored."""
+    data = _read_verified(path, name)
     try:
         tensors = load_safetensors(data)
         header_len = int.from_bytes(data[:8], "little")
         aliases = json.loads(json.loads(data[8 : 8 + header_len])["__metadata__"]["aliases"])
     except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"{path / MODEL_FILE} is not a valid safetensors file: {e}") from e
+        raise CheckpointError(f"{path / name} is not a valid safetensors file: {e}") from e
     for name, kept in aliases.items():
         tensors[name] = tensors[kept]
     return tensors
@@ -409,6 +458,31 @@ def _apply_weights(path: Path, model: torch.nn.Module, tensors: dict[str, torch.
         unwrap(model).load_state_dict(tensors)
     except RuntimeError as e:
         raise CheckpointError(f"{path / MODEL_FILE} does not fit the model: {e}") from e
+
+
+def _apply_adapters(path: Path, model: torch.nn.Module, adapters: dict[str, torch.Tensor]) -> None:
+    """A LoRA checkpoint's adapters into a LoRA model (its base weights loaded already): every adapter of the
+    model, nothing else."""
+    from llmcore.lora import is_adapter
+
+    gpt = unwrap(model)
+    want = {k for k in gpt.state_dict() if is_adapter(k)}
+    if set(adapters) != want:
+        odd = sorted(set(adapters) ^ want)
+        raise CheckpointError(f"{path / LORA_FILE}: its adapters do not fit this model's LoRA layers ({odd[0]}, ...)")
+    try:
+        gpt.load_state_dict(adapters, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path / LORA_FILE} does not fit the model: {e}") from e
+
+
+def weights_sha256(path: Path) -> str:
+    """The sha256 of a committed checkpoint's model.safetensors, as its DONE.json records it (what a LoRA
+    checkpoint names as its base)."""
+    info = _listed(Path(path)).get(MODEL_FILE)
+    if info is None:
+        raise CheckpointError(f"{Path(path) / MODEL_FILE} is not listed in {Path(path) / COMMIT_MARKER}")
+    return info["sha256"]
 
 
 def load_weights(path: Path, model: torch.nn.Module) -> None:
@@ -423,12 +497,14 @@ def _read_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path / STATE_FILE} cannot be loaded safely (weights_only=True): {e}") from e
 
 
-def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, no_dist: bool) -> None:
+def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, no_dist: bool,
+                  lora: dict[str, Any] | None = None) -> None:  # fmt: skip
     """Read a sharded checkpoint's DCP files into `model` (sharded or not) and `optimizer`: each rank reads
     what its tensors need, whatever the number of ranks that wrote them. A collective unless `no_dist`."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
         get_model_state_dict,
         get_state_dict,
         set_model_state_dict,
@@ -438,7 +514,7 @@ def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     gpt = unwrap(model)
     model_sd, optim_sd = get_state_dict(gpt, optimizer) if optimizer is not None else (get_model_state_dict(gpt), None)
     aliases = _tied(model_sd)
-    wanted: dict[str, Any] = {"model": {k: v for k, v in model_sd.items() if k not in aliases}}
+    wanted: dict[str, Any] = {"model": _saved_keys(model_sd, aliases, lora)}
     if optimizer is not None:
         wanted["optimizer"] = optim_sd
     try:
@@ -447,11 +523,15 @@ def _load_sharded(path: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
             dcp.load(wanted, checkpoint_id=path, no_dist=no_dist)
     except (Exception, CheckpointException) as e:  # DCP's (a BaseException) wraps every rank's read error
         raise CheckpointError(f"{path}: the sharded checkpoint does not load into this model: {e}") from e
-    model_sd = {**wanted["model"], **{name: wanted["model"][kept] for name, kept in aliases.items()}}
+    model_sd = {
+        **wanted["model"],
+        **{k: wanted["model"][kept] for k, kept in aliases.items() if kept in wanted["model"]},
+    }
+    options = StateDictOptions(strict=lora is None)  # a LoRA checkpoint holds the adapters, not the base weights
     if optimizer is None:
-        set_model_state_dict(gpt, model_sd)
+        set_model_state_dict(gpt, model_sd, options=options)
     else:
-        set_state_dict(gpt, optimizer, model_state_dict=model_sd, optim_state_dict=wanted["optimizer"])
+        set_state_dict(gpt, optimizer, model_state_dict=model_sd, optim_state_dict=wanted["optimizer"], options=options)
 
 
 @dataclass
@@ -461,11 +541,16 @@ class Checkpoint:
     path: Path
     meta: dict[str, Any]
     state: dict[str, Any]  # step, optimizer (single-file layout), scaler, rng (one per rank), sampler (JSON)
-    weights: dict[str, torch.Tensor] | None  # single-file layout; None: sharded (in the DCP files)
+    weights: dict[str, torch.Tensor] | None  # single-file layout (LoRA: the adapters); None: sharded (DCP files)
 
     @property
     def sharded(self) -> bool:
-        return self.weights is None
+        return self.meta.get("layout") == SHARDED
+
+    @property
+    def lora(self) -> dict[str, Any] | None:
+        """A LoRA checkpoint's description (adapted layers, r, alpha, base_sha256); None for full weights."""
+        return self.meta.get("lora")
 
 
 def read_checkpoint(path: Path, *, rank: int = 0, world: int = 1) -> Checkpoint:
@@ -480,7 +565,7 @@ def read_checkpoint(path: Path, *, rank: int = 0, world: int = 1) -> Checkpoint:
         _verify_files(path, shards[rank::world])
         weights = None
     else:
-        weights = _read_weights(path)
+        weights = _read_weights(path, LORA_FILE if meta.get("lora") else MODEL_FILE)
     return Checkpoint(path, meta, _read_state(path), weights)
 
 
@@ -504,9 +589,13 @@ def apply_checkpoint(
             f"{ck.path / STATE_FILE} holds RNG states for {len(ck.state['rng'])} ranks; rank {rank} cannot resume"
         )
     if ck.sharded:
-        _load_sharded(ck.path, model, optimizer, no_dist)
+        _load_sharded(ck.path, model, optimizer, no_dist, ck.lora)
     elif is_sharded(model):
         raise CheckpointError(f"{ck.path}: a single-file (ddp) checkpoint cannot resume an fsdp training")
+    elif ck.lora:
+        _apply_adapters(ck.path, model, ck.weights)
+        if optimizer is not None:
+            optimizer.load_state_dict(ck.state["optimizer"])
     else:
         _apply_weights(ck.path, model, ck.weights)
         if optimizer is not None:
@@ -546,6 +635,10 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[GPT, dic
     meta = read_meta(path)
     model = GPT(ModelConfig(**meta["model"]), meta["vocab_size"])
     listed = _listed(path)
+    if meta.get("lora") and MODEL_FILE not in listed:
+        raise CheckpointError(f"{path}: a LoRA checkpoint holding the adapters only ({LORA_FILE}, for base weights "
+                              f"with sha256 {meta['lora']['base_sha256'][:12]}...); the run's final checkpoint holds "
+                              "the merged weights: let the training finish")  # fmt: skip
     if MODEL_FILE in listed or meta.get("layout") != SHARDED:
         load_weights(path, model)
     else:

@@ -331,6 +331,57 @@ class ModelConfig(RuledModel):
 # --------------------------------------------------------------------------------------------- training
 
 
+#: The layers of a block LoRA may adapt, by their name within the block: q, k and v are the query, key and value
+#: rows of the fused ``attn.c_attn`` projection (adapted each on its own, as litgpt's ``LoRAQKVLinear``).
+LORA_LAYERS = ("attn.q", "attn.k", "attn.v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+#: Blocks a spec's LoRA targets are checked against before the model is known (training checks the model's own).
+LORA_CHECKED_BLOCKS = 256
+
+
+class LoraConfig(RuledModel):
+    """Low-rank adapters (Hu et al. 2021, as litgpt's ``finetune/lora.py`` and ``peft``): each adapted weight W
+    (out, in) gets ``W + (alpha / r) * B @ A`` with A (r, in) and B (out, r); only A and B train, W stays fixed."""
+
+    r: int = Field(8, ge=1, description="Rank of the adapters.")
+    alpha: float = Field(16.0, gt=0.0, description="Scale: the update B @ A is multiplied by alpha / r.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapters' input (training only).")
+    targets: list[str] = Field(
+        default_factory=lambda: ["attn.q", "attn.v"],
+        min_length=1,
+        description="Layers to adapt: glob patterns over a block's layers (`attn.q`, `attn.k`, `attn.v`: the query, "
+        "key and value rows of the fused projection; `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`), matching in every "
+        "block, or over full names (`blocks.0.attn.*`). Each pattern must match a layer.",
+    )
+
+    def problems(self) -> list[str]:
+        names = [f"blocks.{i}.{n}" for i in range(LORA_CHECKED_BLOCKS) for n in LORA_LAYERS]  # n_layer comes later
+        return [f"targets: {t!r} matches no layer (layers: {', '.join(LORA_LAYERS)}, in every block; or full names "
+                f"such as blocks.0.attn.q)" for t in self.targets if not self._matches(t, names)]  # fmt: skip
+
+    @staticmethod
+    def _matches(pattern: str, names: list[str]) -> list[str]:
+        """Names a pattern matches, as a full name or as a name within its block."""
+        import fnmatch
+
+        return [n for n in names if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n.split(".", 2)[2], pattern)]
+
+    def layers(self, model: ModelConfig, strict: bool = True) -> dict[str, tuple[int, int]]:
+        """The adapted layers of a model: {full name (``blocks.3.attn.q``): (in, out)}; with `strict` a FieldError
+        names a pattern that matches none of them (the memory estimate counts what matches: training refuses)."""
+        D, C = model.head_size, model.n_embd
+        sizes = {"attn.q": (C, model.n_head * D), "attn.k": (C, model.kv_heads * D), "attn.v": (C, model.kv_heads * D),
+                 "attn.c_proj": (C, C), "mlp.c_fc": (C, model.hidden * (2 if model.mlp == "swiglu" else 1)),
+                 "mlp.c_proj": (model.hidden, C)}  # fmt: skip
+        every = {f"blocks.{i}.{n}": sizes[n] for i in range(model.n_layer) for n in LORA_LAYERS}
+        chosen: dict[str, tuple[int, int]] = {}
+        for t in self.targets:
+            found = self._matches(t, list(every))
+            if not found and strict:
+                raise FieldError("train.lora.targets", f"{t!r} matches no layer of this {model.n_layer}-block model")
+            chosen.update({n: every[n] for n in found})
+        return {n: chosen[n] for n in every if n in chosen}  # in model order
+
+
 class TrainConfig(RuledModel):
     """Optimisation and run-time options for training."""
 
@@ -415,6 +466,13 @@ class TrainConfig(RuledModel):
         "activation memory drops to about one block's, for about a third more compute. ddp and fsdp.",
         json_schema_extra=ADDED_LATER,
     )
+    lora: LoraConfig | None = Field(
+        None,
+        description="Train low-rank adapters instead of the weights (`{}` for litgpt's defaults: r 8, alpha 16, "
+        "dropout 0.05, targets attn.q and attn.v); needs `model.init_from`. Checkpoints hold the adapters only; "
+        "the final one also holds the merged weights, which evaluation, sample and export read. null: full training.",
+        json_schema_extra=ADDED_LATER,
+    )
 
     def _fill_defaults(self) -> None:
         if self.warmup_steps is None:  # the default follows max_steps; stored as a number (it is part of the key)
@@ -440,6 +498,8 @@ class TrainConfig(RuledModel):
                 p.append("parallelism: fsdp does not scale fp16 gradients over shards; use train.precision bf16")
         elif not self.reshard_after_forward:
             p.append("reshard_after_forward: applies to train.parallelism fsdp only")
+        if self.lora is not None and self.freeze:
+            p.append("freeze: LoRA already keeps every weight but its adapters fixed; use train.lora or train.freeze")
         return p
 
 

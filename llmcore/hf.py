@@ -1,4 +1,4 @@
-"""Hugging Face model folders, both ways: GPT-2 and Llama checkpoints in, gptlab models out.
+"""Hugging Face model folders, both ways: GPT-2, Llama and GPT-NeoX checkpoints in, gptlab models out.
 
 Read with llmcore's own code (``config.json`` with the json module, weights with safetensors, or ``torch.load``
 with ``weights_only=True`` for a ``pytorch_model.bin``), as nanoGPT's ``from_pretrained`` and litgpt's converters
@@ -9,7 +9,10 @@ GPT-2 family (``GPT2LMHeadModel``: gpt2, gpt2-medium, distilgpt2, ...): learned 
 tied embeddings, GELU (``gelu_new`` is the tanh approximation: ``mlp: gelu_tanh``), ``Conv1D`` weights stored
 (in, out), so transposed. Llama family (``LlamaForCausalLM``: TinyLlama, SmolLM, ...): RoPE, RMSNorm, SwiGLU,
 grouped-query attention, no biases, tied or untied embeddings; q, k, v and gate, up are separate matrices there
-and one here.
+and one here. GPT-NeoX (``GPTNeoXForCausalLM``): what gptlab's RoPE + LayerNorm + GELU models export as, with
+rotary over the whole head (``rotary_pct`` 1.0) and a sequential residual (``use_parallel_residual: false``);
+its fused ``query_key_value`` holds q, k, v per head ((H, 3, D) rows) where ours holds all q, then all k, then all v
+((3, H, D) rows), so the rows are permuted both ways; NeoX always has biases (zeros when ours has none).
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "
 EXPORTABLE = {
     "GPT2LMHeadModel": {"pos_encoding": ["learned"], "norm": ["layernorm"], "mlp": ["gelu", "gelu_tanh"]},
     "LlamaForCausalLM": {"pos_encoding": ["rope"], "norm": ["rmsnorm"], "mlp": ["swiglu"], "bias": [False]},
+    "GPTNeoXForCausalLM": {"pos_encoding": ["rope"], "norm": ["layernorm"], "mlp": ["gelu", "gelu_tanh"]},
 }
+#: Architectures without grouped-query attention: n_kv_head must equal n_head to export as them.
+MULTI_HEAD_ONLY = ("GPT2LMHeadModel", "GPTNeoXForCausalLM")
 #: Fields that are training choices, not architecture: a spec may set them whatever the checkpoint says.
 FREE_FIELDS = ("dropout", "attention", "init_from", "block_size")
 
@@ -46,7 +52,7 @@ class HFModel:
     """A Hugging Face model folder as far as gptlab needs it: its architecture as ModelConfig fields."""
 
     dir: Path
-    family: str  # "gpt2" or "llama"
+    family: str  # "gpt2", "llama" or "neox"
     fields: dict[str, Any]  # ModelConfig fields the checkpoint fixes (block_size: its largest context)
     vocab_size: int
     dropout: float
@@ -83,7 +89,7 @@ def _config(folder: Path) -> dict[str, Any]:
 
 
 def read_model(folder: str | Path) -> HFModel:
-    """The architecture of a GPT-2 or Llama folder, from its config.json alone (no weights read)."""
+    """The architecture of a GPT-2, Llama or GPT-NeoX folder, from its config.json alone (no weights read)."""
     folder = Path(folder).expanduser()
     c = _config(folder)
     path = folder / CONFIG
@@ -93,11 +99,13 @@ def read_model(folder: str | Path) -> HFModel:
             return _gpt2(folder, c, path)
         if kind == "llama":
             return _llama(folder, c, path)
+        if kind == "gpt_neox":
+            return _neox(folder, c, path)
     except KeyError as e:
         raise HFError(f"{path}: {e.args[0]}: field missing") from None
     archs = ", ".join(c.get("architectures") or []) or "none given"
     raise HFError(f"{path}: model_type {kind!r} (architectures: {archs}) is not one gptlab reads (gpt2: the GPT-2 "
-                  "family; llama: the Llama family)")  # fmt: skip
+                  "family; llama: the Llama family; gpt_neox: GPT-NeoX, full rotary)")  # fmt: skip
 
 
 def _refuse(path: Path, problems: list[str]) -> None:
@@ -157,6 +165,36 @@ def _llama(folder: Path, c: dict[str, Any], path: Path) -> HFModel:
     eos = c.get("eos_token_id")
     return HFModel(folder, "llama", fields, c["vocab_size"], c.get("attention_dropout", 0.0), c.get("bos_token_id"),
                    eos[0] if isinstance(eos, list) else eos)  # fmt: skip
+
+
+def _neox(folder: Path, c: dict[str, Any], path: Path) -> HFModel:
+    C = c["hidden_size"]
+    rope = c.get("rope_parameters") or {}  # transformers 5; before it: rotary_pct and rotary_emb_base at the top
+    problems = []
+    act = c.get("hidden_act", "gelu")
+    if act not in GPT2_ACTIVATIONS:
+        problems.append(f"hidden_act: {act!r} is not supported (gelu, gelu_new, gelu_pytorch_tanh)")
+    if c.get("use_parallel_residual", True):
+        problems.append("use_parallel_residual: only the sequential residual (false) is supported")
+    pct = rope.get("partial_rotary_factor", c.get("rotary_pct", 0.25))
+    if pct != 1.0:
+        problems.append(f"rotary_pct / partial_rotary_factor: {pct}; only rotary over the whole head (1.0) is read")
+    if c.get("rope_scaling") not in (None, {}) or rope.get("rope_type", "default") != "default":
+        problems.append(f"rope_scaling / rope_parameters: {c.get('rope_scaling') or rope}: only plain RoPE is read")
+    if not c.get("attention_bias", True):
+        problems.append("attention_bias: false is not supported")
+    _refuse(path, problems)
+    inner = c["intermediate_size"]
+    fields = {
+        "n_layer": c["num_hidden_layers"], "n_head": c["num_attention_heads"], "n_embd": C, "n_kv_head": None,
+        "block_size": c["max_position_embeddings"], "pos_encoding": "rope", "norm": "layernorm", "bias": True,
+        "mlp": GPT2_ACTIVATIONS[act], "mlp_hidden": None if inner == 4 * C else inner,
+        "norm_eps": c.get("layer_norm_eps", 1e-5),
+        "rope_theta": float(rope.get("rope_theta", c.get("rotary_emb_base", 10000.0))),
+        "tie_embeddings": c.get("tie_word_embeddings", False),
+    }  # fmt: skip
+    return HFModel(folder, "neox", fields, c["vocab_size"], c.get("hidden_dropout", 0.0), c.get("bos_token_id"),
+                   c.get("eos_token_id"))  # fmt: skip
 
 
 def merge_config(spec: ModelConfig, hf: HFModel, tokenizer_vocab: int | None = None) -> ModelConfig:
@@ -318,8 +356,30 @@ def _llama_rows(cfg: ModelConfig) -> list[tuple[str, list[str], str]]:
     return rows
 
 
+def _neox_rows(cfg: ModelConfig) -> list[tuple[str, list[str], str]]:
+    rows = [("wte.weight", ["gpt_neox.embed_in.weight"], "copy")]
+    for i in range(cfg.n_layer):
+        m, b = f"gpt_neox.layers.{i}.", f"blocks.{i}."
+        for ours, theirs in (("ln_1", "input_layernorm"), ("attn.c_attn", "attention.query_key_value"),
+                             ("attn.c_proj", "attention.dense"), ("ln_2", "post_attention_layernorm"),
+                             ("mlp.c_fc", "mlp.dense_h_to_4h"), ("mlp.c_proj", "mlp.dense_4h_to_h")):  # fmt: skip
+            how = "heads" if ours == "attn.c_attn" else "copy"  # (3, H, D) rows here, (H, 3, D) there
+            rows += [(f"{b}{ours}.{p}", [f"{m}{theirs}.{p}"], how) for p in ("weight", "bias")]
+    rows += [("ln_f.weight", ["gpt_neox.final_layer_norm.weight"], "copy"),
+             ("ln_f.bias", ["gpt_neox.final_layer_norm.bias"], "copy")]  # fmt: skip
+    if not cfg.tie_embeddings:
+        rows.append(("lm_head.weight", ["embed_out.weight"], "copy"))  # transformers 5 renames it lm_head.weight
+    return rows
+
+
 def _rows(family: str, cfg: ModelConfig) -> list[tuple[str, list[str], str]]:
-    return _gpt2_rows(cfg) if family == "gpt2" else _llama_rows(cfg)
+    return {"gpt2": _gpt2_rows, "llama": _llama_rows, "neox": _neox_rows}[family](cfg)
+
+
+def _regroup_heads(t: torch.Tensor, n_head: int, to_neox: bool) -> torch.Tensor:
+    """Fused q/k/v rows (weight or bias): ours (3, H, D) -> NeoX's (H, 3, D), or back."""
+    first = (3, n_head) if to_neox else (n_head, 3)
+    return t.reshape(*first, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape).contiguous()
 
 
 #: Tensors a checkpoint may hold that are not weights: causal-mask buffers, cached RoPE frequencies, a tied head.
@@ -331,6 +391,8 @@ def to_gptlab(theirs: dict[str, torch.Tensor], family: str, cfg: ModelConfig, wh
     import torch
 
     prefix = "transformer." if family == "gpt2" and any(k.startswith("transformer.") for k in theirs) else ""
+    if family == "neox" and "lm_head.weight" in theirs:  # the output layer as transformers 5 names it
+        theirs = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in theirs.items()}
     ours, used = {}, set()
     for name, sources, how in _rows(family, cfg):
         keys = [prefix + s if not s.startswith("lm_head") else s for s in sources]
@@ -339,8 +401,10 @@ def to_gptlab(theirs: dict[str, torch.Tensor], family: str, cfg: ModelConfig, wh
             raise HFError(f"{where}: tensor {missing[0]} is missing (needed for {name})")
         parts = [theirs[k] for k in keys]
         ours[name] = parts[0].t() if how == "T" else torch.cat(parts, 0) if how == "cat" else parts[0]
+        if how == "heads":
+            ours[name] = _regroup_heads(parts[0], cfg.n_head, to_neox=False)
         used.update(keys)
-    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    tied = {"lm_head.weight", "embed_out.weight"} if cfg.tie_embeddings else set()
     left = [k for k in theirs if k not in used and k not in tied and not k.endswith(DROPPED)]
     if left:
         raise HFError(f"{where}: {len(left)} tensor(s) this architecture has no place for, e.g. {left[0]}")
@@ -386,16 +450,18 @@ def export_family(cfg: ModelConfig) -> str:
     """The Hugging Face architecture a model exports as, or an HFError naming what has no equivalent."""
     for arch, need in EXPORTABLE.items():
         if all(getattr(cfg, k) in v for k, v in need.items()) and (
-            arch != "GPT2LMHeadModel" or cfg.kv_heads == cfg.n_head
+            arch not in MULTI_HEAD_ONLY or cfg.kv_heads == cfg.n_head
         ):
             return arch
     wrong = {arch: [f"{k}={getattr(cfg, k)!r}" for k, v in need.items() if getattr(cfg, k) not in v]
              for arch, need in EXPORTABLE.items()}  # fmt: skip
     if cfg.kv_heads != cfg.n_head:
-        wrong["GPT2LMHeadModel"].append(f"n_kv_head={cfg.n_kv_head}")
+        for arch in MULTI_HEAD_ONLY:
+            wrong[arch].append(f"n_kv_head={cfg.n_kv_head}")
     differs = "; ".join(f"as {arch}: {', '.join(w)}" for arch, w in wrong.items())
     combos = ("learned positions + layernorm + gelu or gelu_tanh -> GPT2LMHeadModel; rope + rmsnorm + swiglu "
-              "without biases -> LlamaForCausalLM")  # fmt: skip
+              "without biases -> LlamaForCausalLM; rope + layernorm + gelu or gelu_tanh without grouped-query "
+              "attention -> GPTNeoXForCausalLM")  # fmt: skip
     raise HFError(f"model: these fields have no Hugging Face equivalent ({differs}); what exports: {combos}")
 
 
@@ -405,18 +471,20 @@ def from_gptlab(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
     cfg, V = model.cfg, model.vocab_size
     arch = export_family(cfg)
-    family = "gpt2" if arch == "GPT2LMHeadModel" else "llama"
+    family = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "GPTNeoXForCausalLM": "neox"}[arch]
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     theirs: dict[str, torch.Tensor] = {}
     prefix = "transformer." if family == "gpt2" else ""
     D, H, K = cfg.head_size, cfg.n_head, cfg.kv_heads
     for name, targets, how in _rows(family, cfg):
         tensor = state.get(name)
-        if tensor is None:  # a bias the model does not have (bias: false): GPT-2 has them, and zeros are exact
+        if tensor is None:  # a bias the model does not have (bias: false): GPT-2 and NeoX have them, zeros are exact
             tensor = torch.zeros(state[name.removesuffix(".bias") + ".weight"].shape[0])
         keys = [t if t.startswith("lm_head") else prefix + t for t in targets]
         if how == "T":
             theirs[keys[0]] = tensor.t().contiguous()
+        elif how == "heads":
+            theirs[keys[0]] = _regroup_heads(tensor, H, to_neox=True)
         elif how == "cat":
             sizes = [H * D, K * D, K * D] if "c_attn" in name else [cfg.hidden, cfg.hidden]
             for key, part in zip(keys, torch.split(tensor, sizes, 0)):
@@ -434,6 +502,17 @@ def _hf_config(arch: str, cfg: ModelConfig, vocab_size: int) -> dict[str, Any]:
             "n_inner": cfg.mlp_hidden, "activation_function": "gelu_new" if cfg.mlp == "gelu_tanh" else "gelu",
             "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
             "attn_pdrop": cfg.dropout, "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
+        }  # fmt: skip
+    if arch == "GPTNeoXForCausalLM":
+        rotary = {"rotary_pct": 1.0, "rotary_emb_base": cfg.rope_theta}  # transformers 4 reads these, 5 the dict
+        return {
+            "architectures": [arch], "model_type": "gpt_neox", "vocab_size": vocab_size, "hidden_size": cfg.n_embd,
+            "intermediate_size": cfg.hidden, "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
+            "max_position_embeddings": cfg.block_size, "layer_norm_eps": cfg.norm_eps,
+            "hidden_act": "gelu_new" if cfg.mlp == "gelu_tanh" else "gelu", "use_parallel_residual": False, **rotary,
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": 1.0},
+            "attention_bias": True, "attention_dropout": cfg.dropout, "hidden_dropout": cfg.dropout,
+            "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
         }  # fmt: skip
     return {
         "architectures": [arch], "model_type": "llama", "vocab_size": vocab_size, "hidden_size": cfg.n_embd,

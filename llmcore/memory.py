@@ -32,13 +32,18 @@ autograd saves (checked against ``torch.autograd.graph.saved_tensors_hooks`` in 
 Not counted: the CUDA context and NCCL buffers (outside torch's allocator) and fragmentation: ``fits`` keeps
 10% of the card plus 1 GiB free for them. Frozen parameters (``train.freeze``) are counted as trained: an
 upper bound.
+
+LoRA (``train.lora``): the frozen base weights have no gradients and no AdamW state; the adapters (A (r, in) and
+B (out, r) per adapted layer, Pa parameters in all) have both. ddp: 4P + 16Pa (+ a step counter per adapter
+tensor); fsdp: the same over N. FSDP's unsharded gradients are the adapters' only. Activations are counted as for
+full training (the adapters add their r-wide intermediates and a dropout copy of each adapted input: small).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmcore.config import ModelConfig, TrainConfig
+from llmcore.config import LoraConfig, ModelConfig, TrainConfig
 
 GIB = 2**30
 A100_40GB = 40 * GIB  # Polaris: 4 x NVIDIA A100-SXM4-40GB per node
@@ -85,6 +90,12 @@ def count_params(model: ModelConfig, vocab_size: int) -> ParamCount:
     )
 
 
+def count_adapters(model: ModelConfig, lora: LoraConfig) -> tuple[int, int]:
+    """(parameters, tensors) of the LoRA adapters: r x (in + out) and an A and a B per adapted layer (or slice)."""
+    layers = lora.layers(model, strict=False)  # a target matching nothing is training's error to report
+    return sum(lora.r * (i + o) for i, o in layers.values()), 2 * len(layers)
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """Bytes per rank of one training run (see the module docstring for the derivation)."""
@@ -99,6 +110,7 @@ class MemoryEstimate:
     activation_bytes: int  # saved for backward, one micro-batch
     activation_bytes_without_checkpointing: int
     activation_bytes_with_checkpointing: int
+    trainable: int | None = None  # LoRA: the adapters' parameters (None: every parameter trains)
 
     @property
     def state_bytes(self) -> int:
@@ -116,9 +128,10 @@ class MemoryEstimate:
     def summary(self) -> str:
         """One line for ``gptlab plan``: ``fsdp x16: 9.1 GiB/rank (state 2.7 GiB, working 1.5 GiB, activations
         4.9 GiB)``."""
+        lora = f", LoRA: {self.trainable:,} trainable" if self.trainable is not None else ""
         return (
             f"{self.parallelism} x{self.world_size}: {size(self.total_bytes)}/rank (state {size(self.state_bytes)}, "
-            f"working {size(self.working_bytes)}, activations {size(self.activation_bytes)})"
+            f"working {size(self.working_bytes)}, activations {size(self.activation_bytes)}{lora})"
         )
 
 
@@ -159,14 +172,17 @@ def estimate_memory(
     act = 2 if half else 4
     counters = 4 * p.tensors
     fsdp = train.parallelism == "fsdp"
+    held, trained, block_grads = p.total, p.total, p.block  # weights held; with gradients and AdamW state
+    if train.lora is not None:  # the frozen base has neither gradients nor AdamW state
+        trained, n_adapters = count_adapters(model, train.lora)
+        held, counters, block_grads = p.total + trained, 4 * n_adapters, trained / model.n_layer
     if fsdp:
-        shard = p.total / world
         gathered = p.root + (2 if train.reshard_after_forward else model.n_layer) * p.block
-        working = act * gathered + 2 * (act + 4) * p.block + (4 * p.total if train.grad_accum > 1 else 0)
-        param, grad, optim = 4 * shard, 4 * shard, 8 * shard + counters
+        working = act * gathered + 2 * (act + 4) * block_grads + (4 * trained if train.grad_accum > 1 else 0)
+        param, grad, optim = 4 * held / world, 4 * trained / world, 8 * trained / world + counters
     else:
         working = 2 * p.linear if half else 0
-        param, grad, optim = 4 * p.total, 4 * p.total, 8 * p.total + counters
+        param, grad, optim = 4 * held, 4 * trained, 8 * trained + counters
     acts = {ck: activation_bytes(model, vocab_size, train.batch_size, act, ck) for ck in (False, True)}
     return MemoryEstimate(
         parallelism=train.parallelism,
@@ -179,4 +195,5 @@ def estimate_memory(
         activation_bytes=acts[train.activation_checkpointing],
         activation_bytes_without_checkpointing=acts[False],
         activation_bytes_with_checkpointing=acts[True],
+        trainable=trained if train.lora is not None else None,
     )

@@ -54,10 +54,12 @@ from llmcore.checkpoint import (
     rng_state,
     save_checkpoint,
     save_sharded_checkpoint,
+    weights_sha256,
 )
-from llmcore.config import ConfigError, ModelConfig, StrictModel, TrainConfig
+from llmcore.config import ConfigError, FieldError, ModelConfig, StrictModel, TrainConfig
 from llmcore.hardware import DeviceError, GpuMonitor, enable_tf32, peak_flops, peak_memory_mb, resolve_precision
 from llmcore.io import LOCK_FILE, atomic_write_json, file_lock, is_no_space
+from llmcore.lora import apply_lora
 from llmcore.metrics import METRICS_FILE, EvalLine, MetricsWriter, TrainLine, truncate_metrics
 from llmcore.model import GPT
 from llmcore.parallel import checkpoint_blocks, full_value, shard_model
@@ -248,6 +250,7 @@ class Trainer:
         self.frozen = freeze_parameters(self.model, cfg.freeze)
         if self.frozen and self.dist.is_main:
             print(f"train.freeze: {len(self.frozen)} parameters kept fixed: {', '.join(self.frozen)}", file=sys.stderr)
+        self.lora = self._apply_lora(init)  # None, or the description its checkpoints carry
         if cfg.activation_checkpointing:
             checkpoint_blocks(self.model)
         if self.fsdp:  # each rank moves only its shards to the device
@@ -278,6 +281,23 @@ class Trainer:
         self.gpu = GpuMonitor(self.device) if self.dist.is_main else None
         self.stop = StopSignal(self.out_dir)
 
+    def _apply_lora(self, init: Path | None) -> dict[str, Any] | None:
+        """train.lora: adapters on the targeted layers, everything else frozen; returns what a checkpoint records
+        (the adapted layers, r, alpha, and the sha256 of the base weights file)."""
+        lora = self.cfg.lora
+        if lora is None:
+            return None
+        if init is None:
+            raise FieldError(
+                "train.lora", "adapts pretrained weights: set model.init_from (a Hugging Face folder or a run)"
+            )
+        targets = apply_lora(self.model, lora)
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        if self.dist.is_main:
+            print(f"train.lora: {len(targets)} adapted layers, {trainable:,} trainable parameters "
+                  f"(r {lora.r}, alpha {lora.alpha:g})", file=sys.stderr)  # fmt: skip
+        return {"base_sha256": weights_sha256(init), "targets": targets, "r": lora.r, "alpha": lora.alpha}
+
     # ------------------------------------------------------------------------------------- resume
 
     def _resume(self) -> bool:
@@ -307,6 +327,12 @@ class Trainer:
         """Why this run cannot continue `ck` (another model, another number of data streams), or None."""
         if ModelConfig(**ck.meta["model"]) != self.model.cfg:
             return f"{ck.path / 'meta.json'}: model config differs from this run's"
+        if ck.lora and self.lora and ck.lora["base_sha256"] != self.lora["base_sha256"]:
+            return (f"{ck.path / 'meta.json'}: its LoRA adapters belong to base weights with sha256 "
+                    f"{ck.lora['base_sha256']}, but this run's base (model.init_from) has "
+                    f"{self.lora['base_sha256']}")  # fmt: skip
+        if ck.lora != self.lora:
+            return f"{ck.path / 'meta.json'}: train.lora differs from this run's ({ck.lora} here, {self.lora} now)"
         streams = len(json.loads(ck.state["sampler"]))
         if streams != len(self.samplers) * self.world:
             return (
@@ -340,6 +366,7 @@ class Trainer:
                 self.extra,
                 rng_states=rngs,
                 consolidate=final,
+                lora=self.lora,
             )
         elif self.dist.is_main:
             save_checkpoint(
@@ -351,6 +378,8 @@ class Trainer:
                 sampler_state=streams,
                 extra=self.extra,
                 rng_states=rngs,
+                lora=self.lora,
+                final=final,
             )
 
     # --------------------------------------------------------------------------------------- loop

@@ -75,7 +75,7 @@ def test_llama_with_gqa_equals_transformers_from_every_file_layout(tmp_path_fact
     assert max_diff(ours.eval(), theirs, 173) < 1e-5
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gpt2-tanh-nobias-untied", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt2-tanh-nobias-untied", "llama", "neox-quickstart", "neox-bias-untied"])
 def test_export_round_trip_loads_in_transformers_with_the_same_logits(tmp_path, arch):
     model_cfg = {
         "gpt2": dict(n_layer=2, n_head=4, n_embd=32, block_size=48, bias=True),
@@ -83,6 +83,10 @@ def test_export_round_trip_loads_in_transformers_with_the_same_logits(tmp_path, 
                                         tie_embeddings=False),
         "llama": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=48, pos_encoding="rope",
                       norm="rmsnorm", mlp="swiglu", rope_theta=5000.0),
+        # the quickstart's rope model: LayerNorm, exact GELU, no biases, tied embeddings
+        "neox-quickstart": dict(n_layer=2, n_head=4, n_embd=32, block_size=48, pos_encoding="rope"),
+        "neox-bias-untied": dict(n_layer=2, n_head=4, n_embd=32, block_size=48, pos_encoding="rope", bias=True,
+                                 mlp="gelu_tanh", tie_embeddings=False, rope_theta=500.0, norm_eps=1e-6),
     }[arch]  # fmt: skip
     torch.manual_seed(2)
     model = GPT(ModelConfig(**model_cfg), 97)
@@ -94,19 +98,51 @@ def test_export_round_trip_loads_in_transformers_with_the_same_logits(tmp_path, 
         opt.zero_grad()
     export_model(model, tmp_path / "out", bos_id=1, eos_id=2)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert type(theirs).__name__ == ("LlamaForCausalLM" if arch == "llama" else "GPT2LMHeadModel")
+    want = {"llama": "LlamaForCausalLM", "neox": "GPTNeoXForCausalLM"}.get(arch.split("-")[0], "GPT2LMHeadModel")
+    assert type(theirs).__name__ == want
     assert max_diff(model.eval(), theirs, 97, T=48) < 1e-4
     back, _ = load_pretrained(tmp_path / "out")  # and read back by llmcore itself
     assert max_diff(back.eval(), theirs, 97, T=48) < 1e-5
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_gpt_neox_folder_saved_by_transformers_reads_with_equal_logits(tmp_path, tied):
+    torch.manual_seed(3)
+    cfg = transformers.GPTNeoXConfig(vocab_size=131, hidden_size=48, intermediate_size=160, num_hidden_layers=2,
+                                     num_attention_heads=6, max_position_embeddings=64, rotary_pct=1.0,
+                                     rotary_emb_base=2000, use_parallel_residual=False, layer_norm_eps=1e-6,
+                                     tie_word_embeddings=tied, hidden_act="gelu")  # fmt: skip
+    theirs = transformers.GPTNeoXForCausalLM(cfg).eval()
+    with torch.no_grad():  # biases and norms away from zeros and ones
+        for p in theirs.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    theirs.save_pretrained(tmp_path)
+    ours, hf = load_pretrained(tmp_path)
+    assert (hf.family, ours.cfg.mlp_hidden, ours.cfg.rope_theta, ours.cfg.tie_embeddings) == ("neox", 160, 2000, tied)
+    assert max_diff(ours.eval(), theirs, 131) < 1e-5
+
+
+def test_gpt_neox_variants_without_an_equivalent_are_refused_naming_the_field(tmp_path):
+    base = {"model_type": "gpt_neox", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 64,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(base))  # Pythia's defaults: parallel residual, a quarter rotary
+    with pytest.raises(HFError) as info:
+        read_model(tmp_path)
+    assert "use_parallel_residual: only the sequential residual" in str(info.value)
+    assert "rotary_pct / partial_rotary_factor: 0.25" in str(info.value)
+
+
 def test_a_model_without_a_hugging_face_equivalent_is_refused_naming_the_fields(tmp_path):
-    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, pos_encoding="rope", norm="layernorm"), 50)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, pos_encoding="sinusoidal"), 50)
     with pytest.raises(HFError) as info:
         export_model(model, tmp_path, bos_id=None, eos_id=None)
     text = str(info.value)
-    assert "as GPT2LMHeadModel: pos_encoding='rope'" in text and "as LlamaForCausalLM: norm='layernorm'" in text
+    assert "as GPT2LMHeadModel: pos_encoding='sinusoidal'" in text and "as LlamaForCausalLM: pos_encoding=" in text
+    assert "as GPTNeoXForCausalLM: pos_encoding='sinusoidal'" in text
     assert "rope + rmsnorm + swiglu without biases -> LlamaForCausalLM" in text and not list(tmp_path.iterdir())
+    gqa = GPT(ModelConfig(n_layer=1, n_head=2, n_kv_head=1, n_embd=16, pos_encoding="rope"), 50)
+    with pytest.raises(HFError, match=r"as GPTNeoXForCausalLM: n_kv_head=1"):
+        export_model(gqa, tmp_path, bos_id=None, eos_id=None)
 
 
 def test_spec_fields_must_agree_with_the_checkpoint_and_unset_ones_take_its(gpt2_dir):

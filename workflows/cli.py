@@ -58,7 +58,7 @@ FindSpecOpt = typer.Option(None, "--spec", help="Find the run among this spec's 
 PretrainedOpt = typer.Option(
     None,
     "--pretrained",
-    help="A Hugging Face model folder (GPT-2 or Llama family) instead of a run.",
+    help="A Hugging Face model folder (GPT-2, Llama or GPT-NeoX family) instead of a run.",
     show_default=False,
 )
 DeviceOpt = typer.Option("auto", help="cpu, cuda, mps or auto.")
@@ -741,7 +741,7 @@ def export(
     """Write a run's final weights and tokenizer as a Hugging Face folder that transformers loads with no extra
     code (AutoModelForCausalLM, AutoTokenizer): config.json, model.safetensors, generation_config.json, the
     tokenizer files and a README.md model card. Learned positions + LayerNorm + GELU export as GPT2LMHeadModel,
-    RoPE + RMSNorm + SwiGLU without biases as LlamaForCausalLM."""
+    RoPE + RMSNorm + SwiGLU without biases as LlamaForCausalLM, RoPE + LayerNorm + GELU as GPTNeoXForCausalLM."""
     from workflows.query import export_run, open_store
 
     store = open_store(spec, None, runs_root, uri, experiment)
