@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from llmcore.config import DataConfig
+from site_configs import site_problems
 from workflows.pretrained import Sources
 from workflows.spec import ExperimentSpec, LoadedSpec, SpecError, load_spec
 from workflows.stages import STAGES
@@ -40,8 +41,6 @@ def preflight(loaded: LoadedSpec, submitting: bool = False) -> None:
     """Problems that need the file system or the site (missing corpus files, a corpus a split leaves empty or too
     short for the model, an unwritable runs_root, a missing account), all at once. ``submitting`` adds checks
     that hold only where the driver will run."""
-    from site_configs import site_problems
-
     problems: list[str] = []
     seen: set[str] = set()
     for _, _, spec in loaded.runs:

@@ -17,7 +17,7 @@ from typing import Any
 
 from workflows.planning import Plan, RunPlan, Stage
 from workflows.processes import Halt, kill_children
-from workflows.stages import prepare_stage, write_train_config
+from workflows.stages import commit_train, prepare_stage, run_stage, train_app, write_train_config
 from workflows.states import OnDisk, StageState, file_size, stage_state
 from workflows.trainlog import describe_failure
 
@@ -129,16 +129,14 @@ def make_apps(site: Any) -> dict[str, Any]:
     """The Parsl apps of a site: every Python stage through one app, training as a bash app (and its commit)."""
     from parsl.app.app import bash_app, python_app
 
-    from workflows import stages
-
     cpu, train = [site.cpu_executor], [site.train_executor]
     apps = {
-        "stage": python_app(stages.run_stage, executors=cpu),
-        "train": bash_app(stages.train_app, executors=train),
-        "commit_train": python_app(stages.commit_train, executors=cpu),
+        "stage": python_app(run_stage, executors=cpu),
+        "train": bash_app(train_app, executors=train),
+        "commit_train": python_app(commit_train, executors=cpu),
     }
     if site.mpi_executor:
-        apps["train_mpi"] = bash_app(stages.train_app, executors=[site.mpi_executor])
+        apps["train_mpi"] = bash_app(train_app, executors=[site.mpi_executor])
     return apps
 
 
