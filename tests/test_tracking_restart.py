@@ -25,11 +25,11 @@ REPORT_S = 4
 
 def start_submit(server, tmp, experiment: str) -> tuple[subprocess.Popen, object]:
     corpus = make_corpus(tmp / "corpus")
-    # A training of a few hundred steps, each logged: long enough to outlive the outage.
+    # A training of 1000 steps, each logged: it must outlive the outage (an idle machine runs ~20 steps/s).
     tree = tiny_spec(corpus, tmp / "runs", tracking={"uri": server.uri, "experiment": experiment,
                                                      "outage_report_s": REPORT_S},
                      model={"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},
-                     train={"max_steps": 400, "eval_interval": 50, "checkpoint_interval": 200,
+                     train={"max_steps": 1000, "eval_interval": 100, "checkpoint_interval": 500,
                             "batch_size": 16})  # fmt: skip
     tree["name"] = experiment
     spec = write_spec(tmp / "s.yaml", tree)
