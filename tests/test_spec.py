@@ -29,8 +29,11 @@ def test_every_shipped_spec_validates(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # runs_root is relative to the working directory
     corpus = make_corpus(tmp_path / "corpus", n_docs=40)  # enough text for block_size 256 (1024: a tail of 2.8 kB)
     overrides = []
-    if "init_from" in (read_spec_file(path).get("model") or {}):  # a small GPT-2-shaped folder the test makes
-        overrides.append(f"model.init_from.path={gpt2_folder(tmp_path / 'gpt2', corpus, n_positions=1024)}")
+    init = (read_spec_file(path).get("model") or {}).get("init_from")
+    if init:  # a small GPT-2-shaped folder the test makes (a spec that starts from an earlier run: in its place)
+        folder = gpt2_folder(tmp_path / "gpt2", corpus, n_positions=1024)
+        overrides.append(f"model.init_from={{type: huggingface, path: {folder}}}" if init["type"] == "run"
+                         else f"model.init_from.path={folder}")  # fmt: skip
     loaded = load_spec(path, overrides)
     assert loaded.runs, "a spec expands to at least one run"
     # Corpus files are checked too: point file sources at a small corpus the test makes.
