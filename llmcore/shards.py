@@ -497,7 +497,8 @@ class BatchSampler:
         if self.split.masks is not None:  # targets the loss does not count become IGNORE_INDEX
             T1 = self.block_size + 1
             mask = np.stack([self.split.masks[int(k)][int(s) : int(s) + T1] for k, s in zip(shard, start)])
-            y[torch.from_numpy(np.ascontiguousarray(mask[:, 1:])) == 0] = IGNORE_INDEX
+            counted = torch.from_numpy(np.ascontiguousarray(mask[:, 1:])) != 0
+            y = torch.where(counted, y, IGNORE_INDEX)  # a new tensor: with one row, x and y share memory
         return x, y
 
     def state_dict(self) -> dict:

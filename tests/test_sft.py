@@ -123,6 +123,9 @@ def test_batches_ignore_masked_targets_and_the_loss_matches_a_hand_computation(e
     split_nomask.masks = None
     x2, y2 = BatchSampler(split_nomask, batch_size=8, block_size=24, seed=0).next_batch()
     assert torch.equal(x, x2) and torch.equal(y[~ignored], y2[~ignored])
+    x1, y1 = BatchSampler(split, batch_size=1, block_size=24, seed=0).next_batch()  # one row: x and y share memory
+    x3, _ = BatchSampler(split_nomask, batch_size=1, block_size=24, seed=0).next_batch()
+    assert torch.equal(x1, x3) and (x1 >= 0).all()
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=24), split.vocab_size)
     logits, loss = model(x, y)
@@ -217,3 +220,30 @@ def test_submit_fine_tunes_on_a_task_mixed_with_text(tmp_path):
     tasks = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("DONE.json") if "mc.jsonl" in
              {q.name for q in p.parent.iterdir()}]  # fmt: skip
     assert tasks
+
+
+@pytest.mark.slow
+def test_science_exam_spec_fine_tunes_a_gpt2_folder_on_a_kaggle_csv(tmp_path):
+    from helpers import gpt2_folder
+
+    corpus = make_corpus(tmp_path / "corpus", n_docs=20)
+    folder = gpt2_folder(tmp_path / "gpt2", corpus, n_positions=512)
+    rows = [f'{i},"Which word follows the number {i} in the little list of plain words?",alpha {i},beta {i},'
+            f"gamma {i},delta {i},epsilon {i},{'ABCDE'[i % 5]}\n" for i in range(200)]  # fmt: skip
+    header = "id,prompt,A,B,C,D,E,answer\n"
+    (tmp_path / "train.csv").write_text(header + "".join(rows[:150]))
+    (tmp_path / "heldout.csv").write_text(header + "".join(rows[150:]))
+    spec = Path(__file__).resolve().parents[1] / "specs" / "science_exam_sft.yaml"
+    sets = [f"runs_root={tmp_path / 'runs'}", f"model.init_from.path={folder}",
+            f"data.sources.0.path={tmp_path / 'train.csv'}", f"eval.tasks.0.path={tmp_path / 'heldout.csv'}",
+            "train.max_steps=3", "train.eval_batches=2", "train.grad_accum=2", "eval.batches=2",
+            "eval.max_new_tokens=4", "train.device=cpu"]  # fmt: skip
+    proc = gptlab("submit", spec, *[a for s in sets for a in ("--set", s)], timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (manifest,) = (tmp_path / "runs").rglob("manifest.json")
+    m = json.loads(manifest.read_text())
+    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 150  # one example per question
+    assert all("mask" in e for s in m["splits"].values() for e in s["shards"])
+    (scored,) = (tmp_path / "runs").rglob("science.jsonl")
+    predictions = [json.loads(line) for line in scored.read_text().splitlines()]
+    assert len(predictions) == 50 and all("map3" in p for p in predictions)

@@ -40,6 +40,13 @@ def test_every_shipped_spec_validates(path, tmp_path, monkeypatch):
     overrides += [
         f"data.sources.{i}.path={corpus}" for i, s in enumerate(loaded.spec.data.sources) if s.type == "files"
     ]
+    # ... and task files (task sources, eval.tasks) at a small Kaggle CSV of the same format.
+    exam = tmp_path / "exam.csv"
+    exam.write_text("id,prompt,A,B,C,D,E,answer\n" + "".join(f"{i},Q{i}?,a,b,c,d,e,B\n" for i in range(20)))
+    overrides += [f"data.sources.{i}.path={exam}" for i, s in enumerate(loaded.spec.data.sources)
+                  if s.type == "task" and s.path is not None and s.format == "kaggle_science_exam"]  # fmt: skip
+    overrides += [f"eval.tasks.{i}.path={exam}" for i, t in enumerate(loaded.spec.eval.tasks)
+                  if t.path is not None and t.format == "kaggle_science_exam"]  # fmt: skip
     load_and_check(path, overrides)
 
 
