@@ -150,7 +150,32 @@ class HuggingFaceSource(StrictModel):
     text_field: str = Field("text", min_length=1, description="Column holding the document text (strings).")
 
 
-Source = Annotated[FilesSource | PythonStdlibSource | HuggingFaceSource, Field(discriminator="type")]
+class TaskSource(StrictModel):
+    """Questions of a benchmark task as training data (supervised fine-tuning): each question becomes its prompt and
+    its gold answer, rendered exactly as the task scorer reads them (``llmcore.sft``; README: Training on a task)."""
+
+    type: Literal["task"] = Field("task", description="Source kind: the questions of a task file.")
+    path: str | None = Field(
+        None, min_length=1, description="The task file (relative paths: against the working directory). Omitted "
+        "with format next_line: the questions are derived from the training documents of the spec's other sources.",
+    )  # fmt: skip
+    format: Literal["multiple_choice", "kaggle_science_exam", "hellaswag", "next_line"] = Field(
+        "multiple_choice", description="The task file's format, as `eval.tasks[].format`: multiple_choice (JSONL: "
+        "context, choices, answer), kaggle_science_exam (CSV: id, prompt, A-E, answer), hellaswag (HellaSwag JSONL) "
+        "or next_line (JSONL as multiple_choice; the answer follows a newline).",
+    )  # fmt: skip
+    limit: int | None = Field(
+        None, ge=1, description="Take the first N questions of the file (derived next_line: N drawn); null: all."
+    )
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> Any:
+        if self.path is None and self.format != "next_line":
+            raise PydanticCustomError("task_path", "path: format {fmt} needs a task file", {"fmt": self.format})
+        return self
+
+
+Source = Annotated[FilesSource | PythonStdlibSource | HuggingFaceSource | TaskSource, Field(discriminator="type")]
 
 
 class DataConfig(StrictModel):
@@ -175,6 +200,10 @@ class DataConfig(StrictModel):
     num_workers: int = Field(
         0, ge=0, description="Processes that encode the corpus in parallel; 0 means one per CPU core."
     )
+    mask_prompt: bool = Field(
+        True, description="With task sources: the loss counts only the answer tokens of each question (as litgpt's "
+        "SFTDataset); false: its prompt too. Text sources' tokens always count.", json_schema_extra=ADDED_LATER,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ tokenizer

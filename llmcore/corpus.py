@@ -34,7 +34,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from llmcore.config import DataConfig, FieldError, FilesSource, HuggingFaceSource, PythonStdlibSource
+from llmcore.config import DataConfig, FieldError, FilesSource, HuggingFaceSource, PythonStdlibSource, TaskSource
 
 #: Directory names that hold test packages in the standard library.
 STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
@@ -162,7 +162,21 @@ def _dataset_source(i: int, src: HuggingFaceSource) -> list[tuple[int, Path, str
     return [(i, Path(f["filename"]).resolve(), "huggingface") for f in _load_dataset(i, src).cache_files]
 
 
-def _source_files(i: int, src: FilesSource | PythonStdlibSource | HuggingFaceSource) -> list[tuple[int, Path, str]]:
+def _task_source(i: int, src: TaskSource) -> list[tuple[int, Path, str]]:
+    """A task source's file (none for a derived next_line source: its questions come from the other sources)."""
+    if src.path is None:
+        return []
+    path = Path(src.path).expanduser()
+    if not path.is_file():
+        raise CorpusError(f"data.sources.{i}.path", f"no such task file: {src.path!r} (relative to {os.getcwd()})")
+    return [(i, path.resolve(), "task")]
+
+
+def _source_files(
+    i: int, src: FilesSource | PythonStdlibSource | HuggingFaceSource | TaskSource
+) -> list[tuple[int, Path, str]]:
+    if isinstance(src, TaskSource):
+        return _task_source(i, src)
     if isinstance(src, PythonStdlibSource):
         return _stdlib_source(i, src)
     if isinstance(src, HuggingFaceSource):
@@ -281,6 +295,12 @@ def check_corpus(data: DataConfig) -> list[CorpusError]:
     has_text = False
     for i, src in enumerate(data.sources):
         try:
+            if isinstance(src, TaskSource):
+                from llmcore.sft import check_task_source
+
+                check_task_source(i, src)
+                has_text = True
+                continue
             if isinstance(src, HuggingFaceSource):
                 if _load_dataset(i, src).num_rows:
                     has_text = True
@@ -379,6 +399,8 @@ def iter_documents(data: DataConfig) -> Iterator[str]:
     resolved before the first document. Memory is bounded by the largest document (a batch of rows)."""
     for i, rows in groupby(resolve_files(data), key=itemgetter(0)):
         src = data.sources[i]
+        if isinstance(src, TaskSource):  # questions, not documents: llmcore.sft.task_examples reads them
+            continue
         if isinstance(src, HuggingFaceSource):
             yield from _iter_dataset(i, src)
             continue
@@ -415,6 +437,7 @@ def split_pieces(data: DataConfig, seed: int) -> Iterator[tuple[str, str]]:
 
 def corpus_fingerprint(data: DataConfig) -> list[dict]:
     """``[{"path", "size", "mtime_ns", "format"}]`` per corpus file, from stat only (for content addressing); a
+    task file is ``{"path", "sha256", "format"}`` (its content); a
     dataset ``load_dataset`` loads (not a ``save_to_disk`` folder, whose files are rows) is one row
     ``{"dataset", "name", "split", "fingerprint"}``: the fingerprint ``datasets`` gave it, not the paths of a cache
     that differs from machine to machine."""
@@ -423,6 +446,10 @@ def corpus_fingerprint(data: DataConfig) -> list[dict]:
         if isinstance(src, HuggingFaceSource) and not _saved_dataset(src):
             fingerprint = getattr(_load_dataset(i, src), "_fingerprint", None)
             rows.append({"dataset": src.path, "name": src.name, "split": src.split, "fingerprint": fingerprint})
+            continue
+        if isinstance(src, TaskSource):  # small files: their content, so an edited question makes new shards
+            rows += [{"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "format": src.format}
+                     for _, p, _ in _source_files(i, src)]  # fmt: skip
             continue
         for _, path, fmt in _source_files(i, src):
             st = path.stat()

@@ -37,7 +37,7 @@ def token_loss(model, batches, device: torch.device, dtype: torch.dtype | None) 
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for x, y in batches:
-        n = int((y != -1).sum())  # counted on the host copy: no device sync per batch
+        n = int((y != -100).sum())  # counted on the host copy: no device sync per batch
         if n == 0:
             continue
         with ctx:

@@ -214,7 +214,10 @@ class GPT(nn.Module):
                 return self.lm_head(x[select]), None  # (N, V)
             return self.lm_head(x if all_logits else x[:, [-1], :]), None  # (B, T or 1, V)
         logits = self.lm_head(x)  # (B, T, V)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        # mean over the counted targets (-100: not counted, as the loss mask of task data); 0 when none counts
+        counted = (targets != -100).sum().clamp(min=1)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100, reduction="sum")
+        loss = loss / counted
         return logits, loss
 
     # ------------------------------------------------------------------------------- bookkeeping

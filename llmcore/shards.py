@@ -8,6 +8,12 @@ Each split is one token stream (documents in corpus order, each followed by EOS)
 ``data.shard_tokens`` tokens. ``manifest.json`` records per split the tokens, documents and UTF-8 bytes of the
 text that went in (for bits per byte: ``bpb = mean_token_loss / ln 2 * tokens / bytes``; EOS tokens count as
 tokens), and each shard's token count and sha256 (of the whole file, so ``sha256sum`` agrees).
+
+A corpus with task sources (``llmcore.sft``) also has a loss mask: beside each shard ``{split}-{index:05d}.mask.bin``,
+one uint8 per token (no header; 1: the loss counts the token as a target, 0: it does not), recorded in the shard's
+manifest entry as ``"mask": {"file", "sha256"}`` and verified like the shard. Text documents' tokens are all 1.
+Batches turn the targets whose mask is 0 into ``IGNORE_INDEX``, which the loss skips. Without a mask every token
+counts (shards written before masks existed read as before).
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmcore.config import DataConfig
+from llmcore.config import DataConfig, TaskSource
 from llmcore.corpus import CorpusError, resolve_files, split_pieces
 from llmcore.io import atomic_open, atomic_write_json, read_json
+from llmcore.sft import describe_source, encode_example, task_examples
 from llmcore.tokenizer import encode_chunk, init_encode_worker, load_tokenizer
 
 MAGIC = b"GPTLTOK\x00"
@@ -44,6 +51,8 @@ CHUNK_CHARS = 1 << 19
 #: With ``num_workers: 0``, corpora smaller than this are encoded in-process: starting workers costs more.
 SMALL_CORPUS_BYTES = 8 << 20
 _READ_BYTES = 1 << 24
+#: The target id the loss skips (``torch.nn.functional.cross_entropy``'s default ``ignore_index``).
+IGNORE_INDEX = -100
 
 
 class ShardError(ValueError):
@@ -59,6 +68,10 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:05d}.bin"
 
 
+def mask_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}.mask.bin"
+
+
 def pack_header(dtype: str, tokens: int) -> bytes:
     """The 64-byte header of a shard holding ``tokens`` tokens of ``dtype``."""
     return _HEADER.pack(MAGIC, FORMAT_VERSION, DTYPE_CODES[dtype], tokens).ljust(HEADER_BYTES, b"\x00")
@@ -70,25 +83,34 @@ def pack_header(dtype: str, tokens: int) -> bytes:
 class _SplitWriter:
     """Appends token arrays to one split's shards, rolling to a new shard file every ``shard_tokens``."""
 
-    def __init__(self, out_dir: Path, split: str, dtype: str, shard_tokens: int):
+    def __init__(self, out_dir: Path, split: str, dtype: str, shard_tokens: int, masked: bool = False):
         self.out_dir, self.split, self.dtype, self.cap = out_dir, split, dtype, shard_tokens
         self.np_dtype = np.dtype(dtype).newbyteorder("<")
         self.shards: list[dict] = []
         self.tokens = self.bytes = self.documents = 0
-        self._cm = self._f = None
+        self.masked = masked  # write a loss mask beside each shard
+        self._cm = self._f = self._mask_cm = self._mask_f = None
+        self._mask_digest = hashlib.sha256()
         self._count = 0
 
-    def add(self, ids: np.ndarray, nbytes: int) -> None:
-        """Append one document's tokens (EOS included) and count its text bytes."""
+    def add(self, ids: np.ndarray, nbytes: int, mask: np.ndarray | None = None) -> None:
+        """Append one document's tokens (EOS included) and count its text bytes; ``mask``: its loss mask (None:
+        every token counts)."""
         self.tokens += len(ids)
         self.bytes += nbytes
         self.documents += 1
         ids = ids.astype(self.np_dtype, copy=False)
+        if self.masked:
+            mask = np.ones(len(ids), np.uint8) if mask is None else mask.astype(np.uint8, copy=False)
         while len(ids):
             if self._f is None:
                 self._open()
             take = ids[: self.cap - self._count]
             self._f.write(take.tobytes())
+            if self.masked:
+                self._mask_f.write(mask[: len(take)].tobytes())
+                self._mask_digest.update(mask[: len(take)].tobytes())
+                mask = mask[len(take) :]
             self._count += len(take)
             ids = ids[len(take) :]
             if self._count == self.cap:
@@ -100,6 +122,10 @@ class _SplitWriter:
         self._f = self._cm.__enter__()
         self._f.write(bytes(HEADER_BYTES))
         self._count = 0
+        if self.masked:
+            self._mask_cm = atomic_open(self.out_dir / mask_name(self.split, len(self.shards)), "wb")
+            self._mask_f = self._mask_cm.__enter__()
+            self._mask_digest = hashlib.sha256()
 
     def _finish(self) -> None:
         """Write the header, hash the file, and move it into place."""
@@ -111,23 +137,26 @@ class _SplitWriter:
         while block := f.read(_READ_BYTES):
             digest.update(block)
         self._cm.__exit__(None, None, None)
-        self.shards.append(
-            {"file": shard_name(self.split, len(self.shards)), "tokens": self._count, "sha256": digest.hexdigest()}
-        )
-        self._cm = self._f = None
+        entry = {"file": shard_name(self.split, len(self.shards)), "tokens": self._count, "sha256": digest.hexdigest()}
+        if self.masked:
+            self._mask_cm.__exit__(None, None, None)
+            entry["mask"] = {"file": mask_name(self.split, len(self.shards)), "sha256": self._mask_digest.hexdigest()}
+        self.shards.append(entry)
+        self._cm = self._f = self._mask_cm = self._mask_f = None
 
     def close(self) -> None:
         if self._f is not None:
             self._finish()
 
     def abort(self) -> None:
-        """Drop the shard being written (its temporary file is removed)."""
-        if self._cm is not None:
-            try:
-                self._cm.__exit__(RuntimeError, RuntimeError("aborted"), None)
-            except RuntimeError:
-                pass
-            self._cm = self._f = None
+        """Drop the shard being written (its temporary files are removed)."""
+        for cm in (self._cm, self._mask_cm):
+            if cm is not None:
+                try:
+                    cm.__exit__(RuntimeError, RuntimeError("aborted"), None)
+                except RuntimeError:
+                    pass
+        self._cm = self._f = self._mask_cm = self._mask_f = None
 
     def summary(self) -> dict:
         return {"tokens": self.tokens, "bytes": self.bytes, "documents": self.documents, "shards": self.shards}
@@ -254,12 +283,18 @@ def write_shards(data: DataConfig, tokenizer: Path, out_dir: Path, seed: int) ->
     tok = load_tokenizer(tokenizer)
     dtype = resolve_dtype(data, tok.vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    writers = {s: _SplitWriter(out_dir, s, dtype, data.shard_tokens) for s in SPLITS}
+    masked = any(isinstance(src, TaskSource) for src in data.sources)
+    writers = {s: _SplitWriter(out_dir, s, dtype, data.shard_tokens, masked) for s in SPLITS}
     eos = np.array([tok.eos_id], dtype=np.uint32)
+    longest: tuple[int, int] = (0, -1)  # (answer tokens, source) of the longest answer of the task sources
     try:
         for splits, encoded in _encoded(_chunks(split_pieces(data, seed)), Path(tokenizer), _worker_count(data)):
             for split, (ids, nbytes) in zip(splits, encoded):
                 writers[split].add(np.concatenate([ids, eos]), nbytes)
+        for split, i, prompt, answer in task_examples(data, seed):  # after the text: packed, masked examples
+            ids, mask, answer_tokens = encode_example(tok, prompt, answer, data.mask_prompt)
+            writers[split].add(ids, len((prompt + answer).encode("utf-8")), mask)
+            longest = max(longest, (answer_tokens, i))
         for w in writers.values():
             w.close()
     except BaseException:
@@ -268,6 +303,9 @@ def write_shards(data: DataConfig, tokenizer: Path, out_dir: Path, seed: int) ->
         raise
     _check_splits(data, writers)
     manifest = _manifest(data, tok, dtype, seed, writers)
+    if masked:  # what training checks against its block size
+        manifest["longest_answer"] = {"tokens": longest[0], "source": describe_source(data, longest[1])
+                                      if longest[1] >= 0 else None}  # fmt: skip
     atomic_write_json(out_dir / "manifest.json", manifest)
     return manifest
 
@@ -321,6 +359,22 @@ def _verify_shard(path: Path, entry: dict, dtype: str, vocab_size: int) -> None:
         raise ShardDamagedError(f"{path}: sha256 {digest.hexdigest()} does not match the manifest (file altered)")
     if top >= vocab_size:
         raise ShardDamagedError(f"{path}: token id {top} is out of range for vocab_size {vocab_size}")
+    if "mask" in entry:
+        _verify_mask(path.parent / entry["mask"]["file"], entry)
+
+
+def _verify_mask(path: Path, entry: dict) -> None:
+    """Check a shard's loss mask: present, one byte per token, its sha256."""
+    if not path.is_file():
+        raise ShardDamagedError(f"{path}: missing (the loss mask of {entry['file']})")
+    if path.stat().st_size != entry["tokens"]:
+        raise ShardDamagedError(f"{path}: size {path.stat().st_size} bytes, expected {entry['tokens']} (one per token)")
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_READ_BYTES):
+            digest.update(block)
+    if digest.hexdigest() != entry["mask"]["sha256"]:
+        raise ShardDamagedError(f"{path}: sha256 {digest.hexdigest()} does not match the manifest (file altered)")
 
 
 def _verify_split(shards_dir: Path, manifest: dict, split: str) -> None:
@@ -361,6 +415,9 @@ class TokenSplit:
         self.bytes: int = info["bytes"]
         self.documents: int = info["documents"]
         self.shards = [self._map(e) for e in info["shards"]]
+        #: per shard its loss mask (uint8, 1: the token counts as a target), or None: every token counts
+        self.masks = [self._map_mask(e) for e in info["shards"]] if all("mask" in e for e in info["shards"]) else None
+        self.longest_answer: dict | None = manifest.get("longest_answer")
         self.shard_tokens = [len(m) for m in self.shards]
         self._starts = np.cumsum([0] + self.shard_tokens)
 
@@ -370,6 +427,13 @@ class TokenSplit:
         path = self.dir / entry["file"]
         try:
             return np.memmap(path, dtype=self.dtype, mode="r", offset=HEADER_BYTES, shape=(entry["tokens"],))
+        except (OSError, ValueError) as exc:
+            raise ShardDamagedError(f"{path}: cannot be mapped ({exc})") from None
+
+    def _map_mask(self, entry: dict) -> np.memmap:
+        path = self.dir / entry["mask"]["file"]
+        try:
+            return np.memmap(path, dtype=np.uint8, mode="r", shape=(entry["tokens"],))
         except (OSError, ValueError) as exc:
             raise ShardDamagedError(f"{path}: cannot be mapped ({exc})") from None
 
@@ -422,13 +486,20 @@ class BatchSampler:
         self.batches_drawn = 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x, y)``, int64 tensors of shape ``[batch_size, block_size]``; ``y`` is ``x`` shifted by one."""
+        """``(x, y)``, int64 tensors of shape ``[batch_size, block_size]``; ``y`` is ``x`` shifted by one, with
+        ``IGNORE_INDEX`` where the split's loss mask is 0."""
         pos = self.rng.integers(0, int(self._cum[-1]), size=self.batch_size)
         shard = np.searchsorted(self._cum, pos, side="right")
         start = pos - (self._cum[shard] - self._usable[shard])
         rows = np.stack([self.split.window(int(k), int(s), self.block_size + 1) for k, s in zip(shard, start)])
         self.batches_drawn += 1
-        return _to_xy(rows)
+        x, y = _to_xy(rows)
+        if self.split.masks is not None:  # targets the loss does not count become IGNORE_INDEX
+            T1 = self.block_size + 1
+            mask = np.stack([self.split.masks[int(k)][int(s) : int(s) + T1] for k, s in zip(shard, start)])
+            counted = torch.from_numpy(np.ascontiguousarray(mask[:, 1:])) != 0
+            y = torch.where(counted, y, IGNORE_INDEX)  # a new tensor: with one row, x and y share memory
+        return x, y
 
     def state_dict(self) -> dict:
         """JSON-serialisable position of the stream (the 128-bit PCG64 words as decimal strings)."""

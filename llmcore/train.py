@@ -227,6 +227,10 @@ class Trainer:
                 raise failed
             raise ShardError(f"{shards_dir}: another rank found the shards unusable (its error names the file)")
         T = model_cfg.block_size
+        longest = self.train_split.longest_answer  # task sources: an answer must fit one window
+        if longest and longest["tokens"] > T:
+            raise ConfigError(f"model.block_size: {T} tokens cannot hold an answer of {longest['tokens']} tokens (with "
+                              f"EOS) of {longest['source']}; raise the block size or shorten the answers")  # fmt: skip
         self.val_batches = fixed_batches(val_split, cfg.eval_batches, cfg.batch_size, T, seed)
         n_streams = self.world * cfg.grad_accum
         self.samplers = [

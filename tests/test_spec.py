@@ -29,14 +29,24 @@ def test_every_shipped_spec_validates(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # runs_root is relative to the working directory
     corpus = make_corpus(tmp_path / "corpus", n_docs=40)  # enough text for block_size 256 (1024: a tail of 2.8 kB)
     overrides = []
-    if "init_from" in (read_spec_file(path).get("model") or {}):  # a small GPT-2-shaped folder the test makes
-        overrides.append(f"model.init_from.path={gpt2_folder(tmp_path / 'gpt2', corpus, n_positions=1024)}")
+    init = (read_spec_file(path).get("model") or {}).get("init_from")
+    if init:  # a small GPT-2-shaped folder the test makes (a spec that starts from an earlier run: in its place)
+        folder = gpt2_folder(tmp_path / "gpt2", corpus, n_positions=1024)
+        overrides.append(f"model.init_from={{type: huggingface, path: {folder}}}" if init["type"] == "run"
+                         else f"model.init_from.path={folder}")  # fmt: skip
     loaded = load_spec(path, overrides)
     assert loaded.runs, "a spec expands to at least one run"
     # Corpus files are checked too: point file sources at a small corpus the test makes.
     overrides += [
         f"data.sources.{i}.path={corpus}" for i, s in enumerate(loaded.spec.data.sources) if s.type == "files"
     ]
+    # ... and task files (task sources, eval.tasks) at a small Kaggle CSV of the same format.
+    exam = tmp_path / "exam.csv"
+    exam.write_text("id,prompt,A,B,C,D,E,answer\n" + "".join(f"{i},Q{i}?,a,b,c,d,e,B\n" for i in range(20)))
+    overrides += [f"data.sources.{i}.path={exam}" for i, s in enumerate(loaded.spec.data.sources)
+                  if s.type == "task" and s.path is not None and s.format == "kaggle_science_exam"]  # fmt: skip
+    overrides += [f"eval.tasks.{i}.path={exam}" for i, t in enumerate(loaded.spec.eval.tasks)
+                  if t.path is not None and t.format == "kaggle_science_exam"]  # fmt: skip
     load_and_check(path, overrides)
 
 
