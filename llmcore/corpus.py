@@ -295,10 +295,7 @@ def check_corpus(data: DataConfig) -> list[CorpusError]:
     has_text = False
     for i, src in enumerate(data.sources):
         try:
-            if isinstance(src, TaskSource):
-                from llmcore.sft import check_task_source
-
-                check_task_source(i, src)
+            if isinstance(src, TaskSource):  # questions, checked by llmcore.sft.check_task_sources
                 has_text = True
                 continue
             if isinstance(src, HuggingFaceSource):

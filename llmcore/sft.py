@@ -66,11 +66,17 @@ def source_questions(i: int, src: TaskSource, data: DataConfig, seed: int) -> li
     return questions[: src.limit] if src.limit else questions
 
 
-def check_task_source(i: int, src: TaskSource) -> None:
-    """Read a task source's file through (a CorpusError names the file, line and field of its first bad row); a
-    derived source is checked when its questions are drawn."""
-    if src.path is not None:
-        source_questions(i, src, DataConfig(), 0)
+def check_task_sources(data: DataConfig) -> list[CorpusError]:
+    """Read each task source's file through (a CorpusError names the file, line and field of its first bad row); a
+    derived source is checked when its questions are drawn. ``llmcore.corpus.check_corpus`` checks the rest."""
+    errors = []
+    for i, src in enumerate(data.sources):
+        if isinstance(src, TaskSource) and src.path is not None:
+            try:
+                source_questions(i, src, DataConfig(), 0)
+            except CorpusError as err:
+                errors.append(err)
+    return errors
 
 
 def task_examples(data: DataConfig, seed: int) -> Iterator[tuple[str, int, str, str]]:

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from helpers import gptlab, make_corpus, tiny_spec, write_spec
 
 from llmcore.config import DataConfig, FilesSource, ModelConfig, TaskSource, TokenizerConfig, TrainConfig
-from llmcore.corpus import CorpusError, check_corpus, corpus_fingerprint
+from llmcore.corpus import CorpusError, corpus_fingerprint
 from llmcore.model import GPT
-from llmcore.sft import is_val_question, source_questions, task_examples
+from llmcore.sft import check_task_sources, is_val_question, source_questions, task_examples
 from llmcore.shards import IGNORE_INDEX, BatchSampler, ShardDamagedError, TokenSplit, verify_shards, write_shards
 from llmcore.tasks import encode_pair
 from llmcore.tokenizer import Tokenizer, train_tokenizer
@@ -160,14 +160,14 @@ def test_malformed_row_names_the_file_line_and_field(tmp_path):
     task = write_mc(tmp_path / "t.jsonl", 5)
     with open(task, "a") as f:
         f.write(json.dumps({"context": "x", "choices": ["a", "b"]}) + "\n")
-    errors = check_corpus(DataConfig(sources=[TaskSource(path=str(task))]))
+    errors = check_task_sources(DataConfig(sources=[TaskSource(path=str(task))]))
     assert len(errors) == 1 and errors[0].field == "data.sources.0.path"
     assert f"{task}, line 6: field 'answer' is missing" in str(errors[0])
     csv = tmp_path / "exam.csv"
     csv.write_text("id,prompt,A,B,C,D,E,answer\n0,Q?,a,b,c,d,e,F\n")
-    (err,) = check_corpus(DataConfig(sources=[TaskSource(path=str(csv), format="kaggle_science_exam")]))
+    (err,) = check_task_sources(DataConfig(sources=[TaskSource(path=str(csv), format="kaggle_science_exam")]))
     assert f"{csv}, line 2: field 'answer' must be one of A-E" in str(err)
-    (err,) = check_corpus(DataConfig(sources=[TaskSource(path=str(tmp_path / "missing.jsonl"))]))
+    (err,) = check_task_sources(DataConfig(sources=[TaskSource(path=str(tmp_path / "missing.jsonl"))]))
     assert isinstance(err, CorpusError) and err.field == "data.sources.0.path"
     assert "missing.jsonl: no such file" in str(err)
 

@@ -62,8 +62,9 @@ def preflight(loaded: LoadedSpec, submitting: bool = False) -> None:
 def corpus_problems(data: DataConfig, seed: int) -> list[str]:
     """Missing, binary or empty corpus files, and a ``document`` split that certainly leaves a split empty."""
     from llmcore.corpus import check_corpus
+    from llmcore.sft import check_task_sources
 
-    problems = [str(e) for e in check_corpus(data)]
+    problems = [str(e) for e in [*check_corpus(data), *check_task_sources(data)]]
     if problems or data.split != "document":
         return problems
     counts = document_counts(data, seed)
