@@ -112,6 +112,7 @@ class TeamServer:
         env = dict(
             os.environ,
             MLFLOW_WORKERS="1",
+            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",  # GenAI job workers: unused, ~250 MB each
             MLFLOW_AUTH_CONFIG_PATH=str(self.config),
             MLFLOW_FLASK_SERVER_SECRET_KEY=self.secret_key,
         )  # fmt: skip

@@ -806,9 +806,12 @@ def ui(
             typer.echo(f"  {exp.name}: {runs_table_url(base, exp)}")
     sys.stdout.flush()  # before exec replaces this process
     argv = ["--backend-store-uri", store, "--host", host, "--port", str(port)]
+    # MLflow's server also starts a job runner (GenAI jobs: a pool of worker processes, ~250 MB each) that gptlab's
+    # runs never use: off, on a shared login node above all.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     if private is None:
-        os.execv(mlflow, [mlflow, "ui", *argv])
-    os.execve(mlflow, [mlflow, "server", "--app-name", "basic-auth", *argv], dict(os.environ, **private.env()))
+        os.execve(mlflow, [mlflow, "ui", *argv], env)
+    os.execve(mlflow, [mlflow, "server", "--app-name", "basic-auth", *argv], {**env, **private.env()})
 
 
 def _server_ui_links(uri: str) -> None:
