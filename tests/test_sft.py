@@ -240,10 +240,10 @@ def test_science_exam_spec_fine_tunes_a_gpt2_folder_on_a_kaggle_csv(tmp_path):
             "eval.max_new_tokens=4", "train.device=cpu"]  # fmt: skip
     proc = gptlab("submit", spec, *[a for s in sets for a in ("--set", s)], timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    (manifest,) = (tmp_path / "runs").rglob("manifest.json")
+    (manifest,) = (tmp_path / "runs" / "stages").rglob("manifest.json")
     m = json.loads(manifest.read_text())
     assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 150  # one example per question
     assert all("mask" in e for s in m["splits"].values() for e in s["shards"])
-    (scored,) = (tmp_path / "runs").rglob("science.jsonl")
+    (scored,) = (tmp_path / "runs" / "stages").rglob("science.jsonl")  # (MLflow keeps a copy under mlartifacts)
     predictions = [json.loads(line) for line in scored.read_text().splitlines()]
     assert len(predictions) == 50 and all("map3" in p for p in predictions)
