@@ -42,7 +42,7 @@ from workflows.progress import Board, LineDisplay, LiveDisplay, RunRow, stage_li
 from workflows.rungs import Halving, Journal, rung_steps
 from workflows.search import Pruning, Study, default_parallel
 from workflows.states import OnDisk, RunStatus, StageState, pruned_step, run_stage_states, run_status
-from workflows.tail import MetricsForwarder
+from workflows.tail import MetricsForwarder, poll_all
 
 FORWARD_EVERY = 5.0  # seconds between sends of a running training's metrics to MLflow (one transaction each)
 STOP_GRACE_S = 90.0  # how long a stopping training may take to save its checkpoint before it is killed
@@ -261,8 +261,7 @@ class Driver:
                 self._interrupt(pending + self.paused)
                 return
             check_executors(dfk)
-            for r in pending:
-                self._forward(r)
+            poll_all([self._forwarder(r) for r in pending], FORWARD_EVERY)
             if self.pruning is not None:
                 for r in pending:
                     self.pruning.observe(r, self.forwarders[r.run_hash].tail.evals,
@@ -330,14 +329,19 @@ class Driver:
             self.say(f"search: {why}: told FAIL")
         self.study.rejected.clear()
 
-    def _forward(self, run: RunPlan, now: bool = False) -> None:
-        """Read a training's new metric lines; send them to MLflow every FORWARD_EVERY seconds, or ``now``."""
+    def _forwarder(self, run: RunPlan) -> MetricsForwarder:
+        """The forwarder of a run's training (made at its first look); the loop polls them all (``poll_all``):
+        new metric lines read every poll, sent to MLflow every FORWARD_EVERY seconds."""
         fw = self.forwarders.get(run.run_hash)
         if fw is None:
             fw = MetricsForwarder(self.lifecycle.tracker, self.lifecycle.child(run), run.training.dir / "metrics.jsonl",
                                   say=lambda msg: self.say(f"[{run.name}] {msg}"))  # fmt: skip
             self.forwarders[run.run_hash] = fw
-        fw.poll(0.0 if now else FORWARD_EVERY)
+        return fw
+
+    def _forward(self, run: RunPlan, now: bool = False) -> None:
+        """Read a training's new metric lines; send them to MLflow every FORWARD_EVERY seconds, or ``now``."""
+        self._forwarder(run).poll(0.0 if now else FORWARD_EVERY)
 
     def _refresh(self, runs: list[RunPlan]) -> None:
         """Bring the board up to date: each stage's state, each training's latest step."""
