@@ -122,7 +122,8 @@ def team_server(pg: str, tmp: Path, auth_cache_s: int) -> Iterator[dict]:
     ``auth_cache_s``; 0 checks the password hash at every request, MLflow's default) with its runs and its accounts
     in two new databases of the PostgreSQL server that the admin URI ``pg`` names, artifacts served, MLflow's default
     workers, on a free loopback port. Yields ``{"uri", "size_mb" (the runs database's size, a function), "cpu_s"
-    (the server's process tree's CPU seconds so far, a function)}``; this process is its admin meanwhile."""
+    (the server's process tree's CPU seconds so far, a function)}``; this process is a member meanwhile (an
+    account the admin makes)."""
     import secrets
     import socket
     import urllib.request
@@ -177,6 +178,11 @@ def team_server(pg: str, tmp: Path, auth_cache_s: int) -> Iterator[dict]:
                 break
             except OSError:
                 time.sleep(0.5)
+        from mlflow.server.auth.client import AuthServiceClient
+
+        member = secrets.token_urlsafe(18)  # a member's account: its permission checks are the server's work too
+        AuthServiceClient(f"http://127.0.0.1:{port}").create_user("member", member)
+        os.environ.update(MLFLOW_TRACKING_USERNAME="member", MLFLOW_TRACKING_PASSWORD=member)
         size = lambda: sql(f"select pg_database_size('{dbs[0]}')")[0][0] / 2**20
         yield {"uri": f"http://127.0.0.1:{port}", "size_mb": size, "cpu_s": cpu_s}
     finally:
