@@ -71,3 +71,21 @@ def test_poll_all_sends_many_trainings_together_to_a_server_each_step_once(serve
     assert sum(reads.values()) == 24  # once per run, before its first send; never again while alone
     for r in runs:
         assert steps_in_mlflow(tracker.uri, r) == Counter(range(1, 40))
+
+
+def test_a_backlog_past_mlflows_limit_of_a_call_goes_in_batches_each_with_its_tags(server, tmp_path):  # noqa: F811
+    """After an outage a training's backlog is thousands of values: each call carries at most 1000 metrics and
+    tags together (the server's limit), its forwarded.* tags included."""
+    uri = server["uri"]
+    tracker = Tracker(uri, "backlog", tmp_path / "mlartifacts")
+    run = tracker.create_run("r", {"role": "sweep_point"})
+    path = tmp_path / "metrics.jsonl"
+    append_steps(path, range(1, 1501))  # 3000 values
+    with path.open("a") as f:
+        f.writelines(
+            json.dumps({"kind": "eval", "step": s, "time": 1e9 + s, "val_loss": 1.0}) + "\n" for s in (500, 1000)
+        )
+    assert MetricsForwarder(tracker, run, path).poll() == 3002
+    assert steps_in_mlflow(uri, run) == Counter(range(1, 1501))
+    tags = MlflowClient(uri).get_run(run).data.tags
+    assert (tags["gptlab.forwarded.train"], tags["gptlab.forwarded.eval"]) == ("1500", "1000")

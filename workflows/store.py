@@ -40,7 +40,7 @@ def tag(name: str) -> str:
     return name if name.startswith(("mlflow.", TAG_PREFIX)) else TAG_PREFIX + name
 
 
-BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
+BATCH = 1000  # MLflow accepts at most 1000 metrics, params and tags together per log_batch call
 PARAM_BATCH = 100
 MAX_PARAM_CHARS = 6000
 
@@ -294,9 +294,10 @@ class Tracker:
         if not metrics and not run_tags:
             return
         with self.locked():
-            for i in range(0, max(len(metrics), 1), BATCH):
-                chunk = metrics[i : i + BATCH]
-                last = i + BATCH >= len(metrics)
+            size = BATCH - len(run_tags)  # the tags count towards MLflow's limit of a call
+            for i in range(0, max(len(metrics), 1), size):
+                chunk = metrics[i : i + size]
+                last = i + size >= len(metrics)
                 retry_locked(
                     lambda: self.client.log_batch(
                         run_id, metrics=chunk, tags=run_tags if last else [], synchronous=True
@@ -309,7 +310,7 @@ class Tracker:
         twice. The caller re-reads the run's tags before sending again. On a tracking server this is a single
         REST call with bounded timeouts; on a local store, a client call (retried only while SQLite is locked,
         which means it did not land)."""
-        assert len(metrics) <= BATCH
+        assert len(metrics) + len(tags) <= BATCH
         run_tags = [RunTag(tag(k), str(v)) for k, v in tags.items()]
         if is_local_store(self.uri):
             with self.locked():

@@ -110,6 +110,11 @@ class MetricsForwarder:
     def latest(self) -> TrainLine | None:
         return self.tail.latest
 
+    @property
+    def waiting(self) -> bool:
+        """Records read (or let go from memory) that the store does not hold yet: the server was away."""
+        return bool(self.pending) or self.reread or self.down_since is not None
+
     def _forwarded(self) -> dict[str, int]:
         """The last step per record kind forwarded to the run by any driver (kept as run tags)."""
         tags = retry_locked(lambda: self.tracker.client.get_run(self.run_id).data.tags)
@@ -172,7 +177,9 @@ class MetricsForwarder:
         return sent
 
     def _batches(self, records: list[TrainLine | EvalLine]) -> Iterator[tuple[list[Metric], dict[str, int]]]:
-        """(metrics, last step per kind) of the records past ``last``, at most BATCH metrics each, whole records."""
+        """(metrics, last step per kind) of the records past ``last``, whole records, at most BATCH values with the
+        tags that go with them (``forwarded.train``, ``forwarded.eval``, ``tracking_outage``): MLflow refuses a
+        ``log_batch`` of more than 1000 metrics, params and tags together."""
         metrics: list[Metric] = []
         last: dict[str, int] = {}
         for rec in records:
@@ -180,7 +187,7 @@ class MetricsForwarder:
                 continue
             ts = int(rec.time * 1000)
             points = [Metric(name, value, ts, rec.step) for name, value in rec.metrics().items()]
-            if metrics and len(metrics) + len(points) > BATCH:
+            if metrics and len(metrics) + len(points) > BATCH - 3:
                 yield metrics, last
                 metrics, last = [], {}
             metrics += points
@@ -217,17 +224,24 @@ class MetricsForwarder:
 
 
 SEND_THREADS = 8  # sends to a tracking server in flight at once (each a REST round trip of a few milliseconds)
+# Sends per second the driver asks of a store at most: a send costs the store about the same whatever its size (a
+# team server spent ~7 ms of CPU on each, bench/tracking_scale.py), so past SENDS_PER_S * FORWARD_EVERY trainings
+# each one's batches go out less often and hold more: 1,000 trainings send every 10 s, not 5.
+SENDS_PER_S = 100.0
 
 
 def poll_all(forwarders: Sequence[MetricsForwarder], min_interval: float) -> int:
     """:meth:`MetricsForwarder.poll` for every training a driver follows (one tracker): each reads its new records,
-    and the sends that are due go out together. To a tracking server they go SEND_THREADS at a time under one hold
-    of the store's lock: one send is a round trip the driver would otherwise wait out, and a thousand trainings'
-    round trips one after another take longer than the FORWARD_EVERY seconds between them (bench/tracking_scale.py).
-    A local store takes them one at a time (SQLite has one writer). Returns how many metric values were sent."""
+    and the sends that are due go out together, each training's every ``min_interval`` seconds or, with more
+    trainings than SENDS_PER_S * min_interval, every ``len(forwarders) / SENDS_PER_S``. To a tracking server they go
+    SEND_THREADS at a time under one hold of the store's lock: one send is a round trip the driver would otherwise
+    wait out, and a thousand trainings' round trips one after another take longer than the seconds between their
+    sends (bench/tracking_scale.py). A local store takes them one at a time (SQLite has one writer). Returns how
+    many metric values were sent."""
     for fw in forwarders:
         fw.read()
-    due = [fw for fw in forwarders if fw.due(min_interval)]
+    interval = max(min_interval, len(forwarders) / SENDS_PER_S) if min_interval > 0 else 0.0
+    due = [fw for fw in forwarders if fw.due(interval)]
     if len(due) <= 1 or is_local_store(due[0].tracker.uri):
         return sum(fw.send() for fw in due)
     tracker = due[0].tracker
