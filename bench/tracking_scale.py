@@ -1,18 +1,22 @@
 """Tracking at scale: how many concurrent trainings one driver's metric forwarding keeps up with.
 
-    python bench/tracking_scale.py [--quick] [--sizes 10,100,1000] [--seconds S] [--uri URI] [--json PATH]
+    python bench/tracking_scale.py [--quick] [--sizes 10,100,1000] [--seconds S] [--json PATH]
+                                   [--uri URI | --postgres ADMIN_URI [--auth-cache-s S]] [--experiment-runs N]
 
 N simulated trainings: writer processes append real ``llmcore.metrics`` records to N ``metrics.jsonl`` files at
 a training's rate (a ``TrainLine`` with every field a CPU training writes every ``--every`` seconds, 2 by
 default, and an ``EvalLine`` every tenth line), each file's first line at a random offset. This process is the
-driver: it creates one MLflow run per training in a real store (SQLite under a temporary runs_root by default,
-or ``--uri`` for a tracking server) and runs the driver's own forwarding (``workflows.tail.MetricsForwarder``,
-polled every ``submit``'s poll interval, each run's batch sent every ``driver.FORWARD_EVERY`` seconds) for
-``--seconds`` (60 by default), then once more at once. Figures per N: forwarding lag (a metric's timestamp, when
-its line was written, to the moment its batch was committed to the store) p50 and p99, the driver's CPU
-(its process CPU seconds over wall seconds: 1.0 is one core busy), lines written and sent, and the store's size.
-SQLite's ceiling is the largest N whose p99 lag stays under 30 s with the driver under one core.
-Results: bench/results/tracking_scale.json.
+driver: it creates one MLflow run per training in a real store and runs the driver's own forwarding
+(``workflows.tail.poll_all`` over one ``MetricsForwarder`` per training, every ``submit`` poll interval, with
+``driver.FORWARD_EVERY``) for ``--seconds`` (60 by default), then once more at once. The store: SQLite under a
+temporary runs_root (default); the tracking server at ``--uri``; or, with ``--postgres`` (a PostgreSQL admin URI,
+as ``.ci/postgres-up.sh`` prints), a team server per N as the README's recipe starts it (basic-auth, served
+artifacts, a new database) written to from a member's account. Figures per N: forwarding lag (a metric's
+timestamp, when its line was written, to the moment its batch was committed to the store) p50 and p99, the
+driver's CPU (its process CPU seconds over wall seconds: 1.0 is one core busy), the server's CPU (its process
+tree's), lines written and sent, and the store's size. The ceiling of a store is the largest N whose p99 lag stays
+under 30 s with the driver under one core. Also ``gptlab status`` and ``gptlab compare`` over an experiment of
+``--experiment-runs`` runs (2,000) in SQLite. Results: bench/results/tracking_scale.json.
 """
 
 from __future__ import annotations
