@@ -3,11 +3,11 @@
     python bench/run_all.py [--quick] [--only NAME ...]        (from the repository root)
 
 Runs, each in its own process (so one's memory or threads never colour another's figures): cli, planning,
-tokenizer, shards, tracking, orchestration, train_step, fsdp, search, tasks, pretrained, inspection, lora. Each writes
-bench/results/<name>.json; this script then writes bench/results/summary.json and bench/results/summary.md (the
-table docs/performance.md quotes: figure, value, target, met, command, and the machine). ``--quick`` runs every
-benchmark at small sizes (a smoke test in a few minutes; its figures are not the published ones). The full suite
-takes about 40 minutes on 2 cores (search alone about 16).
+tokenizer, shards, tracking, tracking_scale, orchestration, train_step, fsdp, search, tasks, pretrained, inspection,
+lora. Each writes bench/results/<name>.json; this script then writes bench/results/summary.json and
+bench/results/summary.md (the table docs/performance.md quotes: figure, value, target, met, command, and the
+machine). ``--quick`` runs every benchmark at small sizes (a smoke test in a few minutes; its figures are not the
+published ones). The full suite takes about 40 minutes on 2 cores (search alone about 16).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ BENCHMARKS = (
     "tokenizer",
     "shards",
     "tracking",
+    "tracking_scale",
     "orchestration",
     "train_step",
     "fsdp",

@@ -1,29 +1,36 @@
 """Tracking at scale: how many concurrent trainings one driver's metric forwarding keeps up with.
 
-    python bench/tracking_scale.py [--quick] [--sizes 10,100,1000] [--seconds S] [--uri URI] [--json PATH]
+    python bench/tracking_scale.py [--quick] [--sizes 10,100,1000] [--seconds S] [--json PATH]
+                                   [--uri URI | --postgres ADMIN_URI [--auth-cache-s S]] [--experiment-runs N]
 
 N simulated trainings: writer processes append real ``llmcore.metrics`` records to N ``metrics.jsonl`` files at
 a training's rate (a ``TrainLine`` with every field a CPU training writes every ``--every`` seconds, 2 by
 default, and an ``EvalLine`` every tenth line), each file's first line at a random offset. This process is the
-driver: it creates one MLflow run per training in a real store (SQLite under a temporary runs_root by default,
-or ``--uri`` for a tracking server) and runs the driver's own forwarding (``workflows.tail.MetricsForwarder``,
-polled every ``submit``'s poll interval, each run's batch sent every ``driver.FORWARD_EVERY`` seconds) for
-``--seconds`` (60 by default), then once more at once. Figures per N: forwarding lag (a metric's timestamp, when
-its line was written, to the moment its batch was committed to the store) p50 and p99, the driver's CPU
-(its process CPU seconds over wall seconds: 1.0 is one core busy), lines written and sent, and the store's size.
-SQLite's ceiling is the largest N whose p99 lag stays under 30 s with the driver under one core.
-Results: bench/results/tracking_scale.json.
+driver: it creates one MLflow run per training in a real store and runs the driver's own forwarding
+(``workflows.tail.poll_all`` over one ``MetricsForwarder`` per training, every ``submit`` poll interval, with
+``driver.FORWARD_EVERY``) for ``--seconds`` (60 by default), then once more at once. The store: SQLite under a
+temporary runs_root (default); the tracking server at ``--uri``; or, with ``--postgres`` (a PostgreSQL admin URI,
+as ``.ci/postgres-up.sh`` prints), a team server per N as the README's recipe starts it (basic-auth, served
+artifacts, a new database) written to from a member's account. Figures per N: forwarding lag (a metric's
+timestamp, when its line was written, to the moment its batch was committed to the store) p50 and p99, the
+driver's CPU (its process CPU seconds over wall seconds: 1.0 is one core busy), the server's CPU (its process
+tree's), lines written and sent, and the store's size. The ceiling of a store is the largest N whose p99 lag stays
+under 30 s with the driver under one core. Also ``gptlab status`` and ``gptlab compare`` over an experiment of
+``--experiment-runs`` runs (2,000) in SQLite. Results: bench/results/tracking_scale.json.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from common import figure, parser, write_report
@@ -55,27 +62,31 @@ for w in writers:
 """
 
 
-def simulate(n: int, seconds: float, every: float, uri: str | None, tmp: Path) -> dict:
+def simulate(n: int, seconds: float, every: float, tmp: Path, server: dict | None = None) -> dict:
+    """N trainings for ``seconds`` into a SQLite store under ``tmp``, or into ``server`` (``{"uri"}``, and
+    from :func:`team_server` ``size_mb`` and ``cpu_s``)."""
     import inspect
 
     from workflows import submit
     from workflows.driver import FORWARD_EVERY
     from workflows.store import Tracker, default_tracking_uri
-    from workflows.tail import MetricsForwarder
+    from workflows.tail import MetricsForwarder, poll_all
 
     poll = float(inspect.signature(submit).parameters["poll_interval"].default)
     root = tmp / f"n{n}"
     root.mkdir()
-    tracker = Tracker(uri or default_tracking_uri(root), f"scale-{n}-{int(time.time())}", root / "mlartifacts")
+    server = server or {}
+    uri, experiment = server.get("uri") or default_tracking_uri(root), f"scale-{n}-{int(time.time())}"
+    tracker = Tracker(uri, experiment, root / "mlartifacts")
     lags: list[float] = []
-    log_metrics = tracker.log_metrics
+    send = tracker.log_batch_once  # the one call the forwarder sends a batch with
 
-    def timed(run_id, metrics, tags=None):  # the moment a batch is committed is when its lines are visible
-        log_metrics(run_id, metrics, tags)
+    def timed(run_id, metrics, tags):  # the moment a batch is committed is when its lines are visible
+        send(run_id, metrics, tags)
         now = time.time()
         lags.extend(now - m.timestamp / 1000 for m in metrics if m.key == "train/loss")
 
-    tracker.log_metrics = timed
+    tracker.log_batch_once = timed
     files = [root / f"t{i:05d}" / "metrics.jsonl" for i in range(n)]
     forwarders = []
     for i, f in enumerate(files):
@@ -87,26 +98,105 @@ def simulate(n: int, seconds: float, every: float, uri: str | None, tmp: Path) -
     writers = [subprocess.Popen([sys.executable, "-c", WRITER, ",".join(map(str, c)), str(every), str(until), str(i)],
                                 env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
                for i, c in enumerate(chunks)]  # fmt: skip
-    cpu0, wall0 = time.process_time(), time.time()
+    cpu0, wall0, server_cpu0 = time.process_time(), time.time(), server["cpu_s"]() if "cpu_s" in server else 0.0
     while time.time() < until:
         t0 = time.time()
-        for fw in forwarders:
-            fw.poll(FORWARD_EVERY)
+        poll_all(forwarders, FORWARD_EVERY)  # what the driver's loop calls
         time.sleep(max(0.0, poll - (time.time() - t0)))
     for w in writers:
         w.wait()
-    for fw in forwarders:  # the trainings have ended: the driver sends the rest at once
-        fw.poll(0.0)
+    poll_all(forwarders, 0.0)  # the trainings have ended: the driver sends the rest at once
     cpu, wall = time.process_time() - cpu0, time.time() - wall0
+    server_cpu = (server["cpu_s"]() - server_cpu0) / wall if "cpu_s" in server else None
     written = sum(1 for f in files for line in f.read_bytes().splitlines() if b'"train"' in line)
-    store = root / "mlflow.db"
+    db = root / "mlflow.db"
+    size = server["size_mb"]() if "size_mb" in server else db.stat().st_size / 2**20 if db.exists() else None
     lags.sort()
     return {
         "n": n, "seconds": wall, "lines_written": written, "lines_sent": len(lags),
         "lag_p50_s": statistics.median(lags) if lags else None,
         "lag_p99_s": lags[int(0.99 * (len(lags) - 1))] if lags else None,
-        "driver_cpu_cores": cpu / wall, "store_mb": store.stat().st_size / 2**20 if store.exists() else None,
+        "driver_cpu_cores": cpu / wall, "server_cpu_cores": server_cpu, "store_mb": size,
     }  # fmt: skip
+
+
+@contextlib.contextmanager
+def team_server(pg: str, tmp: Path, auth_cache_s: int) -> Iterator[dict]:
+    """A team server as the README's recipe starts it: MLflow's basic-auth app (``auth_cache_ttl_seconds`` set to
+    ``auth_cache_s``; 0 checks the password hash at every request, MLflow's default) with its runs and its accounts
+    in two new databases of the PostgreSQL server that the admin URI ``pg`` names, artifacts served, MLflow's default
+    workers, on a free loopback port. Yields ``{"uri", "size_mb" (the runs database's size, a function), "cpu_s"
+    (the server's process tree's CPU seconds so far, a function)}``; this process is a member meanwhile (an
+    account the admin makes)."""
+    import secrets
+    import socket
+    import urllib.request
+    import uuid
+
+    import psutil
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg)
+    dbs = [f"bench_scale_{uuid.uuid4().hex[:8]}", f"bench_scale_auth_{uuid.uuid4().hex[:8]}"]
+    admin = psycopg2.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
+    admin.autocommit = True
+
+    def sql(query: str):
+        with admin.cursor() as cur:
+            cur.execute(query)
+            return cur.fetchall() if cur.description else None
+
+    for db in dbs:
+        sql(f'create database "{db}"')
+    uri_of = [url.set(database=db).render_as_string(hide_password=False) for db in dbs]
+    password = secrets.token_urlsafe(18)
+    (tmp / "auth.ini").write_text(
+        f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = {uri_of[1]}\nadmin_username = admin\n"
+        f"admin_password = {password}\nauth_cache_ttl_seconds = {auth_cache_s}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp / "auth.ini"),
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}  # fmt: skip
+    log = (tmp / "server.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+                               "--backend-store-uri", uri_of[0], "--serve-artifacts", "--artifacts-destination",
+                               str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password)
+    tree = psutil.Process(server.pid)
+
+    def cpu_s() -> float:
+        procs = [tree, *tree.children(recursive=True)]
+        return sum(sum(p.cpu_times()[:4]) for p in procs if p.is_running())
+
+    try:
+        for _ in range(240):
+            assert server.poll() is None, (tmp / "server.log").read_text()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        from mlflow.server.auth.client import AuthServiceClient
+
+        member = secrets.token_urlsafe(18)  # a member's account: its permission checks are the server's work too
+        AuthServiceClient(f"http://127.0.0.1:{port}").create_user("member", member)
+        os.environ.update(MLFLOW_TRACKING_USERNAME="member", MLFLOW_TRACKING_PASSWORD=member)
+        size = lambda: sql(f"select pg_database_size('{dbs[0]}')")[0][0] / 2**20
+        yield {"uri": f"http://127.0.0.1:{port}", "size_mb": size, "cpu_s": cpu_s}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(60)
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        for db in dbs:
+            sql(f'drop database if exists "{db}" with (force)')
+        admin.close()
 
 
 def big_experiment(n: int, tmp: Path) -> dict:
@@ -141,33 +231,28 @@ def big_experiment(n: int, tmp: Path) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = parser("tracking_scale", __doc__)
-    p.add_argument("--sizes", default=None, help="comma-separated N (default 10,100,1000; --quick: 10,50)")
-    p.add_argument("--seconds", type=float, default=None, help="seconds each N runs (default 60; --quick: 15)")
-    p.add_argument("--every", type=float, default=2.0, help="seconds between a training's lines")
-    p.add_argument("--uri", default=None, help="a tracking server (default: a SQLite store per N)")
-    p.add_argument("--experiment-runs", type=int, default=None, help="status/compare over this many runs "
-                   "(default 2000; --quick: 100; 0: skip)")  # fmt: skip
-    args = p.parse_args(argv)
-    sizes = [int(x) for x in (args.sizes or ("10,50" if args.quick else "10,100,1000")).split(",")]
-    seconds = args.seconds or (15.0 if args.quick else 60.0)
-    random.seed(0)
-    rows, figures = [], []
-    with tempfile.TemporaryDirectory(prefix="gptlab-bench-scale-") as tmp:
-        for n in sizes:
-            r = simulate(n, seconds, args.every, args.uri, Path(tmp))
-            rows.append(r)
-            lines = f"{r['lines_sent']}/{r['lines_written']} lines"
-            print(f"  N={n}: p50 {r['lag_p50_s']:.2f} s, p99 {r['lag_p99_s']:.2f} s, driver "
-                  f"{r['driver_cpu_cores']:.2f} cores, {lines}", flush=True)  # fmt: skip
-        big = args.experiment_runs if args.experiment_runs is not None else (100 if args.quick else 2000)
-        listed = big_experiment(big, Path(tmp)) if big else None
-    if listed:
-        print(f"  {big} runs: status {listed['status_s']:.1f} s, compare {listed['compare_s']:.1f} s", flush=True)
-        figures += [figure(f"gptlab status over {big} runs (SQLite)", listed["status_s"], "s"),
-                    figure(f"gptlab compare over {big} runs (SQLite)", listed["compare_s"], "s")]  # fmt: skip
-    store = "server" if args.uri else "SQLite"
+def run_sizes(args, sizes: list[int], seconds: float, tmp: Path) -> list[dict]:
+    """One simulation per N: into a SQLite store, the server at ``--uri``, or a team server of its own per N on
+    the PostgreSQL server ``--postgres`` names (a fresh database each)."""
+    rows = []
+    for n in sizes:
+        here = tmp / f"server{n}"
+        here.mkdir()
+        if args.postgres:
+            with team_server(args.postgres, here, args.auth_cache_s) as server:
+                r = simulate(n, seconds, args.every, tmp, server)
+        else:
+            r = simulate(n, seconds, args.every, tmp, {"uri": args.uri} if args.uri else None)
+        rows.append(r)
+        server_cpu = f", server {r['server_cpu_cores']:.2f} cores" if r["server_cpu_cores"] is not None else ""
+        lag = f"p50 {r['lag_p50_s']:.2f} s, p99 {r['lag_p99_s']:.2f} s" if r["lag_p50_s"] is not None else "no lag"
+        print(f"  N={n}: {lag}, driver {r['driver_cpu_cores']:.2f} cores{server_cpu}, "
+              f"{r['lines_sent']}/{r['lines_written']} lines", flush=True)  # fmt: skip
+    return rows
+
+
+def size_figures(store: str, rows: list[dict]) -> list[dict]:
+    figures = []
     for r in rows:
         ok = r["lag_p99_s"] is not None and r["lag_p99_s"] < LAG_TARGET_S and r["driver_cpu_cores"] < 1.0
         figures += [
@@ -176,12 +261,43 @@ def main(argv: list[str] | None = None) -> int:
             figure(f"{store}, N={r['n']}: driver CPU (cores)", r["driver_cpu_cores"], "cores", "< 1"),
             figure(f"{store}, N={r['n']}: lines sent / written", r["lines_sent"], f"of {r['lines_written']}"),
         ]
+        if r["server_cpu_cores"] is not None:
+            figures.append(figure(f"{store}, N={r['n']}: server CPU (cores)", r["server_cpu_cores"], "cores"))
         if r["store_mb"] is not None:
             figures.append(figure(f"{store}, N={r['n']}: store size", r["store_mb"], "MiB"))
     ceiling = max((r["n"] for r in rows if r["lag_p99_s"] is not None and r["lag_p99_s"] < LAG_TARGET_S
                    and r["driver_cpu_cores"] < 1.0), default=0)  # fmt: skip
-    figures.append(figure(f"{store}: the largest N measured within the target", ceiling, "trainings"))
-    details = {"rows": rows, "every_s": args.every, "seconds": seconds, "experiment": listed}
+    return [*figures, figure(f"{store}: the largest N measured within the target", ceiling, "trainings")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser("tracking_scale", __doc__)
+    p.add_argument("--sizes", default=None, help="comma-separated N (default 10,100,1000; --quick: 10,50)")
+    p.add_argument("--seconds", type=float, default=None, help="seconds each N runs (default 60; --quick: 15)")
+    p.add_argument("--every", type=float, default=2.0, help="seconds between a training's lines")
+    p.add_argument("--uri", default=None, help="a tracking server (default: a SQLite store per N)")
+    p.add_argument("--postgres", default=None, help="a PostgreSQL admin URI (.ci/postgres-up.sh prints one): a "
+                   "basic-auth team server on a new database of it per N")  # fmt: skip
+    p.add_argument("--auth-cache-s", type=int, default=300, help="the team server's auth_cache_ttl_seconds")
+    p.add_argument("--experiment-runs", type=int, default=None, help="status/compare over this many runs "
+                   "(default 2000; --quick: 100; 0: skip)")  # fmt: skip
+    args = p.parse_args(argv)
+    sizes = [int(x) for x in (args.sizes or ("10,50" if args.quick else "10,100,1000")).split(",")]
+    seconds = args.seconds or (15.0 if args.quick else 60.0)
+    random.seed(0)
+    with tempfile.TemporaryDirectory(prefix="gptlab-bench-scale-") as tmp:
+        rows = run_sizes(args, sizes, seconds, Path(tmp))
+        big = args.experiment_runs if args.experiment_runs is not None else (100 if args.quick else 2000)
+        listed = big_experiment(big, Path(tmp)) if big else None
+    figures = []
+    if listed:
+        print(f"  {big} runs: status {listed['status_s']:.1f} s, compare {listed['compare_s']:.1f} s", flush=True)
+        figures += [figure(f"gptlab status over {big} runs (SQLite)", listed["status_s"], "s"),
+                    figure(f"gptlab compare over {big} runs (SQLite)", listed["compare_s"], "s")]  # fmt: skip
+    store = (f"PostgreSQL server (auth cache {args.auth_cache_s} s)" if args.postgres
+             else "server" if args.uri else "SQLite")  # fmt: skip
+    figures += size_figures(store, rows)
+    details = {"store": store, "rows": rows, "every_s": args.every, "seconds": seconds, "experiment": listed}
     write_report("tracking_scale", args, figures, details)
     return 0
 

@@ -105,14 +105,15 @@ def is_committed(directory: str | os.PathLike) -> bool:
 
 
 @contextmanager
-def file_lock(path: str | os.PathLike, what: str = "", say: Any = None) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, what: str = "", say: Any = None, note: str = "") -> Iterator[str]:
     """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block.
 
     Waits for the holder when another process has it, after saying so once (``say``, default stderr). The
     kernel releases the lock when its holder exits, however it exits (SIGKILL included), so a dead holder
     never blocks anyone. Works across processes on one machine and, on Lustre, across nodes when the file
     system is mounted with ``-o flock`` (Polaris' ``/eagle`` and ``/grand`` are). The holder's pid and host
-    are written into the file to make the message useful; they are not part of the protocol.
+    (and ``note``) are written into the file to make the message useful, and the ``with`` block gets the
+    previous holder's: a holder that finds its own there knows nobody held the lock since it did.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,11 +126,12 @@ def file_lock(path: str | os.PathLike, what: str = "", say: Any = None) -> Itera
             message = f"waiting for {what or path}: locked by {holder}"
             (say or (lambda m: print(m, file=sys.stderr, flush=True)))(message)
             fcntl.flock(fd, fcntl.LOCK_EX)
+        previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}{' ' + note if note else ''}\n".encode(), 0)
         except OSError:
             pass  # a full disk must not stop the lock from working; the note is informational only
-        yield
+        yield previous
     finally:
         os.close(fd)  # releases the lock

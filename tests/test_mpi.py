@@ -9,6 +9,7 @@ would hide a launch path that no longer works).
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 import sys
@@ -94,7 +95,9 @@ def test_mpiexec_ranks_see_their_launch_env(ppn, extra, local_ranks):
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    seen = sorted(json.loads(line) for line in proc.stdout.splitlines() if line.startswith("["))
+    # Hydra forwards each rank's output as it comes: one rank's line can land inside the other's, so the records
+    # are found wherever they are, not line by line.
+    seen = sorted(json.loads(found) for found in re.findall(r"\[[^\[\]]*\]", proc.stdout))
     assert seen == [[r, local_ranks[r], 2, "127.0.0.1", 4321] for r in range(2)], proc.stdout + proc.stderr
 
 

@@ -41,8 +41,10 @@ from workflows.processes import (
 from workflows.progress import Board, LineDisplay, LiveDisplay, RunRow, stage_line
 from workflows.rungs import Halving, Journal, rung_steps
 from workflows.search import Pruning, Study, default_parallel
+from workflows.server import TrackingStoreError
 from workflows.states import OnDisk, RunStatus, StageState, pruned_step, run_stage_states, run_status
-from workflows.tail import MetricsForwarder
+from workflows.store import is_unreachable
+from workflows.tail import MetricsForwarder, poll_all
 
 FORWARD_EVERY = 5.0  # seconds between sends of a running training's metrics to MLflow (one transaction each)
 STOP_GRACE_S = 90.0  # how long a stopping training may take to save its checkpoint before it is killed
@@ -100,6 +102,7 @@ class Driver:
         self.stop = StopRequest(self._force, first=lambda sig: self.halt.set(sig))
         self.launcher: Launcher | None = None
         self.forwarders: dict[str, MetricsForwarder] = {}  # run hash -> its training's forwarder
+        self.store_away_since: float | None = None  # since when ended runs wait for an unreachable server
         self.halving: Halving | None = None  # a grid's synchronous successive halving (prune.method sha)
         self.paused: list[RunPlan] = []  # runs whose training waits at a rung for its decision
         self.board = Board([RunRow(r.name, r.spec.train.max_steps, self._states(r, launching=True)) for r in p.runs])
@@ -261,21 +264,28 @@ class Driver:
                 self._interrupt(pending + self.paused)
                 return
             check_executors(dfk)
-            for r in pending:
-                self._forward(r)
+            poll_all([self._forwarder(r) for r in pending], FORWARD_EVERY)
             if self.pruning is not None:
                 for r in pending:
                     self.pruning.observe(r, self.forwarders[r.run_hash].tail.evals,
                                          launcher.process_running(r.training))  # fmt: skip
             self._refresh(pending)
-            for r in [r for r in pending if launcher.done(r)]:
+            for r in [r for r in pending if launcher.done(r) and not self._store_away(r, pending)]:
                 pending.remove(r)
                 if self._at_rung(r):
                     self.paused.append(r)
                     self.say(f"[{r.name}] paused at rung {self.halving.rung[r.run_hash]} "
                              f"(step {self._pause_at(r)}): waits for the other points")  # fmt: skip
                     continue
-                done = self._finalize(r)
+                try:
+                    done = self._finalize(r)
+                except Exception as exc:  # the server went away while the run was being closed: again later
+                    if not is_unreachable(exc):
+                        raise
+                    pending.append(r)
+                    self._wait_for_store(pending)
+                    continue
+                self.store_away_since = None
                 self.say(f"[{r.name}] {done.status} {run_summary_line(done.metrics)}".rstrip())
             if self.halving is not None:
                 self._decide_rung(pending)
@@ -330,14 +340,41 @@ class Driver:
             self.say(f"search: {why}: told FAIL")
         self.study.rejected.clear()
 
-    def _forward(self, run: RunPlan, now: bool = False) -> None:
-        """Read a training's new metric lines; send them to MLflow every FORWARD_EVERY seconds, or ``now``."""
+    def _store_away(self, run: RunPlan, pending: list[RunPlan]) -> bool:
+        """Whether a run whose tasks have ended must wait for an unreachable tracking server before it is closed:
+        its last metrics are not all sent yet."""
+        fw = self._forwarder(run)
+        fw.poll(0.0)
+        if fw.waiting:
+            self._wait_for_store(pending)
+        return fw.waiting
+
+    def _wait_for_store(self, pending: list[RunPlan]) -> None:
+        """Ended runs wait for an unreachable tracking server. When every pending run only waits so, for longer
+        than tracking.outage_wait_s, the submit stops: nothing is lost, the metrics stay in each metrics.jsonl and
+        a re-submit sends them."""
+        self.store_away_since = self.store_away_since or time.monotonic()
+        waited, limit = time.monotonic() - self.store_away_since, self.plan.spec.tracking.outage_wait_s
+        if waited > limit and all(self.launcher.done(r) for r in pending):
+            raise TrackingStoreError(
+                f"tracking.uri {self.lifecycle.tracker.uri}: the server has not answered for {waited:.0f} s after "
+                f"the trainings ended (tracking.outage_wait_s {limit:g}); their metrics are kept in each "
+                f"metrics.jsonl: `gptlab submit {self.plan.loaded.source}` sends them, once, and closes the runs"
+            )
+
+    def _forwarder(self, run: RunPlan) -> MetricsForwarder:
+        """The forwarder of a run's training (made at its first look); the loop polls them all (``poll_all``):
+        new metric lines read every poll, sent to MLflow every FORWARD_EVERY seconds."""
         fw = self.forwarders.get(run.run_hash)
         if fw is None:
             fw = MetricsForwarder(self.lifecycle.tracker, self.lifecycle.child(run), run.training.dir / "metrics.jsonl",
                                   say=lambda msg: self.say(f"[{run.name}] {msg}"))  # fmt: skip
             self.forwarders[run.run_hash] = fw
-        fw.poll(0.0 if now else FORWARD_EVERY)
+        return fw
+
+    def _forward(self, run: RunPlan, now: bool = False) -> None:
+        """Read a training's new metric lines; send them to MLflow every FORWARD_EVERY seconds, or ``now``."""
+        self._forwarder(run).poll(0.0 if now else FORWARD_EVERY)
 
     def _refresh(self, runs: list[RunPlan]) -> None:
         """Bring the board up to date: each stage's state, each training's latest step."""

@@ -82,6 +82,13 @@ class TrackingSpec(StrictModel):
         "dropped meanwhile: the metrics wait in each training's metrics.jsonl and are sent, exactly once, when "
         "the server answers again.",
     )
+    outage_wait_s: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a submit whose trainings have all ended waits for an unreachable tracking server "
+        "to close their runs before it stops (exit 2, naming tracking.uri). Nothing is lost: the metrics stay in "
+        "each metrics.jsonl, and submitting the spec again sends them, exactly once, and closes the runs.",
+    )
 
 
 class PruneSpec(StrictModel):

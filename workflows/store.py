@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,7 +40,7 @@ def tag(name: str) -> str:
     return name if name.startswith(("mlflow.", TAG_PREFIX)) else TAG_PREFIX + name
 
 
-BATCH = 1000  # MLflow accepts at most 1000 metrics per log_batch call
+BATCH = 1000  # MLflow accepts at most 1000 metrics, params and tags together per log_batch call
 PARAM_BATCH = 100
 MAX_PARAM_CHARS = 6000
 
@@ -187,6 +188,10 @@ class Tracker:
         self.outage_report_s = 120.0  # the spec's tracking.outage_report_s, set by whoever read the spec
         self.lock_path = store_lock_path(uri, artifact_root)
         self._held = threading.local()
+        self._token = f"(gptlab tracker {secrets.token_hex(6)})"  # this tracker's mark in the lock file
+        # Nobody else held the store's lock between this tracker's last hold and its current one: what this
+        # tracker wrote meanwhile is still what the store holds (the metric forwarder then skips re-reading it).
+        self.held_alone = False
         with self.locked(), permitted(experiment):  # the first client call creates (migrates) a new SQLite store
             self.client = retry_locked(lambda: MlflowClient(tracking_uri=uri))
             exp = retry_locked(lambda: self.client.get_experiment_by_name(experiment))
@@ -217,7 +222,8 @@ class Tracker:
                 self._held.depth -= 1
             return
         try:
-            with file_lock(self.lock_path, say=lambda _: None):
+            with file_lock(self.lock_path, say=lambda _: None, note=self._token) as previous:
+                self.held_alone = previous.endswith(self._token)
                 self._held.depth = 1
                 try:
                     yield
@@ -229,6 +235,15 @@ class Tracker:
             if not is_no_space(exc) and not isinstance(exc, PermissionError):
                 raise
             raise TrackingStoreError(f"{self.uri}: cannot create {self.lock_path} ({exc.strerror})") from None
+
+    def on_behalf(self, fn: Callable[[], T]) -> T:
+        """Call ``fn`` in a worker thread of a thread that holds the store's lock and waits for the worker (the
+        metric forwarder's sends, :func:`workflows.tail.poll_all`): its writes are under that hold."""
+        self._held.depth = 1
+        try:
+            return fn()
+        finally:
+            self._held.depth = 0
 
     def _write(self, fn: Callable[[], T]) -> T:
         with self.locked():
@@ -279,9 +294,10 @@ class Tracker:
         if not metrics and not run_tags:
             return
         with self.locked():
-            for i in range(0, max(len(metrics), 1), BATCH):
-                chunk = metrics[i : i + BATCH]
-                last = i + BATCH >= len(metrics)
+            size = BATCH - len(run_tags)  # the tags count towards MLflow's limit of a call
+            for i in range(0, max(len(metrics), 1), size):
+                chunk = metrics[i : i + size]
+                last = i + size >= len(metrics)
                 retry_locked(
                     lambda: self.client.log_batch(
                         run_id, metrics=chunk, tags=run_tags if last else [], synchronous=True
@@ -294,7 +310,7 @@ class Tracker:
         twice. The caller re-reads the run's tags before sending again. On a tracking server this is a single
         REST call with bounded timeouts; on a local store, a client call (retried only while SQLite is locked,
         which means it did not land)."""
-        assert len(metrics) <= BATCH
+        assert len(metrics) + len(tags) <= BATCH
         run_tags = [RunTag(tag(k), str(v)) for k, v in tags.items()]
         if is_local_store(self.uri):
             with self.locked():

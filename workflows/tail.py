@@ -10,14 +10,15 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric
 
 from llmcore.metrics import EvalLine, TrainLine, parse_lines
-from workflows.store import BATCH, Tracker, is_unreachable, retry_locked, tag
+from workflows.store import BATCH, Tracker, is_local_store, is_unreachable, retry_locked, tag
 
 
 class MetricsTail:
@@ -68,9 +69,11 @@ class MetricsForwarder:
     """Forwards a training's new records to one MLflow run, each point exactly once, through server outages.
 
     The last forwarded step per record kind is kept as a run tag, written in the same store transaction as the
-    points it covers (one ``log_batch`` of at most 1000 values each), and re-read before every send: so a driver
-    that restarts, a training that resumes from a checkpoint and rewrites later steps, or a batch that may or may
-    not have landed before the server went away, never duplicates a point.
+    points it covers (one ``log_batch`` of at most 1000 values each), and re-read before a send unless this
+    forwarder's own last send was answered and no other process held the store's lock since: so a driver that
+    restarts, another driver forwarding the same file, a training that resumes from a checkpoint and rewrites later
+    steps, or a batch that may or may not have landed before the server went away, never duplicates a point (and
+    a driver alone with its store sends one request per batch, not two).
 
     When the tracking server (or the database behind it) does not answer, the records stay pending and the
     training goes on; past MAX_PENDING records they are let go from memory and read again from ``metrics.jsonl``
@@ -92,6 +95,9 @@ class MetricsForwarder:
         self.reported = False  # this outage was said in the driver's output
         self.reread = False  # pending records were let go: read metrics.jsonl again from its start
         self.outages: list[str] = []  # outages past outage_report_s, not yet recorded on the run
+        # ``last`` is what the run holds: read, or written by this forwarder's answered sends since, with no other
+        # process holding the store's lock in between (Tracker.held_alone); else it is read again before a send.
+        self.confirmed = False
         try:
             self.last = self._forwarded()
         except Exception as exc:
@@ -104,6 +110,11 @@ class MetricsForwarder:
     def latest(self) -> TrainLine | None:
         return self.tail.latest
 
+    @property
+    def waiting(self) -> bool:
+        """Records read (or let go from memory) that the store does not hold yet: the server was away."""
+        return bool(self.pending) or self.reread or self.down_since is not None
+
     def _forwarded(self) -> dict[str, int]:
         """The last step per record kind forwarded to the run by any driver (kept as run tags)."""
         tags = retry_locked(lambda: self.tracker.client.get_run(self.run_id).data.tags)
@@ -114,12 +125,22 @@ class MetricsForwarder:
         ``min_interval`` seconds have passed since the last send (0: now). Returns how many metric values were
         sent. Sending costs a store transaction whatever its size, so the driver sends every few seconds while a
         training runs and once more, at once, when it has ended. A server that does not answer keeps the records
-        pending (see the class docstring); this never raises for that."""
+        pending (see the class docstring); this never raises for that. Many trainings: :func:`poll_all`."""
+        self.read()
+        return self.send() if self.due(min_interval) else 0
+
+    def read(self) -> None:
+        """Take the training's new records (``latest`` and ``tail.evals`` follow them at once)."""
         self.pending += self.tail.read()
         if len(self.pending) > self.MAX_PENDING:
             self.pending, self.reread = [], True  # they are in metrics.jsonl: read again when the server is back
-        if (not self.pending and not self.reread) or time.monotonic() - self.sent_at < min_interval:
-            return 0
+
+    def due(self, min_interval: float) -> bool:
+        """Something is pending and ``min_interval`` seconds have passed since the last send."""
+        return (bool(self.pending) or self.reread) and time.monotonic() - self.sent_at >= min_interval
+
+    def send(self) -> int:
+        """Send what is pending now; returns how many metric values were sent (0 while the server is away)."""
         self.sent_at = time.monotonic()
         try:
             sent = self._send()
@@ -134,11 +155,13 @@ class MetricsForwarder:
 
     def _send(self) -> int:
         """Send every pending record not yet in the run, batch by batch; each batch and the tags saying how far
-        it reaches land in one transaction, and the tags are read again first (a send that failed may have
-        landed)."""
+        it reaches land in one transaction, and the tags are read again first unless ``confirmed`` (a send that
+        failed may have landed)."""
         sent = 0
         with self.tracker.locked():  # exactly once, even with another driver forwarding the same file
-            self.last = self._forwarded()
+            if not (self.confirmed and self.tracker.held_alone):
+                self.last = self._forwarded()
+            self.confirmed = False  # until every batch of this send has been answered
             if self.reread:
                 self.tail.offset, self.tail.inode = 0, -1
                 self.pending, self.reread = self.tail.read(), False
@@ -150,11 +173,13 @@ class MetricsForwarder:
                 self.last.update(last)
                 self.outages = []
                 sent += len(metrics)
-            self.pending = []
+            self.pending, self.confirmed = [], True
         return sent
 
     def _batches(self, records: list[TrainLine | EvalLine]) -> Iterator[tuple[list[Metric], dict[str, int]]]:
-        """(metrics, last step per kind) of the records past ``last``, at most BATCH metrics each, whole records."""
+        """(metrics, last step per kind) of the records past ``last``, whole records, at most BATCH values with the
+        tags that go with them (``forwarded.train``, ``forwarded.eval``, ``tracking_outage``): MLflow refuses a
+        ``log_batch`` of more than 1000 metrics, params and tags together."""
         metrics: list[Metric] = []
         last: dict[str, int] = {}
         for rec in records:
@@ -162,7 +187,7 @@ class MetricsForwarder:
                 continue
             ts = int(rec.time * 1000)
             points = [Metric(name, value, ts, rec.step) for name, value in rec.metrics().items()]
-            if metrics and len(metrics) + len(points) > BATCH:
+            if metrics and len(metrics) + len(points) > BATCH - 3:
                 yield metrics, last
                 metrics, last = [], {}
             metrics += points
@@ -196,3 +221,30 @@ class MetricsForwarder:
                     raise
                 self.outages.append(note)
         self.down_since, self.reported = None, False
+
+
+SEND_THREADS = 8  # sends to a tracking server in flight at once (each a REST round trip of a few milliseconds)
+# Sends per second the driver asks of a store at most: a send costs the store about the same whatever its size (a
+# team server spent ~7 ms of CPU on each, bench/tracking_scale.py), so past SENDS_PER_S * FORWARD_EVERY trainings
+# each one's batches go out less often and hold more: 1,000 trainings send every 10 s, not 5.
+SENDS_PER_S = 100.0
+
+
+def poll_all(forwarders: Sequence[MetricsForwarder], min_interval: float) -> int:
+    """:meth:`MetricsForwarder.poll` for every training a driver follows (one tracker): each reads its new records,
+    and the sends that are due go out together, each training's every ``min_interval`` seconds or, with more
+    trainings than SENDS_PER_S * min_interval, every ``len(forwarders) / SENDS_PER_S``. To a tracking server they go
+    SEND_THREADS at a time under one hold of the store's lock: one send is a round trip the driver would otherwise
+    wait out, and a thousand trainings' round trips one after another take longer than the seconds between their
+    sends (bench/tracking_scale.py). A local store takes them one at a time (SQLite has one writer). Returns how
+    many metric values were sent."""
+    for fw in forwarders:
+        fw.read()
+    interval = max(min_interval, len(forwarders) / SENDS_PER_S) if min_interval > 0 else 0.0
+    due = [fw for fw in forwarders if fw.due(interval)]
+    if len(due) <= 1 or is_local_store(due[0].tracker.uri):
+        return sum(fw.send() for fw in due)
+    tracker = due[0].tracker
+    assert all(fw.tracker is tracker for fw in due)
+    with tracker.locked(), ThreadPoolExecutor(min(SEND_THREADS, len(due)), "gptlab-forward") as pool:
+        return sum(pool.map(lambda fw: tracker.on_behalf(fw.send), due))
