@@ -277,15 +277,19 @@ def plot(groups: list[Group], metric: str, out: Path, title: str) -> Path | None
         label = ",".join(f"{k.rsplit('.', 1)[-1]}={_cell(g.point.get(k))}" for k in others) or metric
         xv = g.point.get(x) if numeric else categories.index(_cell(g.point.get(x)))
         series.setdefault(label, []).append((xv, g.mean(metric), g.sd(metric) or 0.0))
+    # Past MAX_SIDE_BY_SIDE points the values are not written beside them (2,000 labels: unreadable, and 10 s of
+    # matplotlib's layout), and past MAX_SIDE_BY_SIDE lines the legend names only the first ones.
+    few = len(done) <= MAX_SIDE_BY_SIDE
     fig, ax = _figure()
-    for label, pts in series.items():
+    for i, (label, pts) in enumerate(series.items()):
         pts.sort(key=lambda p: p[0])
         xs, ys, errs = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+        fmt, named = ("o-" if few else ".-"), i < MAX_SIDE_BY_SIDE
         if any(errs):
-            ax.errorbar(xs, ys, yerr=errs, fmt="o-", capsize=4, label=f"{label} (mean ± sd)")
+            ax.errorbar(xs, ys, yerr=errs, fmt=fmt, capsize=4, label=f"{label} (mean ± sd)" if named else "_")
         else:
-            ax.plot(xs, ys, "o-", label=label)
-        for xv, yv in zip(xs, ys):
+            ax.plot(xs, ys, fmt, label=label if named else "_")
+        for xv, yv in zip(xs, ys) if few else ():
             ax.annotate(f"{yv:.4f}", (xv, yv), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
     top = best_group(done, metric)
     if top is not None:
