@@ -159,8 +159,10 @@ def team_server(pg: str, tmp: Path, auth_cache_s: int) -> Iterator[dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # (no job runner: MLflow's GenAI job workers are unused here, as in gptlab ui)
     env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp / "auth.ini"),
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}  # fmt: skip
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # fmt: skip
     log = (tmp / "server.log").open("w")
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
                                "--backend-store-uri", uri_of[0], "--serve-artifacts", "--artifacts-destination",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmcore.config import TrainConfig
+from site_configs.retry import retry_cost
 from site_configs.spec import BATCH_SITES, SITES, SiteSpec, resolve, site_problems
 
 if TYPE_CHECKING:
@@ -50,7 +51,6 @@ def build_site(
 ) -> Site:
     """Build the Parsl config for a spec's site section; ``trains`` are the training configs to run.
     ``resolve_address=False`` builds it on any machine (to render job scripts), not only on the cluster."""
-    from site_configs.retry import retry_cost
 
     s = resolve(site)
     common = {"run_dir": str(run_dir), "retries": s.retries, "retry_handler": retry_cost}

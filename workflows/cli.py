@@ -19,8 +19,43 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from workflows.spec import InputError, SpecError
+from site_configs import LOCAL_EXECUTORS, build_site
+from site_configs.render import render_jobs
+from site_configs.spec import BATCH_SITES, resolve
+from workflows import submit as run_submit
+from workflows.checks import load_and_check
+from workflows.compare import (
+    METRICS,
+    Report,
+    best,
+    best_group,
+    fmt,
+    inspect_data,
+    loss_histories,
+    overlaps,
+    rows_from_store,
+    task_columns,
+    write_report,
+)
+from workflows.inspecting import from_pretrained, from_run, passage_from_text, write
+from workflows.planning import param_count, plan
+from workflows.pretrained import model_vocab
+from workflows.progress import LiveDisplay
+from workflows.rungs import halving_cost, rung_steps
+from workflows.search import (
+    add_recorded_trials,
+    default_parallel,
+    journal_path,
+    largest_trial,
+    recorded_trials,
+    space_lines,
+)
+from workflows.server import PrivateUI, check_tracking_server
+from workflows.spec import InputError, SpecError, json_schema
+from workflows.stages import TOKENIZER
 from workflows.states import StageState
+
+# workflows.query, .store and .lifecycle import MLflow (over a second): only the commands that use them import them.
 
 app = typer.Typer(
     add_completion=False,
@@ -98,7 +133,6 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @user_errors
 def validate(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | None = SiteOpt) -> None:
     """Check a spec (schema, cross-field rules, sweep, corpus files) without running anything."""
-    from workflows.checks import load_and_check
 
     loaded = load_and_check(spec, set_, site)
     if loaded.spec.search is not None:  # its runs are its trials, asked for one by one when it is submitted
@@ -113,9 +147,6 @@ def validate(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | 
 @user_errors
 def plan_cmd(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | None = SiteOpt) -> None:
     """Show the runs, their stages (done or to run, shared or not) and model sizes; submits nothing."""
-    from workflows.checks import load_and_check
-    from workflows.planning import plan
-    from workflows.search import add_recorded_trials
 
     p = plan(load_and_check(spec, set_, site))
     add_recorded_trials(p)  # a search's runs: its trials so far, from the study's journal
@@ -132,7 +163,6 @@ def plan_cmd(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | 
 def _show_tracking(p: Any) -> None:
     """Where the runs are tracked, and a warning when more trainings run at once than a SQLite store's forwarding
     was measured to keep up with (``bench/tracking_scale.py``)."""
-    from workflows.search import default_parallel
     from workflows.store import SQLITE_CEILING, default_tracking_uri
 
     uri = p.spec.tracking.uri or default_tracking_uri(p.runs_root)
@@ -148,8 +178,6 @@ def _show_tracking(p: Any) -> None:
 def _show_rungs(p: Any) -> None:
     """Successive halving: its rungs, how many points reach each, the most steps a point trains and, on batch
     sites, the node-hours of the trainings at most."""
-    from site_configs.spec import BATCH_SITES
-    from workflows.rungs import halving_cost, rung_steps
 
     prune, train = p.spec.sweep.prune, p.runs[0].spec.train
     rungs = rung_steps(prune.min_steps, prune.reduction_factor, train.max_steps)
@@ -169,7 +197,6 @@ def _show_rungs(p: Any) -> None:
 
 def _show_runs(p: Any) -> None:
     """Each run's stages (done or to run, shared or not) and model size, then its memory estimate."""
-    from workflows.planning import param_count
 
     users: dict[str, int] = {}
     for r in p.runs:
@@ -199,7 +226,6 @@ def _show_memory(p: Any) -> None:
     """Estimated memory per rank of each training under ddp and fsdp (``llmcore.memory``: arithmetic, no torch),
     against the site's GPU memory where it is known; what to change when the chosen one does not fit."""
     from llmcore.memory import GIB, estimate_memory
-    from site_configs.spec import resolve
 
     gpu = resolve(p.spec.site).gpu_memory_gib
     card = f" against {gpu:g} GiB GPUs" if gpu else ""
@@ -242,8 +268,6 @@ def _show_memory(p: Any) -> None:
 def _show_search(p: Any) -> None:
     """A search's space, its trial budget, its trials so far, the memory of the largest model its space allows and,
     on batch sites, the node-hours of its trials at worst."""
-    from site_configs.spec import BATCH_SITES
-    from workflows.search import journal_path, recorded_trials
 
     search, train = p.spec.search, p.loaded.base.train
     _show_space(p.spec)
@@ -262,7 +286,6 @@ def _show_search(p: Any) -> None:
 
 
 def _show_space(spec: Any) -> None:
-    from workflows.search import space_lines
 
     search = spec.search
     typer.echo(f"Search: {search.method}, {search.trials} trials, {search.metric} ({search.direction}), at most "
@@ -274,10 +297,6 @@ def _show_space(spec: Any) -> None:
 def _show_largest(p: Any) -> None:
     """The memory per rank of the search's largest trial (the corner of its space that needs the most)."""
     from llmcore.memory import GIB, estimate_memory
-    from site_configs.spec import resolve
-    from workflows.planning import param_count
-    from workflows.pretrained import model_vocab
-    from workflows.search import largest_trial
 
     found = largest_trial(p.loaded)
     if found is None:
@@ -295,8 +314,6 @@ def _show_site(p: Any) -> None:
     """How stages map to executors and, on batch sites, the job scripts and node-hours (nothing submitted)."""
     import tempfile
 
-    from site_configs import LOCAL_EXECUTORS, build_site
-
     multi = [r for r in p.runs if r.spec.train.nodes * r.spec.train.ranks_per_node > 1]
     if p.spec.site.name in LOCAL_EXECUTORS:  # no job scripts: no need to build Parsl's config (seconds of import)
         cpu, train = LOCAL_EXECUTORS[p.spec.site.name]
@@ -311,7 +328,6 @@ def _show_site(p: Any) -> None:
     )
     if site is None:
         return
-    from site_configs.render import render_jobs
 
     with tempfile.TemporaryDirectory(prefix="gptlab-plan-") as tmp:
         jobs = render_jobs(site.config, Path(tmp))
@@ -329,8 +345,6 @@ def _show_site(p: Any) -> None:
 def _vocab_size(run: Any, sources: Any) -> int:
     """The model's vocabulary: the pretrained weights' (``model.init_from``), else the trained tokenizer's when its
     stage is done, else the configured size."""
-    from workflows.pretrained import model_vocab
-    from workflows.stages import TOKENIZER
 
     tok = run.stage_of(TOKENIZER)
     if tok.done and run.spec.model.init_from is None:
@@ -351,8 +365,6 @@ def submit(
     ),
 ) -> None:
     """Run every stage of every sweep point that is not done yet, and record the runs in MLflow."""
-    from workflows import submit as run_submit
-    from workflows.progress import LiveDisplay
 
     display = LiveDisplay(out) if not quiet and (live if live is not None else sys.stdout.isatty()) else None
     result = run_submit(spec, set_, site=site, quiet=quiet, fail_fast=fail_fast, display=display)
@@ -362,7 +374,6 @@ def submit(
         sys.stderr.flush()
         # Parsl is shut down (or its processes killed): leave now, without waiting on any thread it left behind
         os._exit(128 + (2 if result.interrupted == "SIGINT" else 15))
-    from workflows.compare import task_columns
 
     tasks = task_columns(r.metrics for r in result.runs)
     table = make_table(
@@ -372,9 +383,9 @@ def submit(
     )
     for r in result.runs:
         m = r.metrics
-        fmt = lambda k: f"{m[k]:.4f}" if k in m else "-"
+        cell = lambda k: f"{m[k]:.4f}" if k in m else "-"
         cached = ",".join(k for k, v in r.stages.items() if v == StageState.CACHED) or "-"
-        table.add_row(r.name, r.status, *(fmt(k) for k in ("final/val_loss", "val/ppl", "val/bpb", *tasks)), cached,
+        table.add_row(r.name, r.status, *(cell(k) for k in ("final/val_loss", "val/ppl", "val/bpb", *tasks)), cached,
                       r.run_id[:12])  # fmt: skip
     out.print(table)
     for r in result.runs:
@@ -419,7 +430,6 @@ def status(
     Stages are done, cached, running, queued, waiting, failed, not run (after a failed stage), interrupted (a
     training stopped with a committed checkpoint: the next submit resumes it) or to run. Runs left RUNNING by a
     driver that is gone are marked KILLED."""
-    from workflows.compare import fmt, task_columns
     from workflows.query import open_store, status_rows
 
     store = open_store(spec, set_, runs_root, uri, experiment)
@@ -477,19 +487,6 @@ def compare(
     the swept parameter (a search: against the trial number and each searched field), the runs' loss curves and,
     for runs with eval.inspect, the same attention head (--layer, --head) of every run side by side; files an
     earlier compare wrote there are replaced or removed."""
-    from workflows.compare import (
-        METRICS,
-        Report,
-        best,
-        best_group,
-        fmt,
-        inspect_data,
-        loss_histories,
-        overlaps,
-        rows_from_store,
-        task_columns,
-        write_report,
-    )  # fmt: skip
     from workflows.query import latest_parent, open_store
 
     store = open_store(spec, set_, runs_root, uri, experiment)
@@ -705,7 +702,6 @@ def inspect_cmd(
     layer x head and the logit lens (the top next tokens after each layer), the position encodings, and the loss of
     each token of a passage; one self-contained report.html (open it in a browser, no network) and its PNGs."""
     from llmcore.hardware import resolve_device
-    from workflows.inspecting import from_pretrained, from_run, passage_from_text, write
     from workflows.query import open_store
 
     if (run is None) == (pretrained is None):
@@ -778,7 +774,6 @@ def ui(
             err=True,
         )
         raise typer.Exit(2)
-    from workflows.server import PrivateUI
 
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     base = f"http://{host}:{port}"
@@ -820,7 +815,6 @@ def _server_ui_links(uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     from workflows.lifecycle import runs_table_url
-    from workflows.server import check_tracking_server
     from workflows.store import quiet_mlflow_logs
 
     quiet_mlflow_logs()
@@ -835,7 +829,6 @@ def _server_ui_links(uri: str) -> None:
 @app.command()
 def schema() -> None:
     """Print the JSON schema of experiment specs."""
-    from workflows.spec import json_schema
 
     print(json.dumps(json_schema(), indent=2))
 

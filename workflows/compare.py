@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import os
 import statistics
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -384,10 +387,6 @@ def loss_histories(client: Any, rows: list[SweepRow], metric: str = "val/bpb") -
 def inspect_data(client: Any, rows: list[SweepRow]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
     """{run name: (its inspect.json, its attention arrays per prompt)} of the finished rows whose runs have an
     inspect stage (``eval.inspect``), read from their MLflow artifacts (so a tracking server's runs work too)."""
-    import json
-    import os
-    import tempfile
-
     import numpy as np
 
     from llmcore.inspect import ATTENTION, SUMMARY

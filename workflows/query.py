@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+from pydantic import ValidationError
+
 from workflows.lifecycle import RunLifecycle
 from workflows.planning import plan
 from workflows.pretrained import Sources
@@ -296,7 +299,6 @@ def latest_parent(store: Store) -> Any:
 def sample_config(prompt: str, num_samples: int, max_new_tokens: int, temperature: float, top_k: int | None,
                   top_p: float | None) -> Any:  # fmt: skip
     """The sampling options as an EvalConfig; a bad one is InputError naming its command-line option."""
-    from pydantic import ValidationError
 
     from llmcore.config import EvalConfig
 
@@ -351,8 +353,6 @@ def pretrained_model(folder: Path, device: str = "cpu") -> tuple[Any, Any]:
 def export_run(store: Store, ref: str, out: Path, say: Any = None) -> tuple[Any, list[Path]]:
     """Write a run's final weights and tokenizer as a Hugging Face folder with a model card, and tag the run with
     where it went; (run, files written)."""
-    import yaml
-
     from llmcore.config import ConfigError
     from llmcore.hf import export_model
     from llmcore.io import atomic_write_bytes
