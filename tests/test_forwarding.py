@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from test_tracking_server import server  # noqa: F401 (a fixture: a real mlflow server on loopback)
 
 from workflows.store import Tracker
-from workflows.tail import HEADROOM, SENDS_PER_S, MetricsForwarder, Pace, poll_all
+from workflows.tail import MetricsForwarder, poll_all
 
 
 def append_steps(path: Path, steps: range) -> None:
@@ -89,23 +89,3 @@ def test_a_backlog_past_mlflows_limit_of_a_call_goes_in_batches_each_with_its_ta
     assert steps_in_mlflow(uri, run) == Counter(range(1, 1501))
     tags = MlflowClient(uri).get_run(run).data.tags
     assert (tags["gptlab.forwarded.train"], tags["gptlab.forwarded.eval"]) == ("1500", "1000")
-
-
-def test_the_pace_keeps_a_store_half_busy_from_the_sends_it_times():
-    """Each training sends every min_interval while the store keeps up; past that, as often as keeps the store
-    half busy: its capacity is the sends in flight over the time one takes, measured, so a slower store (or a
-    busier server) widens the interval and a faster one narrows it again, never below min_interval."""
-    pace = Pace(parallel=8)
-    assert pace.interval(10, 5.0) == 5.0 and pace.interval(10, 0.0) == 0.0  # 0: send now (a training ended)
-    assert pace.interval(1000, 5.0) == 1000 / (HEADROOM * SENDS_PER_S)  # before any send was timed
-    for _ in range(50):
-        pace.observe(0.08)  # 8 in flight, 80 ms each: the store takes 100 sends/s
-    assert abs(pace.capacity - 100) < 1
-    assert abs(pace.interval(1000, 5.0) - 20.0) < 0.2  # 1000 trainings: 50 sends/s, half of it
-    assert pace.interval(100, 5.0) == 5.0
-    for _ in range(50):
-        pace.observe(0.02)  # the server got faster: 400 sends/s
-    assert abs(pace.interval(1000, 5.0) - 5.0) < 0.1
-    sqlite = Pace(parallel=1)  # a local store takes one send at a time
-    sqlite.observe(0.006)
-    assert abs(sqlite.interval(1000, 5.0) - 1000 / (HEADROOM / 0.006)) < 1e-6

@@ -224,66 +224,27 @@ class MetricsForwarder:
 
 
 SEND_THREADS = 8  # sends to a tracking server in flight at once (each a REST round trip of a few milliseconds)
-# The share of a store's capacity for sends that the driver's steady state asks for. A send costs the store about
-# the same whatever its size (a team server spends ~10 ms of CPU on each, bench/tracking_scale.py), so with many
-# trainings each one's batches go out less often and hold more, as many as keep the store half busy: a store run
-# at its capacity queues, and every line then waits the queue on top of its interval.
-HEADROOM = 0.5
-SENDS_PER_S = 100.0  # what a store is assumed to take before its first sends are timed
-
-
-class Pace:
-    """How often each of a driver's trainings sends its batch: every ``min_interval`` seconds, or, when the store
-    would then be busier than HEADROOM of its capacity, every ``trainings / (HEADROOM * capacity)`` seconds. The
-    capacity is measured, not configured: ``parallel`` sends in flight at once over the mean time one takes
-    (a moving average of the sends timed so far), so a slower store or a busier server widens the interval and a
-    faster one narrows it, down to ``min_interval``."""
-
-    def __init__(self, parallel: int) -> None:
-        self.parallel = parallel
-        self.send_s: float | None = None  # the moving average of one send's seconds
-
-    def observe(self, seconds: float) -> None:
-        self.send_s = seconds if self.send_s is None else 0.8 * self.send_s + 0.2 * seconds
-
-    @property
-    def capacity(self) -> float:
-        """Sends per second the store takes."""
-        return SENDS_PER_S if not self.send_s else self.parallel / self.send_s
-
-    def interval(self, trainings: int, min_interval: float) -> float:
-        return max(min_interval, trainings / (HEADROOM * self.capacity)) if min_interval > 0 else 0.0
-
-
-_paces: dict[int, Pace] = {}  # id(tracker) -> its pace (a driver has one tracker)
+# Sends per second the driver asks of a store at most: a send costs the store about the same whatever its size (a
+# team server spent ~7 ms of CPU on each, bench/tracking_scale.py), so past SENDS_PER_S * FORWARD_EVERY trainings
+# each one's batches go out less often and hold more: 1,000 trainings send every 10 s, not 5.
+SENDS_PER_S = 100.0
 
 
 def poll_all(forwarders: Sequence[MetricsForwarder], min_interval: float) -> int:
     """:meth:`MetricsForwarder.poll` for every training a driver follows (one tracker): each reads its new records,
     and the sends that are due go out together, each training's every ``min_interval`` seconds or, with more
-    trainings than the store takes that often, as often as its :class:`Pace` says. To a tracking server they go
+    trainings than SENDS_PER_S * min_interval, every ``len(forwarders) / SENDS_PER_S``. To a tracking server they go
     SEND_THREADS at a time under one hold of the store's lock: one send is a round trip the driver would otherwise
     wait out, and a thousand trainings' round trips one after another take longer than the seconds between their
     sends (bench/tracking_scale.py). A local store takes them one at a time (SQLite has one writer). Returns how
     many metric values were sent."""
     for fw in forwarders:
         fw.read()
-    if not forwarders:
-        return 0
-    tracker = forwarders[0].tracker
-    assert all(fw.tracker is tracker for fw in forwarders)
-    local = is_local_store(tracker.uri)
-    pace = _paces.setdefault(id(tracker), Pace(1 if local else SEND_THREADS))
-    due = [fw for fw in forwarders if fw.due(pace.interval(len(forwarders), min_interval))]
-
-    def timed(fw: MetricsForwarder) -> int:
-        t0 = time.monotonic()
-        sent = fw.send()
-        if sent:  # (a send to a server that is away says nothing of its capacity)
-            pace.observe(time.monotonic() - t0)
-        return sent
-
-    if len(due) <= 1 or local:
-        return sum(timed(fw) for fw in due)
+    interval = max(min_interval, len(forwarders) / SENDS_PER_S) if min_interval > 0 else 0.0
+    due = [fw for fw in forwarders if fw.due(interval)]
+    if len(due) <= 1 or is_local_store(due[0].tracker.uri):
+        return sum(fw.send() for fw in due)
+    tracker = due[0].tracker
+    assert all(fw.tracker is tracker for fw in due)
     with tracker.locked(), ThreadPoolExecutor(min(SEND_THREADS, len(due)), "gptlab-forward") as pool:
-        return sum(pool.map(lambda fw: tracker.on_behalf(lambda: timed(fw)), due))
+        return sum(pool.map(lambda fw: tracker.on_behalf(fw.send), due))
