@@ -224,12 +224,12 @@ class MetricsForwarder:
 
 
 SEND_THREADS = 8  # sends to a tracking server in flight at once (each a REST round trip of a few milliseconds)
-# Sends per second the driver asks of a store at most: a send costs the store about the same whatever its size (a
-# team server spent ~13 ms of CPU on each, bench/tracking_scale.py), so past SENDS_PER_S * FORWARD_EVERY trainings
-# each one's batches go out less often and hold more: 1,000 trainings send every 17 s, not 5. At 100 sends/s the
-# team server of a 2-core machine (with its database) ran at its capacity, queued, and 1,000 trainings' p99 lag was
-# 36 s; a store kept below its capacity adds no queue to the interval. (A send timed to measure the capacity, tried:
-# the first round's burst of a thousand sends looked like a slow store and stretched the interval to a minute.)
+# Sends per second the driver asks of a store at most: a send costs a team server about the same whatever it holds
+# (~20 ms of CPU for a member's log_batch through the basic-auth app, bench/tracking_scale.py: 0.4 cores for 100
+# trainings' 20 sends/s), so past SENDS_PER_S * FORWARD_EVERY trainings each one's batches go out less often and
+# hold more: 1,000 trainings send every 17 s, not 5, and ask 1.2 cores of the server instead of 4. (A pace timed
+# from the sends themselves, tried: the first round's burst of a thousand sends looked like a slow store and
+# stretched the interval to a minute.)
 SENDS_PER_S = 60.0
 
 
