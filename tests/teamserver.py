@@ -93,6 +93,7 @@ class TeamServer:
             f"database_uri = {pg_uri(self.databases[1])}\n"
             f"admin_username = {self.admin}\n"
             f"admin_password = {self.admin_password}\n"
+            "auth_cache_ttl_seconds = 300\n"  # as the README's recipe: else every request hashes the password
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
         )
         os.chmod(self.config, 0o600)
