@@ -18,8 +18,13 @@ warnings to a log file), ``cli``.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
+from workflows.checks import load_and_check
+from workflows.logfile import WARNINGS_LOG, warnings_to
+from workflows.planning import plan as make_plan
+from workflows.progress import LineDisplay
 from workflows.spec import ExperimentSpec, LoadedSpec, SpecError, load_spec
 
 if TYPE_CHECKING:
@@ -28,7 +33,7 @@ if TYPE_CHECKING:
 
     from workflows.driver import SubmitResult
     from workflows.planning import Plan
-    from workflows.progress import LineDisplay, LiveDisplay
+    from workflows.progress import LiveDisplay
 
 
 def submit(
@@ -60,13 +65,7 @@ def submit(
 
     Raises SpecError (before any stage runs) when the spec, an override, the corpus or the site is invalid.
     """
-    import time
-
-    from workflows.checks import load_and_check
-    from workflows.driver import Driver
-    from workflows.logfile import WARNINGS_LOG, warnings_to
-    from workflows.planning import plan as make_plan
-    from workflows.progress import LineDisplay
+    from workflows.driver import Driver  # (MLflow, Parsl)
 
     started = time.time()
     p = make_plan(load_and_check(spec, overrides, site, submitting=True))
@@ -81,9 +80,6 @@ def submit(
 
 def plan(spec: str | Path | LoadedSpec, overrides: list[str] | None = None, site: str | None = None) -> Plan:
     """Load, check and plan a spec without running anything: its runs and their content-addressed stages."""
-    from workflows.checks import load_and_check
-    from workflows.planning import plan as make_plan
-
     return make_plan(load_and_check(spec, overrides, site))
 
 
