@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from workflows.spec import InputError, SpecError
+from workflows.stages import INSPECT, dir_of
 from workflows.states import StageState
 
 app = typer.Typer(
@@ -394,13 +395,13 @@ def _show_inspect_reports(result: Any) -> None:
     from workflows.query import stage_dirs
     from workflows.store import retry_locked
 
-    runs = [r for r in result.runs if "inspect" in r.stages and r.run_id]
+    runs = [r for r in result.runs if INSPECT.name in r.stages and r.run_id]
     if not runs:
         return
     client = MlflowClient(result.tracking_uri)
     typer.echo("Inside the model (eval.inspect; also MLflow artifacts under inspect/):")
     for r in runs:
-        stage = stage_dirs(retry_locked(lambda: client.get_run(r.run_id)), None).get("inspect")
+        stage = dir_of(stage_dirs(retry_locked(lambda: client.get_run(r.run_id)), None), INSPECT)
         if stage is not None and (stage / REPORT).is_file():
             typer.echo(f"  {r.name}: {stage / REPORT}")
 
