@@ -694,6 +694,9 @@ def run_stage(
 
 
 def write_train_config(stage_dir: Path, config: dict[str, Any], runtime: dict[str, Any]) -> None:
+    """Write ``train.json``: a training stage's key config in its JSON form (``TrainKey.key_json``, as planned) with
+    its runtime settings in its ``train`` section; the training process validates it once, as
+    ``llmcore.train.RunConfig`` (the same model, train and seed sections), at its own boundary."""
     atomic_write_json(stage_dir / TRAIN_CONFIG, {**config, "train": {**config["train"], **runtime}})
 
 
