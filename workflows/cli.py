@@ -52,7 +52,7 @@ from workflows.search import (
 )
 from workflows.server import PrivateUI, check_tracking_server
 from workflows.spec import InputError, SpecError, json_schema
-from workflows.stages import TOKENIZER
+from workflows.stages import INSPECT, TOKENIZER, dir_of
 from workflows.states import StageState
 
 # workflows.query, .store and .lifecycle import MLflow (over a second): only the commands that use them import them.
@@ -405,13 +405,13 @@ def _show_inspect_reports(result: Any) -> None:
     from workflows.query import stage_dirs
     from workflows.store import retry_locked
 
-    runs = [r for r in result.runs if "inspect" in r.stages and r.run_id]
+    runs = [r for r in result.runs if INSPECT.name in r.stages and r.run_id]
     if not runs:
         return
     client = MlflowClient(result.tracking_uri)
     typer.echo("Inside the model (eval.inspect; also MLflow artifacts under inspect/):")
     for r in runs:
-        stage = stage_dirs(retry_locked(lambda: client.get_run(r.run_id)), None).get("inspect")
+        stage = dir_of(stage_dirs(retry_locked(lambda: client.get_run(r.run_id)), None), INSPECT)
         if stage is not None and (stage / REPORT).is_file():
             typer.echo(f"  {r.name}: {stage / REPORT}")
 

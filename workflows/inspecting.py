@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from workflows.spec import InputError
+from workflows.stages import INSPECT, SHARDS, dir_of
 
 
 @dataclass
@@ -69,13 +70,14 @@ def from_run(store: Any, ref: str, device: str, chars: int | None, say: Any) -> 
     found, model, tok, meta = run_model(store, ref, device, say)
     dirs = stage_dirs(found, store.runs_root)
     cfg = InspectConfig()
-    if "inspect" in dirs and (dirs["inspect"] / "config.json").is_file():
-        cfg = InspectConfig.model_validate(read_json(dirs["inspect"] / "config.json")["inspect"])
+    inspected, shards = dir_of(dirs, INSPECT), dir_of(dirs, SHARDS)
+    if inspected is not None and (inspected / "config.json").is_file():
+        cfg = INSPECT.parse(read_json(inspected / "config.json")).inspect
     chars = cfg.passage_chars if chars is None else chars
     passage = None
-    if chars and "shards" in dirs:
+    if chars and shards is not None:
         try:
-            val = TokenSplit(dirs["shards"], "val")
+            val = TokenSplit(shards, "val")
         except ShardError as err:
             raise InputError(store.source, [f"RUN: the validation shards of {found.info.run_name}: {err}"]) from None
         passage = passage_ids(tok, val.read(0, min(val.tokens, chars)), chars)

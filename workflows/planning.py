@@ -16,7 +16,7 @@ from typing import Any
 
 from llmcore.io import COMMIT_MARKER, is_committed, read_json
 from workflows.spec import ExperimentSpec, LoadedSpec, gc_paused
-from workflows.stages import LOCATE, STAGES, Facts, StageKind
+from workflows.stages import LOCATE, STAGES, Facts, KeyConfig, StageKind
 
 
 def canonical_hash(obj: Any, length: int = 16) -> str:
@@ -26,7 +26,9 @@ def canonical_hash(obj: Any, length: int = 16) -> str:
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage instance: what it is, its key, the config that key hashes, where it lives."""
+    """One stage instance: what it is, its key, the config that key hashes (its JSON form, ``KeyConfig.key_json``:
+    what its ``config.json`` holds and its Parsl task carries; ``typed`` gives it back as its kind's model), where it
+    lives."""
 
     kind: str
     key: str
@@ -48,6 +50,11 @@ class Stage:
     @property
     def definition(self) -> StageKind:
         return STAGES[self.kind]
+
+    @property
+    def typed(self) -> KeyConfig:
+        """Its key config as its kind's model."""
+        return self.definition.parse(self.config)
 
     def marker(self) -> dict[str, Any]:
         return read_json(self.dir / COMMIT_MARKER)
@@ -135,8 +142,9 @@ class _Planner:
                 by_kind.setdefault(kind.name, stage)
         return stages
 
-    def _stage(self, kind: StageKind, config: dict[str, Any], deps: tuple[str, ...], spec: ExperimentSpec,
+    def _stage(self, kind: StageKind, typed: KeyConfig, deps: tuple[str, ...], spec: ExperimentSpec,
                by_kind: dict[str, Stage]) -> Stage:  # fmt: skip
+        config = typed.key_json()
         hashed = {k: v for k, v in config.items() if k != LOCATE}  # where an input is found is not what it is
         key = canonical_hash({"kind": kind.name, "version": kind.version, "config": hashed, "inputs": deps})
         stage = self.result.stages.get(key)

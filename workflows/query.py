@@ -20,7 +20,7 @@ from workflows.pretrained import Sources
 from workflows.search import add_recorded_trials
 from workflows.server import check_tracking_server
 from workflows.spec import InputError, SpecError, load_spec
-from workflows.stages import TOKENIZER, dir_of, kind_of
+from workflows.stages import TOKENIZER, TRAIN, dir_of, kind_of
 from workflows.states import OnDisk, RunStatus, StageState, mlflow_status, run_stage_states
 from workflows.store import Tracker, default_tracking_uri, quiet_mlflow_logs, tag
 
@@ -157,8 +157,8 @@ def training_progress(train_dir: Path | None) -> tuple[str, float | None]:
     if not train:
         return "-", None
     try:
-        total = read_json(train_dir / "config.json")["train"]["max_steps"]
-    except (OSError, ValueError, KeyError):
+        total = TRAIN.parse(read_json(train_dir / "config.json")).train.max_steps
+    except (OSError, ValueError):  # (a pydantic ValidationError is a ValueError)
         total = "?"
     return f"{train[-1].step}/{total}", train[-1].loss
 

@@ -9,25 +9,43 @@ always covers what the stage reads (``tests/test_plan.py`` checks it field by fi
 
 Adding a stage kind: one ``StageKind(...)`` in ``STAGES`` and one body function.
 
-Bodies run on Parsl workers (a thread here, a process on a compute node elsewhere): they take plain paths and
-JSON-able dicts and import nothing from Parsl or MLflow. Each runs holding its stage directory's lock
+A key config is a Pydantic model per kind (:class:`KeyConfig`: ``TrainKey``, ``EvalKey``, ...) whose sections are
+llmcore's config models; its JSON form is what the key hashes, byte for byte what the dict configs of earlier
+versions hashed (``tests/test_stage_keys.py``), so stages finished by them are found again.
+
+Bodies run on Parsl workers (a thread here, a process on a compute node elsewhere): a Parsl task carries a key
+config as JSON, validated once by :func:`run_stage`, so a body receives the typed config, its runtime settings (a
+dict) and its input directories, and imports nothing from Parsl or MLflow. Each runs holding its stage directory's lock
 (``<stage>/.lock``, an ``flock``), as the training process does for its whole run: two submits of one spec at
 once never work in one stage directory together; the second waits, then finds the stage committed.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import shlex
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from llmcore.config import (
+    DataConfig,
+    EvalConfig,
+    InspectConfig,
+    ModelConfig,
+    Source,
+    StrictModel,
+    TaskConfig,
+    TokenizerConfig,
+    TrainConfig,
+)
 from llmcore.io import LOCK_FILE, atomic_write_json, file_lock, is_committed, read_json, write_commit_marker
 from workflows.pretrained import Sources
 from workflows.processes import halted, resume_step
@@ -75,22 +93,24 @@ class Facts:
         return self._digests[key]
 
 
-Body = Callable[[Path, dict[str, Any], dict[str, Path], dict[str, Any]], dict[str, Any]]
+Body = Callable[[Path, Any, dict[str, Path], dict[str, Any]], dict[str, Any]]  # (dir, key config, inputs, runtime)
 
 
 @dataclass(frozen=True)
 class StageKind:
     """One kind of stage. ``configure(spec, facts)`` gives ``{instance label: key config}`` for one run: one
     instance for most kinds (labelled with the kind's name), one per item for kinds such as benchmark tasks,
-    none when the run has no such stage."""
+    none when the run has no such stage. A key config is an instance of ``config`` (a :class:`KeyConfig`, or a
+    union of them for a kind keyed in two forms)."""
 
     name: str
     version: int
     inputs: tuple[str, ...]  # kinds whose directories it reads; a kind the run lacks is left out
-    configure: Callable[[ExperimentSpec, Facts], dict[str, dict[str, Any]]]
+    configure: Callable[[ExperimentSpec, Facts], dict[str, Any]]
     body: Body | None  # None: the stage is a process of its own (training), see TRAIN below
     report: Callable[[Path, dict[str, Any]], Report]
     reads: tuple[str, ...]  # the spec sections configure reads: a kind's stages are keyed once per value of these
+    config: Any = field(kw_only=True)  # the type of its key configs (what configure returns, what its body gets)
     executor: str = "cpu"  # "cpu": the CPU/single-GPU executor; "train": training's executor
     runtime_fields: tuple[str, ...] = ()  # spec fields that change only its speed: passed beside the config
     describe: str = ""
@@ -110,6 +130,10 @@ class StageKind:
         """Whether its stages run as processes of their own (training) rather than as a Python body."""
         return self.body is None
 
+    def parse(self, config: dict[str, Any]) -> Any:
+        """A key config from its JSON form (``KeyConfig.key_json``: a Parsl task's argument, a ``config.json``)."""
+        return _adapter(self.config).validate_python(config)
+
     def runtime(self, spec: ExperimentSpec) -> dict[str, Any]:
         """The runtime settings (``train.time_budget_s`` -> ``{"time_budget_s": ...}``), outside the key."""
         out = {}
@@ -119,6 +143,11 @@ class StageKind:
                 value = getattr(value, part)
             out[path.rsplit(".", 1)[-1]] = value
         return out
+
+
+@cache
+def _adapter(config: Any) -> TypeAdapter:
+    return TypeAdapter(config)
 
 
 #: A key in a stage's config that says where to find an input whose content is already in the key (a pretrained
@@ -138,15 +167,14 @@ class Result(BaseModel):
 # ------------------------------------------------------------------------------------------ the bodies
 
 
-def tokenizer_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path], runtime: dict[str, Any]):
-    from llmcore.config import DataConfig, TokenizerConfig
+def tokenizer_body(stage_dir: Path, config: TokenizerKey, inputs: dict[str, Path], runtime: dict[str, Any]):
     from llmcore.tokenizer import import_tokenizer, train_tokenizer
 
-    if config["tokenizer"].get("type") == "pretrained":  # import and check, instead of training
-        cfg = TokenizerConfig(type="pretrained", path=config[LOCATE]["path"])
-        return import_tokenizer(cfg, stage_dir, config["vocab"])
-    cfg = TokenizerConfig.model_validate({**config["tokenizer"], **runtime})
-    return train_tokenizer(DataConfig(sources=config["sources"]), cfg, stage_dir, config["seed"])
+    if isinstance(config, PretrainedTokenizerKey):  # import and check, instead of training
+        cfg = TokenizerConfig(type="pretrained", path=config.locate.path)
+        return import_tokenizer(cfg, stage_dir, config.vocab)
+    cfg = config.tokenizer.model_copy(update=runtime)
+    return train_tokenizer(DataConfig(sources=config.sources), cfg, stage_dir, config.seed)
 
 
 class TokenizerResult(Result):
@@ -159,17 +187,15 @@ def tokenizer_report(stage_dir: Path, result: dict[str, Any]) -> Report:
     return Report(artifacts=[(stage_dir / f, "tokenizer") for f in (SP_MODEL, *HF_FILES) if (stage_dir / f).is_file()])
 
 
-def init_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path], runtime: dict[str, Any]):
+def init_body(stage_dir: Path, config: InitKey, inputs: dict[str, Path], runtime: dict[str, Any]):
     """The weights a run starts from, as a weights-only checkpoint in ``<stage>/weights``: a Hugging Face folder
     converted (its names mapped, its Conv1D weights transposed, its position table cropped), or an earlier run's
     final weights."""
     from llmcore.checkpoint import load_model, save_weights
-    from llmcore.config import ModelConfig
     from llmcore.hf import load_pretrained
 
-    cfg = ModelConfig.model_validate(config["model"])
-    source = Path(config[LOCATE]["path"])
-    if config["init"]["type"] == "huggingface":
+    cfg, source = config.model, Path(config.locate.path)
+    if config.init.type == "huggingface":
         model, hf = load_pretrained(source, cfg)
         vocab = hf.vocab_size
     else:
@@ -185,12 +211,10 @@ def init_report(stage_dir: Path, result: dict[str, Any]) -> Report:
     return Report({"model/init_params": result["params"]})
 
 
-def shards_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path], runtime: dict[str, Any]):
-    from llmcore.config import DataConfig
+def shards_body(stage_dir: Path, config: ShardsKey, inputs: dict[str, Path], runtime: dict[str, Any]):
     from llmcore.shards import write_shards
 
-    data = DataConfig.model_validate({**config["data"], **runtime})
-    manifest = write_shards(data, inputs["tokenizer"], stage_dir, config["seed"])
+    manifest = write_shards(config.data.model_copy(update=runtime), inputs["tokenizer"], stage_dir, config.seed)
     return {
         "vocab_size": manifest["vocab_size"],
         "dtype": manifest["dtype"],
@@ -225,12 +249,10 @@ def train_report(stage_dir: Path, result: dict[str, Any]) -> Report:
     return Report({"model/params": r.params}, files, r.steps)
 
 
-def eval_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path], runtime: dict[str, Any]):
-    from llmcore.config import EvalConfig
+def eval_body(stage_dir: Path, config: EvalKey, inputs: dict[str, Path], runtime: dict[str, Any]):
     from llmcore.evaluate import evaluate
 
-    cfg = EvalConfig.model_validate(config["eval"])
-    return evaluate(inputs["train"], inputs["shards"], inputs["tokenizer"], cfg, stage_dir, config["seed"],
+    return evaluate(inputs["train"], inputs["shards"], inputs["tokenizer"], config.eval, stage_dir, config.seed,
                     runtime["device"])  # fmt: skip
 
 
@@ -247,24 +269,23 @@ def eval_report(stage_dir: Path, result: dict[str, Any]) -> Report:
     return Report(metrics, [(stage_dir / "eval.json", "eval"), (stage_dir / "samples.txt", "eval")], r.step)
 
 
-def task_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path], runtime: dict[str, Any]):
+def task_body(stage_dir: Path, config: TaskKey, inputs: dict[str, Path], runtime: dict[str, Any]):
     """Score one benchmark task on the run's final weights; a derived task first writes its questions."""
     from llmcore.checkpoint import load_model
-    from llmcore.config import DataConfig, TaskConfig
     from llmcore.hardware import resolve_device
     from llmcore.tasks import derived_questions, evaluate_task, read_questions, write_questions
     from llmcore.tokenizer import load_tokenizer
 
-    cfg = TaskConfig.model_validate(config["task"])
-    if LOCATE in config:
-        questions = read_questions(config[LOCATE]["path"], cfg.format)
+    cfg = config.task
+    if isinstance(config, FileTaskKey):
+        questions = read_questions(config.locate.path, cfg.format)
     else:
-        questions = derived_questions(DataConfig.model_validate(config["data"]), config["seed"], cfg)
+        questions = derived_questions(config.data, config.seed, cfg)
         write_questions(questions, stage_dir / f"{cfg.name}.questions.jsonl")
     device = resolve_device(runtime["device"])
     model, meta = load_model(inputs["train"], device)
     tok = load_tokenizer(inputs["tokenizer"])
-    result = evaluate_task(model, tok, questions, cfg, config["seed"], stage_dir, runtime["batch_size"], device)
+    result = evaluate_task(model, tok, questions, cfg, config.seed, stage_dir, runtime["batch_size"], device)
     return {**result, "step": meta["step"]}
 
 
@@ -281,17 +302,16 @@ def task_report(stage_dir: Path, result: dict[str, Any]) -> Report:
     return Report(metrics, [(f, "tasks") for f in files if f.is_file()], r.step)
 
 
-def inspect_body(stage_dir: Path, config: dict[str, Any], inputs: dict[str, Path], runtime: dict[str, Any]):
+def inspect_body(stage_dir: Path, config: InspectKey, inputs: dict[str, Path], runtime: dict[str, Any]):
     """Look inside the final weights: attention maps, position encodings and the logit lens for each prompt, the
     loss of each token of a validation passage; one HTML report and its PNGs in the stage directory."""
     from llmcore.checkpoint import load_model
-    from llmcore.config import InspectConfig
     from llmcore.hardware import resolve_device
     from llmcore.inspect import compute, passage_ids, write_report
     from llmcore.shards import TokenSplit
     from llmcore.tokenizer import load_tokenizer
 
-    cfg = InspectConfig.model_validate(config["inspect"])
+    cfg = config.inspect
     model, meta = load_model(inputs["train"], resolve_device(runtime["device"]))
     tok = load_tokenizer(inputs["tokenizer"])
     passage = None
@@ -320,29 +340,160 @@ def inspect_report(stage_dir: Path, result: dict[str, Any]) -> Report:
 # ---------------------------------------------------------------------------------- the key configs
 
 
+class KeyConfig(BaseModel):
+    """A stage kind's key config, typed: exactly the slice of a run's spec (and the digests of what it reads from
+    disk) its stage's key hashes, which is exactly what its body receives.
+
+    Its JSON form (:meth:`key_json`) is what the key hashes (less ``locate``), what the stage directory's
+    ``config.json`` holds and what a Parsl task carries; a body gets it back validated (:meth:`StageKind.parse`),
+    never as a dict. Sections are llmcore's config models, keyed in their key form (``StrictModel.key_dict``: a
+    field added later is left out at its default) less the fields ``omit`` names, which an instance holds at their
+    defaults (:meth:`build`), so ``parse(key_json())`` gives the same config back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Per section: its fields outside the key (speed-only settings, or what another stage keys).
+    omit: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @classmethod
+    def build(cls, **fields: Any) -> Self:
+        """An instance with the fields ``omit`` names reset to their defaults in each section."""
+        for name, omitted in cls.omit.items():
+            fields[name] = fields[name].model_copy(update=copy.deepcopy(_defaults(type(fields[name]), omitted)))
+        return cls(**fields)
+
+    def key_json(self) -> dict[str, Any]:
+        """The JSON form: sections in their key form less what ``omit`` names, the other fields as JSON."""
+        sections = {n for n in type(self).model_fields if isinstance(getattr(self, n), StrictModel)}
+        plain = self.model_dump(mode="json", exclude=sections)
+        return {n: _without(getattr(self, n).key_dict(), *self.omit.get(n, ())) if n in sections else plain[n]
+                for n in type(self).model_fields}  # fmt: skip
+
+
+@cache
+def _defaults(section: type[BaseModel], names: tuple[str, ...]) -> dict[str, Any]:
+    """The defaults of some fields of a section (read once: pydantic inspects a default factory each time)."""
+    return {n: section.model_fields[n].get_default(call_default_factory=True) for n in names}
+
+
+class Locate(BaseModel):
+    """Where to find an input whose content is in the key (``LOCATE``): outside the hash."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="The folder or file, absolute.")
+
+
+class Digests(BaseModel):
+    """Files read by a stage, keyed by their content."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: str = Field(description="What the files are: `pretrained` (a tokenizer), `huggingface` or `run` (weights).")
+    files: dict[str, str] = Field(description="File name -> sha256 of its content.")
+
+
+Corpus = list[dict[str, Any]]  # the corpus fingerprint, a row per file (llmcore.corpus.corpus_fingerprint)
+
+
+class TrainedTokenizerKey(KeyConfig):
+    """A SentencePiece tokenizer trained on the corpus."""
+
+    omit: ClassVar[dict[str, tuple[str, ...]]] = {"tokenizer": ("num_threads",)}
+    tokenizer: TokenizerConfig = Field(description="Its training settings (num_threads: a runtime setting).")
+    sources: list[Source] = Field(description="The corpus sources (data.sources, every field).")
+    corpus: Corpus = Field(description="The corpus fingerprint.")
+    seed: int = Field(description="The spec's seed.")
+
+
+class PretrainedTokenizerKey(KeyConfig):
+    """A pretrained tokenizer imported as it is: the content of its files and the vocabulary of the weights it goes
+    with; where its folder is, outside the key."""
+
+    tokenizer: Digests = Field(description="Its files (type `pretrained`).")
+    vocab: int | None = Field(description="The vocabulary of the weights the run starts from; null: none.")
+    locate: Locate = Field(description="Its folder or file.")
+
+
+TokenizerKey = TrainedTokenizerKey | PretrainedTokenizerKey
+
+
+class ShardsKey(KeyConfig):
+    omit: ClassVar[dict[str, tuple[str, ...]]] = {"data": ("num_workers",)}
+    data: DataConfig = Field(description="The data settings (num_workers: a runtime setting).")
+    corpus: Corpus = Field(description="The corpus fingerprint.")
+    seed: int = Field(description="The spec's seed.")
+
+
+class InitKey(KeyConfig):
+    """Pretrained weights a run starts from: their content and the architecture they are loaded into."""
+
+    omit: ClassVar[dict[str, tuple[str, ...]]] = {"model": ("init_from", "dropout", "attention")}
+    init: Digests = Field(description="The weight files (a Hugging Face folder's config.json and weights, or an "
+                          "earlier checkpoint's model.safetensors and meta.json).")  # fmt: skip
+    model: ModelConfig = Field(description="The architecture (resolved against the weights).")
+    locate: Locate = Field(description="The folder or checkpoint.")
+
+
+class TrainKey(KeyConfig):
+    """What a training reads besides its inputs; with its runtime settings, the ``train.json`` its process reads
+    (``llmcore.train.RunConfig``)."""
+
+    omit: ClassVar[dict[str, tuple[str, ...]]] = {"model": ("init_from",),
+                                                  "train": ("time_budget_s", "seed", "pause_at")}  # fmt: skip
+    model: ModelConfig = Field(description="The architecture (init_from: the run's `init` input).")
+    train: TrainConfig = Field(description="The training settings (time_budget_s, pause_at: runtime settings; "
+                               "seed: the seed below).")  # fmt: skip
+    seed: int = Field(description="Training's seed: train.seed, else the spec's.")
+
+
+class EvalKey(KeyConfig):
+    omit: ClassVar[dict[str, tuple[str, ...]]] = {"eval": ("tasks", "inspect")}
+    eval: EvalConfig = Field(description="The evaluation settings (tasks and inspect: stages of their own).")
+    seed: int = Field(description="The spec's seed.")
+
+
+class FileTaskKey(KeyConfig):
+    """A benchmark task read from a file: its settings and the file's content; where the file is, outside the key."""
+
+    omit: ClassVar[dict[str, tuple[str, ...]]] = {"task": ("path",)}
+    task: TaskConfig = Field(description="The task's settings (path: `locate`).")
+    seed: int = Field(description="The spec's seed.")
+    file: str = Field(description="sha256 of the task file.")
+    locate: Locate = Field(description="The task file.")
+
+
+class DerivedTaskKey(KeyConfig):
+    """A benchmark task derived from the run's own corpus (next_line without a file)."""
+
+    omit: ClassVar[dict[str, tuple[str, ...]]] = {"data": ("num_workers",)}
+    task: TaskConfig = Field(description="The task's settings.")
+    seed: int = Field(description="The spec's seed.")
+    data: DataConfig = Field(description="The data settings its questions are derived from.")
+    corpus: Corpus = Field(description="The corpus fingerprint.")
+
+
+TaskKey = FileTaskKey | DerivedTaskKey
+
+
+class InspectKey(KeyConfig):
+    inspect: InspectConfig = Field(description="What to look at.")
+
+
 def _without(d: dict[str, Any], *names: str) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k not in names}
 
 
-def tokenizer_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
+def tokenizer_config(spec: ExperimentSpec, facts: Facts) -> dict[str, TokenizerKey]:
     if spec.tokenizer.type == "pretrained":
         return {"tokenizer": pretrained_tokenizer_config(spec, facts)}
-    return {
-        "tokenizer": {
-            "tokenizer": _without(spec.tokenizer.key_dict(), "num_threads"),
-            "sources": spec.data.model_dump(mode="json")["sources"],
-            "corpus": facts.corpus(spec),
-            "seed": spec.seed,
-        }
-    }
+    return {"tokenizer": TrainedTokenizerKey.build(tokenizer=spec.tokenizer, sources=spec.data.sources,
+                                                   corpus=facts.corpus(spec), seed=spec.seed)}  # fmt: skip
 
 
-def shards_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
-    return {"shards": {"data": _without(spec.data.key_dict(), "num_workers"), "corpus": facts.corpus(spec),
-                       "seed": spec.seed}}  # fmt: skip
+def shards_config(spec: ExperimentSpec, facts: Facts) -> dict[str, ShardsKey]:
+    return {"shards": ShardsKey.build(data=spec.data, corpus=facts.corpus(spec), seed=spec.seed)}
 
 
-def pretrained_tokenizer_config(spec: ExperimentSpec, facts: Facts) -> dict[str, Any]:
+def pretrained_tokenizer_config(spec: ExperimentSpec, facts: Facts) -> PretrainedTokenizerKey:
     """A pretrained tokenizer's key: the content of its files (a folder that moves is the same tokenizer) and the
     vocabulary of the weights it goes with; its path is where to find it, outside the key."""
     from llmcore.tokenizer import tokenizer_files
@@ -350,10 +501,11 @@ def pretrained_tokenizer_config(spec: ExperimentSpec, facts: Facts) -> dict[str,
     path = Path(spec.tokenizer.path).expanduser().resolve()
     files = {f.name: facts.digest(f) for f in tokenizer_files(path)}
     vocab = facts.sources.of(spec).model.vocab_size if spec.model.init_from is not None else None
-    return {"tokenizer": {"type": "pretrained", "files": files}, "vocab": vocab, LOCATE: {"path": str(path)}}
+    return PretrainedTokenizerKey(tokenizer=Digests(type="pretrained", files=files), vocab=vocab,
+                                  locate=Locate(path=str(path)))  # fmt: skip
 
 
-def init_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
+def init_config(spec: ExperimentSpec, facts: Facts) -> dict[str, InitKey]:
     """Runs that start from pretrained weights: the weights' content (a Hugging Face folder's config.json and
     weight files, or the earlier checkpoint's files) and the architecture they are loaded into."""
     init = spec.model.init_from
@@ -366,11 +518,8 @@ def init_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]
         files = [source.weights / CONFIG, *weight_files(source.weights)]
     else:
         files = sorted(f for f in source.weights.iterdir() if f.name in ("model.safetensors", "meta.json"))
-    digests = {f.name: facts.digest(f) for f in files}
-    model = _without(spec.model.key_dict(), "init_from", "dropout", "attention")
-    return {
-        "init": {"init": {"type": init.type, "files": digests}, "model": model, LOCATE: {"path": str(source.weights)}}
-    }
+    digests = Digests(type=init.type, files={f.name: facts.digest(f) for f in files})
+    return {"init": InitKey.build(init=digests, model=spec.model, locate=Locate(path=str(source.weights)))}
 
 
 def train_seed(spec: ExperimentSpec) -> int:
@@ -378,35 +527,32 @@ def train_seed(spec: ExperimentSpec) -> int:
     return spec.train.seed if spec.train.seed is not None else spec.seed
 
 
-def train_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
-    train = _without(spec.train.key_dict(), "time_budget_s", "seed", "pause_at")
+def train_config(spec: ExperimentSpec, facts: Facts) -> dict[str, TrainKey]:
     # (the weights a run starts from are its `init` input: their content, not their path, is in the key)
-    return {"train": {"model": _without(spec.model.key_dict(), "init_from"), "train": train, "seed": train_seed(spec)}}
+    return {"train": TrainKey.build(model=spec.model, train=spec.train, seed=train_seed(spec))}
 
 
-def eval_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
-    # tasks and inspect: stages of their own
-    return {"eval": {"eval": _without(spec.eval.key_dict(), "tasks", "inspect"), "seed": spec.seed}}
+def eval_config(spec: ExperimentSpec, facts: Facts) -> dict[str, EvalKey]:
+    return {"eval": EvalKey.build(eval=spec.eval, seed=spec.seed)}  # tasks and inspect: stages of their own
 
 
-def inspect_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
+def inspect_config(spec: ExperimentSpec, facts: Facts) -> dict[str, InspectKey]:
     inspect = spec.eval.inspect
-    return {} if inspect is None else {"inspect": {"inspect": inspect.key_dict()}}
+    return {} if inspect is None else {"inspect": InspectKey(inspect=inspect)}
 
 
-def task_config(spec: ExperimentSpec, facts: Facts) -> dict[str, dict[str, Any]]:
+def task_config(spec: ExperimentSpec, facts: Facts) -> dict[str, TaskKey]:
     """One stage per benchmark task: the task's settings and its file's content (a derived task: the corpus it is
     derived from), keyed beside the trained weights; where the file is is outside the key."""
-    out = {}
+    out: dict[str, TaskKey] = {}
     for task in spec.eval.tasks:
-        config: dict[str, Any] = {"task": task.key_dict(), "seed": spec.seed}
         if task.path is not None:
             path = Path(task.path).expanduser().resolve()
-            config["task"] = _without(config["task"], "path")
-            config.update({"file": facts.digest(path), LOCATE: {"path": str(path)}})
+            out[f"task:{task.name}"] = FileTaskKey.build(task=task, seed=spec.seed, file=facts.digest(path),
+                                                         locate=Locate(path=str(path)))  # fmt: skip
         else:
-            config.update({"data": _without(spec.data.key_dict(), "num_workers"), "corpus": facts.corpus(spec)})
-        out[f"task:{task.name}"] = config
+            out[f"task:{task.name}"] = DerivedTaskKey.build(task=task, seed=spec.seed, data=spec.data,
+                                                            corpus=facts.corpus(spec))  # fmt: skip
     return out
 
 
@@ -458,36 +604,36 @@ def task_problems(spec: ExperimentSpec, sources: Sources) -> list[str]:
 
 TOKENIZER = StageKind(
     "tokenizer", 1, (), tokenizer_config, tokenizer_body, tokenizer_report, ("data", "tokenizer", "seed", "model"),
-    runtime_fields=("tokenizer.num_threads",), describe="train a SentencePiece tokenizer on the corpus",
-    preflight=pretrained_problems,
+    config=TokenizerKey, runtime_fields=("tokenizer.num_threads",), preflight=pretrained_problems,
+    describe="train a SentencePiece tokenizer on the corpus",
 )  # fmt: skip
 SHARDS = StageKind(
-    "shards", 1, ("tokenizer",), shards_config, shards_body, shards_report, ("data", "seed"),
+    "shards", 1, ("tokenizer",), shards_config, shards_body, shards_report, ("data", "seed"), config=ShardsKey,
     runtime_fields=("data.num_workers",), describe="encode the corpus into verified train/val token shards",
 )  # fmt: skip
 INIT = StageKind(
-    "init", 1, (), init_config, init_body, init_report, ("model", "tracking", "runs_root"),
+    "init", 1, (), init_config, init_body, init_report, ("model", "tracking", "runs_root"), config=InitKey,
     describe="convert the pretrained weights a run starts from (model.init_from)",
 )  # fmt: skip
 TRAIN = StageKind(
     "train", 1, ("shards", "init"), train_config, None, train_report, ("model", "train", "seed"), executor="train",
-    runtime_fields=("train.time_budget_s",), log=TRAIN_LOG, resume=resume_step,
+    config=TrainKey, runtime_fields=("train.time_budget_s",), log=TRAIN_LOG, resume=resume_step,
     describe="train the model: `python -m llmcore.train` in a process of its own, one per rank",
 )  # fmt: skip
 EVAL = StageKind(
-    "eval", 1, ("train", "shards", "tokenizer"), eval_config, eval_body, eval_report, ("eval", "seed"),
+    "eval", 1, ("train", "shards", "tokenizer"), eval_config, eval_body, eval_report, ("eval", "seed"), config=EvalKey,
     runtime_fields=("train.device",), describe="validation loss, perplexity, bits per byte and samples",
 )  # fmt: skip
 
 TASK = StageKind(
-    "task", 1, ("train", "tokenizer"), task_config, task_body, task_report, ("eval", "seed", "data"),
+    "task", 1, ("train", "tokenizer"), task_config, task_body, task_report, ("eval", "seed", "data"), config=TaskKey,
     runtime_fields=("train.device", "eval.batch_size"), identity=False, preflight=task_problems,
     describe="score a multiple-choice benchmark task (eval.tasks) on the final weights, one stage per task",
 )  # fmt: skip
 
 INSPECT = StageKind(
     "inspect", 1, ("train", "shards", "tokenizer"), inspect_config, inspect_body, inspect_report, ("eval",),
-    runtime_fields=("train.device",), identity=False,
+    config=InspectKey, runtime_fields=("train.device",), identity=False,
     describe="attention maps, position encodings, logit lens and per-token loss (eval.inspect): an HTML report",
 )  # fmt: skip
 
@@ -540,13 +686,17 @@ def run_stage(
         started = time.time()
         body = STAGES[kind].body
         assert body is not None, f"stage kind {kind} runs as a process"
-        return commit(d, kind, started, body(d, config, {k: Path(v) for k, v in input_dirs.items()}, runtime))
+        typed = STAGES[kind].parse(config)  # the JSON a Parsl task carries, validated once, here
+        return commit(d, kind, started, body(d, typed, {k: Path(v) for k, v in input_dirs.items()}, runtime))
 
 
 # ------------------------------------------------------------------------------------ the training process
 
 
 def write_train_config(stage_dir: Path, config: dict[str, Any], runtime: dict[str, Any]) -> None:
+    """Write ``train.json``: a training stage's key config in its JSON form (``TrainKey.key_json``, as planned) with
+    its runtime settings in its ``train`` section; the training process validates it once, as
+    ``llmcore.train.RunConfig`` (the same model, train and seed sections), at its own boundary."""
     atomic_write_json(stage_dir / TRAIN_CONFIG, {**config, "train": {**config["train"], **runtime}})
 
 
