@@ -12,6 +12,10 @@ Every decision is appended to a journal (``<runs_root>/studies/<spec hash>.rungs
 *before* it is acted on: a driver killed mid-rung is continued by the next submit from the journal, a decision is
 never taken twice, and no point trains past a rung twice (a point paused at its rung is not launched again until
 its rung decides).
+
+HyperBand (``prune: {method: hyperband}`` on a search; Li et al. 2018): brackets s = s_max .. 0 of the above over
+the search's trials, bracket ``s`` starting its trials at ``max_steps * reduction_factor**-s`` steps; the trial
+budget is shared between the brackets as Li et al.'s ``n_s`` are, and the brackets share one journal.
 """
 
 from __future__ import annotations

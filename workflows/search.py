@@ -13,6 +13,11 @@ and exits with ``exitcodes.STOP_REQUESTED``, and the run is recorded as pruned (
 ``gptlab.pruned``) with its last metrics. Its checkpoint stays: the same training submitted again without the
 pruner (or with a later first rung) resumes it instead of starting over.
 
+HyperBand (``prune: {method: hyperband}``, a search only): Optuna records the trials (no pruner of its own) and
+the driver runs brackets of synchronous successive halving over them (``workflows.rungs.Hyperband``): each trial
+pauses at its bracket's rungs with a checkpoint and the rung promotes the best ``1/reduction_factor`` of the
+bracket's trials once all of them have reported. The study's trial budget is the brackets' (``Study.budget``).
+
 The study lives in ``<runs_root>/studies/<spec hash>.journal``, written by the driver only: a re-submit of the same
 spec continues it (finished trials are not redone; a trial a killed driver left running is run again, resuming
 its training), and raising ``search.trials`` goes on from there.
