@@ -1,23 +1,25 @@
-"""Early stopping: the full grid against ASHA on the same 16-configuration space, the quickstart model.
+"""Early stopping: the full grid against successive halving (sha) and ASHA on the same 16-point space.
 
-    python bench/search.py [--quick] [--json PATH]        (from the repository root)
+    nice python bench/search.py [--quick] [--json PATH]        (from the repository root)
 
 The space is specs/quickstart.yaml's model (learned positions) over ``train.lr`` x ``train.warmup_steps`` (4 x 4 =
-16 points; --quick: 2 x 2 and 60 steps). Both sides run through ``gptlab submit`` (the Python API), one training
+16 points; --quick: 2 x 2 and 60 steps). Every side runs through ``gptlab submit`` (the Python API), one training
 at a time (``site.max_workers: 1``), each in a runs_root of its own holding the same committed tokenizer and shards
-(built once beforehand), so neither reuses the other's trainings. ASHA is ``sweep.prune: {min_steps: 25,
-reduction_factor: 3}`` (rungs at 25, 75 and 225 steps of 250; validation estimates every 25 steps).
+(built once beforehand), so none reuses another's trainings. Both pruners use ``min_steps: 25, reduction_factor:
+3`` (rungs at 25, 75 and 225 steps of 250; validation estimates every 25 steps): ``sweep.prune: {method: sha}``
+(synchronous: every point pauses at a rung until all have reached it) and ``{method: asha}`` (Optuna's).
 
-Figures: the total training seconds of each side (the trainings' own ``summary.json`` seconds, pruned ones
-included), the best final val/bpb each found, and their ratios. Target (issue 17): ASHA's best within 1% of the
-grid's for at most 40% of the grid's training time.
+Measured figures: the total training seconds of each side (the trainings' own ``summary.json`` seconds over every
+attempt, pruned and paused ones included), the best final val/bpb each found, their ratios to the grid's. Targets:
+issue 17, ASHA's best within 1% of the grid's for at most 40% of its training time; issue 23, sha at most 25% of
+the grid's training time keeping the grid's best point, in the grid's order, reversed and in 20 random orders.
 
-Replay: with one training at a time, what ASHA prunes depends on the order the points come in (a point is promoted
-past a rung while fewer than ``reduction_factor`` others reached it only if it is the best there so far). So the
-grid's measured validation curves (the estimates the driver reports) are replayed through the same Optuna pruner,
-one trial at a time, in the grid's order (which must give the measured ASHA side's steps: the check that the
-replay is faithful), in reverse and in 100 seeded random orders; figures: steps trained over the grid's, and how
-often the best point found is within 1% of the grid's best val/bpb. Results: bench/results/search.json.
+Orders: a real submit runs the grid in its order only, so the other orders are replays of the grid's measured
+validation curves (step, loss, training seconds so far, per point): through the driver's own ``Halving`` for sha
+and through the same Optuna pruner for ASHA, one trial at a time, in the grid's order, reversed and 20 seeded
+random orders (ASHA also 100, as before). A replayed point pruned at a step costs the grid training's seconds to
+that step. The sha replay is checked against the real sha submit (the same step for each point; its resumed
+trainings' estimates against the grid's at the same steps). Results: bench/results/search.json.
 """
 
 from __future__ import annotations
@@ -61,30 +63,34 @@ def training_seconds(runs_root: Path) -> tuple[float, int, int]:
     return total, n, stopped
 
 
-def curves(runs_root: Path, lrs: list[float], warmups: list[int]) -> list[list[tuple[int, float]]]:
-    """The validation estimates (step, loss) of each grid training, in the grid's order (lr major)."""
+def curves(runs_root: Path, lrs: list[float], warmups: list[int]) -> list[list[tuple[int, float, float]]]:
+    """The validation estimates (step, loss, training seconds so far) of each training, in the grid's order (lr
+    major)."""
     from llmcore.metrics import EvalLine, read_metrics
 
     found = {}
     for stage in (runs_root / "stages").glob("train-*"):
         train = json.loads((stage / "config.json").read_text())["train"]
-        evals = [(r.step, r.val_loss) for r in read_metrics(stage / "metrics.jsonl") if isinstance(r, EvalLine)]
+        evals = [(r.step, r.val_loss, r.elapsed_s) for r in read_metrics(stage / "metrics.jsonl")
+                 if isinstance(r, EvalLine)]  # fmt: skip
         found[(train["lr"], train["warmup_steps"])] = evals
     return [found[(lr, w)] for lr in lrs for w in warmups]
 
 
-def replay(evals: list[list[tuple[int, float]]], order: list[int], prune: dict, max_steps: int) -> tuple[float, int]:
-    """Optuna's successive-halving pruner over measured curves, one trial at a time in ``order``: (steps trained
-    over the grid's steps, index of the best trial that ran to the end, by its last estimate)."""
+def replay(
+    evals: list[list[tuple[int, float, float]]], order: list[int], prune: dict, max_steps: int
+) -> tuple[dict, int]:
+    """Optuna's successive-halving pruner over measured curves, one trial at a time in ``order``: (point -> the step
+    it stopped at, the best point that ran to the end, by its last estimate)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=prune["min_steps"],
                                                     reduction_factor=prune["reduction_factor"])  # fmt: skip
-    study, steps, finished = optuna.create_study(pruner=pruner), 0, {}
+    study, stops, finished = optuna.create_study(pruner=pruner), {}, {}
     for i in order:
         trial, stop = study.ask(), max_steps
-        for step, loss in evals[i]:
+        for step, loss, _ in evals[i]:
             trial.report(loss, step)
             if trial.should_prune():
                 stop = step
@@ -94,33 +100,51 @@ def replay(evals: list[list[tuple[int, float]]], order: list[int], prune: dict, 
             finished[i] = evals[i][-1][1]
         else:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        steps += stop
-    return steps / (len(order) * max_steps), min(finished, key=finished.get)
+        stops[i] = stop
+    return stops, min(finished, key=finished.get)
 
 
 def replay_sha(
-    evals: list[list[tuple[int, float]]], order: list[int], prune: dict, max_steps: int
-) -> tuple[float, int]:
+    evals: list[list[tuple[int, float, float]]], order: list[int], prune: dict, max_steps: int
+) -> tuple[dict, int]:
     """Synchronous successive halving (workflows.rungs.Halving, the driver's own decisions) over the measured
-    curves, the points given in ``order``: (steps trained over the grid's steps, index of the point it trains to
-    the end)."""
-    import tempfile
-
+    curves, the points given in ``order``: (point -> the step it stopped at, the point it trains to the end)."""
     from workflows.rungs import Halving, Journal, rung_steps
 
     rungs = rung_steps(prune["min_steps"], prune["reduction_factor"], max_steps)
     with tempfile.TemporaryDirectory() as tmp:
         names = [f"p{i:02d}" for i in order]
         h = Halving(names, rungs, prune["reduction_factor"], Journal(Path(tmp) / "j.jsonl"))
-        while h.decide({n: dict(evals[int(n[1:])])[h.target(n)] for n in h.live() if h.target(n) is not None}):
+        loss = {n: {step: v for step, v, _ in evals[int(n[1:])]} for n in names}
+        while h.decide({n: loss[n][h.target(n)] for n in h.live() if h.target(n) is not None}):
             pass
-    steps = sum(rungs[h.pruned[n]] if n in h.pruned else max_steps for n in names)
+    stops = {int(n[1:]): rungs[h.pruned[n]] if n in h.pruned else max_steps for n in names}
     (winner,) = [int(n[1:]) for n in names if n not in h.pruned]
-    return steps / (len(order) * max_steps), winner
+    return stops, winner
+
+
+def cost(evals: list[list[tuple[int, float, float]]], stops: dict[int, int], max_steps: int) -> tuple[float, float]:
+    """(steps, training seconds) of the trainings stopped at ``stops`` over the full grid's: a point's seconds at a
+    step are its measured training's (the elapsed seconds of its estimate there)."""
+    seconds = [{step: t for step, _, t in e} for e in evals]
+    steps = sum(stops.values()) / (len(evals) * max_steps)
+    return steps, sum(seconds[i][s] for i, s in stops.items()) / sum(s[max_steps] for s in seconds)
+
+
+ORDERS = 20  # random orders of the sha / ASHA comparison (seeds 0..19), beside the grid's order and its reverse
+
+
+def orders(n: int) -> dict[str, list[int]]:
+    import random
+
+    return {"grid": list(range(n)), "reversed": list(range(n))[::-1],
+            **{f"random {s}": random.Random(s).sample(range(n), n) for s in range(ORDERS)}}  # fmt: skip
 
 
 def replays(runs_root: Path, quick: bool, points: list[list[float]]) -> dict:
-    """The replay figures: grid order, reversed, 100 seeded random orders (``points``: [lr, warmup, val/bpb])."""
+    """The replay figures over the grid's curves (``points``: [lr, warmup, val/bpb]): sha and ASHA in the grid's
+    order, reversed and 20 seeded random orders (each: steps and training seconds over the grid's, whether the
+    point trained to the end is the grid's best, or within 1% of it); ASHA also over 100 seeded random orders."""
     import random
 
     tree = tree_for(runs_root, quick, True)
@@ -133,22 +157,42 @@ def replays(runs_root: Path, quick: bool, points: list[list[float]]) -> dict:
     def within(i: int) -> bool:
         return grid_bpb[i] <= 1.01 * best
 
+    def row(stops: dict[int, int], winner: int) -> dict:
+        steps, seconds = cost(evals, stops, max_steps)
+        return {"steps": steps, "time": seconds, "best": grid_bpb[winner] == best, "within_1pct": within(winner),
+                "stops": [stops[i] for i in range(len(evals))]}  # fmt: skip
+
     n = len(evals)
-    grid_order, reverse = replay(evals, list(range(n)), prune, max_steps), replay(evals, list(range(n))[::-1], prune,
-                                                                                   max_steps)  # fmt: skip
+    compared = orders(n)
+    sha = {name: row(*replay_sha(evals, order, prune, max_steps)) for name, order in compared.items()}
+    asha = {name: row(*replay(evals, order, prune, max_steps)) for name, order in compared.items()}
     rng = random.Random(0)
-    shuffled = [replay(evals, rng.sample(range(n), n), prune, max_steps) for _ in range(100)]
-    fractions = sorted(f for f, _ in shuffled)
-    sha_orders = [list(range(n)), list(range(n))[::-1], *(random.Random(s).sample(range(n), n) for s in range(20))]
-    sha = [replay_sha(evals, order, prune, max_steps) for order in sha_orders]
-    return {"grid_order": grid_order[0], "grid_order_best_within_1pct": within(grid_order[1]),
-            "reverse": reverse[0], "reverse_best_within_1pct": within(reverse[1]),
+    shuffled = [row(*replay(evals, rng.sample(range(n), n), prune, max_steps)) for _ in range(100)]
+    fractions = sorted(r["steps"] for r in shuffled)
+    return {"sha": sha, "asha": asha,
+            "grid_order": asha["grid"]["steps"], "grid_order_best_within_1pct": asha["grid"]["within_1pct"],
+            "reverse": asha["reversed"]["steps"], "reverse_best_within_1pct": asha["reversed"]["within_1pct"],
             "random_mean": sum(fractions) / len(fractions), "random_median": fractions[len(fractions) // 2],
             "random_share_at_most_40pct": sum(f <= 0.40 for f in fractions) / len(fractions),
-            "random_share_best_within_1pct": sum(within(b) for _, b in shuffled) / len(shuffled),
-            "random_share_both": sum(f <= 0.40 and within(b) for f, b in shuffled) / len(shuffled),
-            "sha_fractions": sorted({f for f, _ in sha}), "sha_best_within_1pct": [within(b) for _, b in sha],
-            "sha_is_the_grids_best": all(grid_bpb[b] == best for _, b in sha)}  # fmt: skip
+            "random_share_best_within_1pct": sum(r["within_1pct"] for r in shuffled) / len(shuffled),
+            "random_share_both": sum(r["steps"] <= 0.40 and r["within_1pct"] for r in shuffled) / len(shuffled),
+            "grid_curves": evals}  # fmt: skip
+
+
+def sha_agreement(grid_evals: list, sha_root: Path, lrs: list[float], warmups: list[int], replayed: dict) -> dict:
+    """The replay checked against the real sha submit (grid order): the step each of its trainings stopped at
+    (summary.json) against the replay's, and its validation estimates against the grid's at the same steps (a
+    resumed training continues the same curve)."""
+    measured = curves(sha_root, lrs, warmups)
+    steps = [max(s for s, _, _ in stage_evals) for stage_evals in measured]
+    diffs = []
+    for got, full in zip(measured, grid_evals):
+        ref = {s: v for s, v, _ in full}
+        diffs += [abs(v - ref[s]) for s, v, _ in got if s in ref]
+    expected = replayed["sha"]["grid"]["stops"]
+    agreeing = sum(a == b for a, b in zip(steps, expected))
+    return {"measured_stops": steps, "replay_stops": expected, "points_agreeing": agreeing,
+            "points": len(steps), "max_abs_val_loss_diff": max(diffs), "estimates_compared": len(diffs)}  # fmt: skip
 
 
 def side(root: Path, quick: bool, prune: bool | str, data_plan) -> dict:
@@ -171,6 +215,31 @@ def side(root: Path, quick: bool, prune: bool | str, data_plan) -> dict:
                        for r in result.runs]}  # fmt: skip
 
 
+def order_figures(label: str, rows: dict[str, dict], quick: bool, limit: float | None) -> list[dict]:
+    """One method's replay figures: grid order, reversed, and the 20 random orders (the worst of them)."""
+    out = []
+    for name in ("grid", "reversed"):
+        r = rows[name]
+        met = None if quick or limit is None else r["time"] <= limit and r["best"]
+        target = None if limit is None else f"<= {100 * limit:.0f}% with the grid's best"
+        out.append(figure(f"{label}, {name} order: training time / the grid's", 100 * r["time"], "%", target, met))
+        out.append(figure(f"{label}, {name} order: steps / the grid's", 100 * r["steps"], "%"))
+        out.append(figure(f"{label}, {name} order: keeps the grid's best point (1 yes, 0 no)", int(r["best"]), ""))
+    rand = [r for name, r in rows.items() if name.startswith("random")]
+    worst = max(r["time"] for r in rand)
+    met = None if quick or limit is None else worst <= limit and all(r["best"] for r in rand)
+    target = None if limit is None else f"<= {100 * limit:.0f}% with the grid's best, every order"
+    n = len(rand)
+    out += [figure(f"{label}, {n} random orders: largest training time / the grid's", 100 * worst, "%", target, met),
+            figure(f"{label}, {len(rand)} random orders: mean training time / the grid's",
+                   100 * sum(r["time"] for r in rand) / len(rand), "%"),
+            figure(f"{label}, {len(rand)} random orders: orders keeping the grid's best", sum(r["best"] for r in rand),
+                   f"of {len(rand)}"),
+            figure(f"{label}, {len(rand)} random orders: orders whose best is within 1% of the grid's",
+                   sum(r["within_1pct"] for r in rand), f"of {len(rand)}")]  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser("search", __doc__)
     args = p.parse_args(argv)
@@ -181,53 +250,63 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  grid: {grid['trainings']} trainings, {grid['train_s']:.0f} s, best {grid['best']} "
               f"{grid['best_bpb']:.4f}", flush=True)  # fmt: skip
         replayed = replays(root / "grid" / "runs", args.quick, grid["points"])
-        asha = side(root / "asha", args.quick, True, data)
-        print(f"  asha: {asha['trainings']} trainings ({asha['pruned']} pruned), {asha['train_s']:.0f} s, best "
-              f"{asha['best']} {asha['best_bpb']:.4f}", flush=True)  # fmt: skip
         sha = side(root / "sha", args.quick, "sha", data)
         print(f"  sha: {sha['trainings']} trainings ({sha['pruned']} pruned), {sha['train_s']:.0f} s, best "
               f"{sha['best']} {sha['best_bpb']:.4f}", flush=True)  # fmt: skip
+        tree = tree_for(root, args.quick, True)
+        lrs, warmups = tree["sweep"]["train.lr"], tree["sweep"]["train.warmup_steps"]
+        agree = sha_agreement(replayed.pop("grid_curves"), root / "sha" / "runs", lrs, warmups, replayed)
+        print(
+            f"  sha replay against the real sha submit: {agree['points_agreeing']} of {agree['points']} points "
+            f"stopped at the same step; estimates differ by at most {agree['max_abs_val_loss_diff']:.2e}",
+            flush=True,
+        )
+        asha = side(root / "asha", args.quick, True, data)
+        print(f"  asha: {asha['trainings']} trainings ({asha['pruned']} pruned), {asha['train_s']:.0f} s, best "
+              f"{asha['best']} {asha['best_bpb']:.4f}", flush=True)  # fmt: skip
     time_ratio = asha["train_s"] / grid["train_s"]
     gap = 100 * (asha["best_bpb"] - grid["best_bpb"]) / grid["best_bpb"]
     met = None if args.quick else time_ratio <= 0.40 and gap <= 1.0
     sha_ratio = sha["train_s"] / grid["train_s"]
-    sha_gap = 100 * (sha["best_bpb"] - grid["best_bpb"]) / grid["best_bpb"]
+    sha_best = sha["best"] == grid["best"]
+    q = args.quick
     figures = [
         figure("grid: training seconds", grid["train_s"], "s"),
-        figure("ASHA: training seconds", asha["train_s"], "s"),
-        figure("ASHA / grid training time", 100 * time_ratio, "%", "<= 40%", None if args.quick else time_ratio <= 0.4),
         figure("grid: best val/bpb", grid["best_bpb"], "bpb"),
+        figure("sha (measured, grid order): training seconds", sha["train_s"], "s"),
+        figure("sha / grid training time", 100 * sha_ratio, "%", "<= 25%", None if q else sha_ratio <= 0.25),
+        figure(
+            "sha: keeps the grid's best point (1 yes, 0 no)",
+            int(sha_best),
+            "",
+            "the grid's best",
+            None if q else sha_best,
+        ),  # fmt: skip
+        figure("sha / grid wall time (with Parsl, restarts, evaluation)", 100 * sha["wall_s"] / grid["wall_s"], "%"),
+        figure(
+            "sha replay vs the real sha submit: points stopped at the same step",
+            agree["points_agreeing"],
+            f"of {agree['points']}",
+        ),  # fmt: skip
+        figure(
+            "  largest |val loss| difference at the same step (resumed vs the grid's)",
+            agree["max_abs_val_loss_diff"],
+            "nats",
+        ),  # fmt: skip
+        *order_figures("sha replay", replayed["sha"], q, 0.25),
+        figure("ASHA (measured, grid order): training seconds", asha["train_s"], "s"),
+        figure("ASHA / grid training time", 100 * time_ratio, "%", "<= 40%", None if q else time_ratio <= 0.4),
         figure("ASHA: best val/bpb", asha["best_bpb"], "bpb"),
-        figure("ASHA best above the grid's", gap, "%", "<= 1%", None if args.quick else gap <= 1.0),
+        figure("ASHA best above the grid's", gap, "%", "<= 1%", None if q else gap <= 1.0),
         figure("ASHA: trainings pruned", asha["pruned"], f"of {asha['trainings']}"),
-        figure("replay, grid order: steps / the grid's (the measured side's check)", 100 * replayed["grid_order"], "%"),
-        figure("replay, reverse order: steps / the grid's", 100 * replayed["reverse"], "%"),
-        figure("replay, 100 random orders: mean steps / the grid's", 100 * replayed["random_mean"], "%"),
+        *order_figures("ASHA replay", replayed["asha"], q, None),
+        figure("ASHA replay, 100 random orders: mean steps / the grid's", 100 * replayed["random_mean"], "%"),
         figure("  orders at <= 40% of the grid's steps", 100 * replayed["random_share_at_most_40pct"], "%"),
         figure("  orders whose best is within 1% of the grid's", 100 * replayed["random_share_best_within_1pct"], "%"),
         figure("  orders with both", 100 * replayed["random_share_both"], "%"),
-        figure("sha: training seconds", sha["train_s"], "s"),
-        figure("sha / grid training time", 100 * sha_ratio, "%", "<= 25%", None if args.quick else sha_ratio <= 0.25),
-        figure(
-            "sha: best val/bpb above the grid's",
-            sha_gap,
-            "%",
-            "the grid's best",
-            None if args.quick else sha["best_bpb"] == grid["best_bpb"],
-        ),
-        figure(
-            "sha replay over the grid's curves, 22 orders: largest steps / the grid's",
-            100 * max(replayed["sha_fractions"]),
-            "%",
-            "<= 25%",
-        ),
-        figure(
-            "sha replay: orders whose winner is the grid's best",
-            100 * sum(replayed["sha_best_within_1pct"]) / len(replayed["sha_best_within_1pct"]),
-            "%",
-        ),
     ]
-    write_report("search", args, figures, {"grid": grid, "asha": asha, "sha": sha, "replay": replayed, "met": met})
+    details = {"grid": grid, "asha": asha, "sha": sha, "replay": replayed, "sha_agreement": agree, "met": met}
+    write_report("search", args, figures, details)
     return 0
 
 

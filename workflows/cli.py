@@ -156,6 +156,8 @@ def plan_cmd(spec: Path = SpecArg, set_: list[str] | None = SetOpt, site: str | 
         _show_search(p)
     if p.spec.sweep.prune is not None and p.spec.sweep.prune.method == "sha":
         _show_rungs(p)
+    if p.spec.search is not None and p.spec.search.prune is not None and p.spec.search.prune.method == "hyperband":
+        _show_brackets(p)
     _show_site(p)
     _show_tracking(p)
 
@@ -193,6 +195,31 @@ def _show_rungs(p: Any) -> None:
         h, m, sec = (int(x) for x in p.spec.site.walltime.split(":"))
         hours = (h + m / 60 + sec / 3600) * total / grid * len(p.runs)
         typer.echo(f"At most {hours * train.nodes:g} node-hours of training (each point's share of its walltime)")
+
+
+def _show_brackets(p: Any) -> None:
+    """A hyperband search's brackets (read from its layout file, never written; the spec's budget before the first
+    submit): each one's trials and rungs, how many trials reach each rung, the most steps any trial trains and the
+    share of training every trial to the end."""
+    from site_configs.spec import BATCH_SITES
+    from workflows.rungs import Hyperband, Journal, Layout, brackets, halving_cost
+
+    prune, train, studies = p.spec.search.prune, p.loaded.base.train, p.runs_root / "studies"
+    rounds = Layout(studies / f"{p.spec_hash}.brackets.json").rounds()
+    if p.spec.search.trials > sum(rounds):
+        rounds.append(p.spec.search.trials - sum(rounds))
+    layout = brackets(rounds, prune.min_steps, prune.reduction_factor, train.max_steps)
+    hyperband = Hyperband(layout, prune.reduction_factor, Journal(studies / f"{p.spec_hash}.rungs.jsonl"))
+    typer.echo(f"HyperBand (reduction factor {prune.reduction_factor}, min_steps {prune.min_steps}): {len(layout)} "
+               f"bracket(s) of successive halving over {hyperband.budget} trials; at most {train.max_steps} steps "
+               "for any trial")  # fmt: skip
+    for line in hyperband.plan_lines(train.max_steps):
+        typer.echo(line)
+    if p.spec.site.name in BATCH_SITES and train.time_budget_s is None:
+        h, m, sec = (int(x) for x in p.spec.site.walltime.split(":"))
+        total = sum(halving_cost(b.trials, list(b.rungs), prune.reduction_factor)[0] for b in layout)
+        hours = (h + m / 60 + sec / 3600) * total / train.max_steps
+        typer.echo(f"At most {hours * train.nodes:g} node-hours of training (each trial's share of its walltime)")
 
 
 def _show_runs(p: Any) -> None:

@@ -39,7 +39,7 @@ from workflows.processes import (
     training_alive,
 )
 from workflows.progress import Board, LineDisplay, LiveDisplay, RunRow, stage_line
-from workflows.rungs import Halving, Journal, rung_steps
+from workflows.rungs import Halving, Hyperband, Journal, Layout, brackets, rung_steps
 from workflows.search import Pruning, Study, default_parallel
 from workflows.server import TrackingStoreError
 from workflows.states import OnDisk, RunStatus, StageState, pruned_step, run_stage_states, run_status
@@ -103,7 +103,8 @@ class Driver:
         self.launcher: Launcher | None = None
         self.forwarders: dict[str, MetricsForwarder] = {}  # run hash -> its training's forwarder
         self.store_away_since: float | None = None  # since when ended runs wait for an unreachable server
-        self.halving: Halving | None = None  # a grid's synchronous successive halving (prune.method sha)
+        # a grid's synchronous successive halving (prune.method sha), or a search's brackets of it (hyperband)
+        self.halving: Halving | Hyperband | None = None
         self.paused: list[RunPlan] = []  # runs whose training waits at a rung for its decision
         self.board = Board([RunRow(r.name, r.spec.train.max_steps, self._states(r, launching=True)) for r in p.runs])
         self.results: dict[str, RunResult] = {}  # run hash -> result, as runs end
@@ -124,9 +125,12 @@ class Driver:
             self.study = Study(p, default_parallel(p.spec))
             self.pruning = Pruning(self.study, self.say)
             if p.spec.search is not None:
+                if p.spec.search.prune is not None and p.spec.search.prune.method == "hyperband":
+                    self.halving = self._hyperband(p.spec.search.prune)
                 for r in self.study.resumable():
                     self._add_row(r)
                     lifecycle.start_child(r)
+                    self._join_bracket(r)
                 self.say(f"search: study {self.study.path} holds {len(p.runs)} of {p.spec.search.trials} trials")
             else:
                 self.study.grid_trials()
@@ -156,11 +160,41 @@ class Driver:
         journal = Journal(p.runs_root / "studies" / f"{p.spec_hash}.rungs.jsonl")
         halving = Halving([r.run_hash for r in p.runs], rungs, prune.reduction_factor, journal)
         for r in p.runs:
-            if r.run_hash in halving.pruned and pruned_step(r.training.dir) is None and not r.training.done:
-                k = halving.pruned[r.run_hash]
-                record_pruned(r.training.dir, rungs[k], f"not among the best at rung {k} of successive halving")
+            self._record_journaled_prune(r, halving)
         self.say(f"successive halving: rungs at {', '.join(map(str, rungs))} steps, journal {journal.path}")
         return halving
+
+    def _hyperband(self, prune: Any) -> Hyperband:
+        """A search's HyperBand brackets (laid out for its trial budget once, kept beside its study), continued from
+        their journal. The study asks for as many trials as the brackets hold."""
+        p, studies = self.plan, self.plan.runs_root / "studies"
+        rounds = Layout(studies / f"{p.spec_hash}.brackets.json").grow(p.spec.search.trials)
+        layout = brackets(rounds, prune.min_steps, prune.reduction_factor, p.spec.train.max_steps)
+        hyperband = Hyperband(layout, prune.reduction_factor, Journal(studies / f"{p.spec_hash}.rungs.jsonl"))
+        self.study.budget = hyperband.budget
+        if hyperband.budget != p.spec.search.trials:
+            self.say(f"hyperband: the brackets laid out by earlier submits hold {hyperband.budget} trials "
+                     f"(search.trials {p.spec.search.trials}): they are run to their end")  # fmt: skip
+        for i, b in enumerate(layout):
+            self.say(f"hyperband: bracket {i} (s={b.s}): trials {b.first}-{b.first + b.trials - 1}, rungs at "
+                     f"{', '.join(map(str, b.rungs))} steps")  # fmt: skip
+        return hyperband
+
+    def _join_bracket(self, run: RunPlan) -> None:
+        """A search's trial joins its HyperBand bracket (by its number); its run records which."""
+        if not isinstance(self.halving, Hyperband):
+            return
+        i = self.halving.add(run.run_hash, self.study.number(run))
+        if i is not None:
+            self.lifecycle.tracker.set_tags(self.lifecycle.child(run), {"bracket": str(i)})
+            self._record_journaled_prune(run, self.halving.of(run.run_hash))
+
+    def _record_journaled_prune(self, run: RunPlan, halving: Halving) -> None:
+        """A prune the journal holds but a killed driver did not act on yet: recorded in its training now."""
+        h = run.run_hash
+        if h in halving.pruned and pruned_step(run.training.dir) is None and not run.training.done:
+            k = halving.pruned[h]
+            record_pruned(run.training.dir, halving.rungs[k], f"not among the best at rung {k} of successive halving")
 
     def _pause_at(self, run: RunPlan) -> int | None:
         return self.halving.target(run.run_hash) if self.halving is not None else None
@@ -248,6 +282,7 @@ class Driver:
                 if self._at_rung(r):  # paused at its rung by an earlier submit: it waits for the rung's decision
                     pending.remove(r)
                     self.paused.append(r)
+                    self._forward(r, now=True)  # its estimate at the rung, for the decision
                 else:
                     self.launcher.launch_run(r, self._pause_at(r))
             self._loop(pending, dfk)
@@ -305,13 +340,18 @@ class Driver:
         """Successive halving: once every live point reached the open rung (or failed), promote the best (they
         resume from their checkpoints) and prune the rest. The decisions are journaled before they are acted on."""
         halving, by_hash = self.halving, {r.run_hash: r for r in self.plan.runs}
+        if isinstance(halving, Hyperband):
+            halving.asked(self.study.asked())  # a bracket decides once all its trials were asked for
         scores: dict[str, float | None] = {}
         for r in self.paused:
-            fw = self.forwarders.get(r.run_hash)
-            evals = fw.tail.evals if fw is not None else {}
-            scores[r.run_hash] = evals.get(self._pause_at(r))
+            fw = self._forwarder(r)
+            if self._pause_at(r) not in fw.tail.evals:
+                fw.poll(FORWARD_EVERY)
+            if self._pause_at(r) in fw.tail.evals:  # (a paused training always wrote its estimate at the rung)
+                scores[r.run_hash] = fw.tail.evals[self._pause_at(r)]
+        rung = halving.rung
         for h, result in self.results.items():
-            if result.status == "FAILED" and h in halving.rung:
+            if result.status == "FAILED" and h in rung:
                 scores[h] = None
         for d in halving.decide(scores):
             run = by_hash[d.run]
@@ -325,17 +365,21 @@ class Driver:
                 self.launcher.relaunch(run, self._pause_at(run))
                 pending.append(run)
             else:
-                record_pruned(run.training.dir, halving.rungs[d.rung], f"not among the best at rung {d.rung}")
+                record_pruned(run.training.dir, halving.step(d.run, d.rung), f"not among the best at rung {d.rung}")
                 self._end_pruned(run, self._states(run))
+                if self.study is not None:
+                    self.study.tell(run, "PRUNED", {})
 
     def _more_trials(self, pending: list[RunPlan]) -> None:
         """A search: start new trials while the budget and free slots allow."""
         for r in self.study.more(len(pending)):
             self._add_row(r)
             self.lifecycle.start_child(r)
-            self.launcher.launch_run(r)
+            self._join_bracket(r)
+            self.launcher.launch_run(r, self._pause_at(r))
             pending.append(r)
-            self.say(f"[{r.name}] new trial: " + ", ".join(f"{k}={v}" for k, v in r.point.items()))
+            where = f" (bracket {self.halving.bracket[r.run_hash]})" if isinstance(self.halving, Hyperband) else ""
+            self.say(f"[{r.name}] new trial{where}: " + ", ".join(f"{k}={v}" for k, v in r.point.items()))
         for why in self.study.rejected:
             self.say(f"search: {why}: told FAIL")
         self.study.rejected.clear()
@@ -419,7 +463,8 @@ class Driver:
 
         run_id, step = self.lifecycle.child(run), pruned_step(run.training.dir)
         prune = (self.plan.spec.search or self.plan.spec.sweep).prune
-        how = "successive halving" if prune is not None and prune.method == "sha" else "ASHA"
+        method = prune.method if prune is not None else "asha"
+        how = {"sha": "successive halving", "hyperband": "HyperBand's successive halving"}.get(method, "ASHA")
         why = f"pruned at step {step} by {how}: its checkpoint is kept (a submit without the pruner resumes it)"
         self.lifecycle.tracker.set_tags(run_id, {"pruned": "true", "pruned_at_step": str(step)})
         self.lifecycle.end_child(run, RunStatus.PRUNED, why)
@@ -428,9 +473,9 @@ class Driver:
         return result
 
     def _close(self, run: RunPlan, result: RunResult) -> None:
-        if self.halving is not None:
-            h = run.run_hash
-            result.rung = self.halving.pruned.get(h, self.halving.rung[h])
+        rung, h = (self.halving.rung if self.halving is not None else {}), run.run_hash
+        if h in rung:
+            result.rung = self.halving.pruned.get(h, rung[h])
             self.lifecycle.tracker.set_tags(result.run_id, {"rung": str(result.rung)})
         self.results[run.run_hash] = result
         row = self.board.rows[run.name]

@@ -13,6 +13,11 @@ and exits with ``exitcodes.STOP_REQUESTED``, and the run is recorded as pruned (
 ``gptlab.pruned``) with its last metrics. Its checkpoint stays: the same training submitted again without the
 pruner (or with a later first rung) resumes it instead of starting over.
 
+HyperBand (``prune: {method: hyperband}``, a search only): Optuna records the trials (no pruner of its own) and
+the driver runs brackets of synchronous successive halving over them (``workflows.rungs.Hyperband``): each trial
+pauses at its bracket's rungs with a checkpoint and the rung promotes the best ``1/reduction_factor`` of the
+bracket's trials once all of them have reported. The study's trial budget is the brackets' (``Study.budget``).
+
 The study lives in ``<runs_root>/studies/<spec hash>.journal``, written by the driver only: a re-submit of the same
 spec continues it (finished trials are not redone; a trial a killed driver left running is run again, resuming
 its training), and raising ``search.trials`` goes on from there.
@@ -85,9 +90,10 @@ class Study:
         path = journal_path(p)
         path.parent.mkdir(parents=True, exist_ok=True)
         storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+        # hyperband's rungs are the driver's (workflows.rungs.Hyperband): Optuna only records the trials
         pruner = (optuna.pruners.SuccessiveHalvingPruner(min_resource=prune.min_steps,
                                                          reduction_factor=prune.reduction_factor)
-                  if prune is not None else optuna.pruners.NopPruner())  # fmt: skip
+                  if prune is not None and prune.method == "asha" else optuna.pruners.NopPruner())  # fmt: skip
         self.study = optuna.create_study(study_name=p.spec_hash, storage=storage, pruner=pruner,
                                          direction="maximize" if self.maximize else "minimize",
                                          load_if_exists=True)  # fmt: skip
@@ -98,6 +104,8 @@ class Study:
         self.study.sampler = (optuna.samplers.TPESampler(seed=seed) if method == "tpe"
                               else optuna.samplers.RandomSampler(seed=seed))  # fmt: skip
         self.path = path
+        # Trials in all: search.trials, or the trials of a hyperband search's brackets (set by its driver)
+        self.budget = spec.search.trials if spec.search is not None else 0
         self.trials: dict[str, Trial] = {}  # run hash -> trial, for the runs of this submit
         self.rejected: list[str] = []  # why asked trials could not become runs (a spec their values break)
 
@@ -153,10 +161,9 @@ class Study:
         if self.search is None:
             return []
         optuna = optuna_module()
-        total = len([t for t in self.study.get_trials(deepcopy=False)
-                     if t.state != optuna.trial.TrialState.WAITING])  # fmt: skip
+        total = self.asked()
         runs = []
-        while total < self.search.trials and running + len(runs) < self.max_parallel:
+        while total < self.budget and running + len(runs) < self.max_parallel:
             dists = {k: distribution(d) for k, d in self.search.space.items()}
             handle = self.study.ask(dists)
             total += 1
@@ -168,6 +175,15 @@ class Study:
             self.trials[run.run_hash] = Trial(handle.number, handle.params, run, handle)
             runs.append(run)
         return runs
+
+    def asked(self) -> int:
+        """How many trials the study has asked for (over every submit; failed ones included)."""
+        optuna = optuna_module()
+        return sum(t.state != optuna.trial.TrialState.WAITING for t in self.study.get_trials(deepcopy=False))
+
+    def number(self, run: RunPlan) -> int:
+        """The number of a run's trial."""
+        return self.trials[run.run_hash].number
 
     def _run_of(self, number: int, params: dict[str, Any]) -> RunPlan | None:
         try:

@@ -33,6 +33,7 @@ from llmcore.config import (
 )
 from site_configs.spec import SiteSpec
 from workflows.pretrained import Sources, resolve
+from workflows.rungs import min_trials
 
 # Sections a sweep may not vary: they describe where and how the whole experiment runs, not a run.
 UNSWEEPABLE = ("name", "runs_root", "sweep", "search", "site", "tracking")
@@ -100,10 +101,15 @@ class PruneSpec(StrictModel):
     pruned. Nothing waits, but what is pruned depends on the order trainings come in.
     ``sha`` (a grid only; ``workflows.rungs``): every point trains to the rung and pauses there with a checkpoint;
     once all have reported, the best ``1 / reduction_factor`` resume to the next rung and the rest are pruned. The
-    result does not depend on the order, for the cost of waiting at each rung."""
+    result does not depend on the order, for the cost of waiting at each rung.
+    ``hyperband`` (a search only; Li et al.): the trials are shared between brackets of sha, bracket ``s`` starting
+    its trials at ``max_steps * reduction_factor**-s`` steps, for s = s_max .. 0 with ``s_max =
+    floor(log_reduction_factor(max_steps / min_steps))``; ``search.trials`` counts the trials of all brackets."""
 
-    method: Literal["asha", "sha"] = Field(
-        "asha", description="asha: asynchronous successive halving (Optuna); sha: synchronous, pausing at each rung."
+    method: Literal["asha", "sha", "hyperband"] = Field(
+        "asha",
+        description="asha: asynchronous successive halving (Optuna); sha: synchronous, pausing at each rung (a grid); "
+        "hyperband: brackets of sha over a search's trials.",
     )
     min_steps: int = Field(
         ..., ge=1, description="Steps every training runs before it can be stopped (the first rung)."
@@ -122,6 +128,14 @@ class SweepSpec(StrictModel):
         "stages are shared. compare shows each point's mean, standard deviation and n.",
     )  # fmt: skip
     prune: PruneSpec | None = Field(None, description="Stop clearly losing points early (ASHA); null: run all.")
+
+    @field_validator("prune")
+    @classmethod
+    def _not_hyperband(cls, value: PruneSpec | None) -> PruneSpec | None:
+        if value is not None and value.method == "hyperband":
+            raise ValueError("method hyperband shares a search's trials between brackets: use it under search, and "
+                             "sha (or asha) for a grid")  # fmt: skip
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -218,7 +232,7 @@ class SearchSpec(StrictModel):
     def _asha_only(cls, value: PruneSpec | None) -> PruneSpec | None:
         if value is not None and value.method == "sha":
             raise ValueError("method sha waits for every point at each rung, so it needs the whole grid up front: "
-                             "use it under sweep, or asha for a search")  # fmt: skip
+                             "use it under sweep, or hyperband (brackets of sha) or asha for a search")  # fmt: skip
         return value
 
 
@@ -258,7 +272,24 @@ class ExperimentSpec(StrictModel):
     def _search_or_grid(self) -> ExperimentSpec:
         if self.search is not None and self.sweep:
             raise ValueError("search: give a search or a sweep grid (with replicates), not both")
+        prune = self.search.prune if self.search is not None else None
+        if prune is not None and prune.method == "hyperband":
+            self._check_hyperband(prune)
         return self
+
+    def _check_hyperband(self, prune: PruneSpec) -> None:
+        problems = []
+        if "train.max_steps" in self.search.space:
+            problems.append("search.space.train.max_steps: hyperband's rungs are steps of train.max_steps, so it "
+                            "cannot be searched with prune.method hyperband")  # fmt: skip
+        brackets = min_trials(prune.min_steps, prune.reduction_factor, self.train.max_steps)
+        if self.search.trials < brackets:
+            problems.append(f"search.trials: hyperband with min_steps {prune.min_steps}, reduction_factor "
+                            f"{prune.reduction_factor} and train.max_steps {self.train.max_steps} has {brackets} "
+                            f"brackets and needs at least one trial in each: give at least {brackets} trials "
+                            f"(got {self.search.trials})")  # fmt: skip
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 # ------------------------------------------------------------------------------------- loading helpers
