@@ -41,7 +41,7 @@ from workflows.inspecting import from_pretrained, from_run, passage_from_text, w
 from workflows.planning import param_count, plan
 from workflows.pretrained import model_vocab
 from workflows.progress import LiveDisplay
-from workflows.rungs import halving_cost, rung_steps
+from workflows.rungs import Hyperband, Journal, Layout, brackets, halving_cost, rung_steps
 from workflows.search import (
     add_recorded_trials,
     default_parallel,
@@ -201,9 +201,6 @@ def _show_brackets(p: Any) -> None:
     """A hyperband search's brackets (read from its layout file, never written; the spec's budget before the first
     submit): each one's trials and rungs, how many trials reach each rung, the most steps any trial trains and the
     share of training every trial to the end."""
-    from site_configs.spec import BATCH_SITES
-    from workflows.rungs import Hyperband, Journal, Layout, brackets, halving_cost
-
     prune, train, studies = p.spec.search.prune, p.loaded.base.train, p.runs_root / "studies"
     rounds = Layout(studies / f"{p.spec_hash}.brackets.json").rounds()
     if p.spec.search.trials > sum(rounds):
