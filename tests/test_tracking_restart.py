@@ -25,11 +25,12 @@ REPORT_S = 4
 
 def start_submit(server, tmp, experiment: str) -> tuple[subprocess.Popen, object]:
     corpus = make_corpus(tmp / "corpus")
-    # A training of 1000 steps, each logged: it must outlive the outage (an idle machine runs ~20 steps/s).
+    # A training of 2500 steps, each logged: it must outlive the outage (a quiet machine ran 1000 of them before a
+    # PostgreSQL stop had finished).
     tree = tiny_spec(corpus, tmp / "runs", tracking={"uri": server.uri, "experiment": experiment,
                                                      "outage_report_s": REPORT_S},
                      model={"n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 64},
-                     train={"max_steps": 1000, "eval_interval": 100, "checkpoint_interval": 500,
+                     train={"max_steps": 2500, "eval_interval": 100, "checkpoint_interval": 1250,
                             "batch_size": 16})  # fmt: skip
     tree["name"] = experiment
     spec = write_spec(tmp / "s.yaml", tree)
