@@ -50,7 +50,7 @@ def test_two_drivers_forwarding_one_file_send_each_step_once_and_one_alone_reads
     for start in range(1, 50, 7):  # alone: each send is answered and nobody else takes the lock
         append_steps(path, range(start, start + 7))
         assert fa.poll() == 14
-    assert reads[run] <= 2  # at its start, and once before its first send (the lock's previous holder unknown)
+    assert reads[run] == 1  # when made, under the store's lock; never again while nobody else takes the lock
     fb = MetricsForwarder(b, run, path)
     for i, fw in enumerate((fb, fa, fb, fa, fb)):  # turns: each must see what the other sent in between
         append_steps(path, range(50 + 10 * i, 60 + 10 * i))
@@ -68,7 +68,7 @@ def test_poll_all_sends_many_trainings_together_to_a_server_each_step_once(serve
         for p in paths:
             append_steps(p, range(start, start + 13))
         assert poll_all(forwarders, 0.0) == 24 * 13 * 2  # train/loss and train/lr of every line
-    assert sum(reads.values()) == 24  # once per run, before its first send; never again while alone
+    assert sum(reads.values()) == 0  # read once when made, under the store's lock; never again while alone
     for r in runs:
         assert steps_in_mlflow(tracker.uri, r) == Counter(range(1, 40))
 
@@ -89,3 +89,24 @@ def test_a_backlog_past_mlflows_limit_of_a_call_goes_in_batches_each_with_its_ta
     assert steps_in_mlflow(uri, run) == Counter(range(1, 1501))
     tags = MlflowClient(uri).get_run(run).data.tags
     assert (tags["gptlab.forwarded.train"], tags["gptlab.forwarded.eval"]) == ("1500", "1000")
+
+
+def test_the_longest_waiting_training_sends_first_and_a_call_keeps_to_its_time(server, tmp_path):  # noqa: F811
+    """A store slower than the trainings' lines (a thousand trainings on a shared server) sets the pace: each call
+    sends for at most its budget (at least one send), the training whose oldest unsent line is oldest first, and
+    the ones not reached go first at the next call; so no training waits more than its turn."""
+    for uri in (f"sqlite:///{tmp_path / 'mlflow.db'}", server["uri"]):  # one writer at a time; sends in flight
+        tracker = Tracker(uri, "oldest-first", tmp_path / "mlartifacts")
+        runs = [tracker.create_run(f"t{i}", {"role": "sweep_point"}) for i in range(6)]
+        forwarders = []
+        for i, (run, age) in enumerate(zip(runs, (30, 50, 10, 60, 20, 40))):  # seconds since the first line
+            path = tmp_path / f"{i}-{uri[:4]}.jsonl"
+            with path.open("a") as f:
+                f.write(json.dumps({"kind": "train", "step": 1, "time": 1e9 - age, "loss": 1.0, "lr": 1e-3}) + "\n")
+            forwarders.append(MetricsForwarder(tracker, run, path))
+        order = []
+        for _ in range(6):
+            assert poll_all(forwarders, 5.0, budget_s=0.0) == 2  # its time is up after one send
+            order += [i for i, fw in enumerate(forwarders) if not fw.pending and i not in order]
+        assert order == [3, 1, 5, 0, 4, 2]  # the oldest unsent line first
+        assert all(steps_in_mlflow(uri, r) == Counter([1]) for r in runs)

@@ -295,11 +295,12 @@ class Driver:
         launcher = self.launcher
         assert launcher is not None
         while True:
+            looked = time.monotonic()
             if self.stop.signal:
                 self._interrupt(pending + self.paused)
                 return
             check_executors(dfk)
-            poll_all([self._forwarder(r) for r in pending], FORWARD_EVERY)
+            poll_all([self._forwarder(r) for r in pending], FORWARD_EVERY, self.poll_interval)
             if self.pruning is not None:
                 for r in pending:
                     self.pruning.observe(r, self.forwarders[r.run_hash].tail.evals,
@@ -334,7 +335,7 @@ class Driver:
                 return
             if not pending:  # every live point waits at a rung that cannot decide: a bug, never a hang
                 raise RuntimeError(f"successive halving: {len(self.paused)} point(s) wait at a rung nothing decides")
-            launcher.wait(pending, self.poll_interval)
+            launcher.wait(pending, max(0.0, self.poll_interval - (time.monotonic() - looked)))  # a poll's sends count
 
     def _decide_rung(self, pending: list[RunPlan]) -> None:
         """Successive halving: once every live point reached the open rung (or failed), promote the best (they

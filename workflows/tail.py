@@ -7,11 +7,12 @@ is live, the store has one writer, and compute nodes that cannot reach a trackin
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,8 @@ class MetricsForwarder:
         # process holding the store's lock in between (Tracker.held_alone); else it is read again before a send.
         self.confirmed = False
         try:
-            self.last = self._forwarded()
+            with tracker.locked():  # read under the lock: still true at the first send if nobody held it since
+                self.last, self.confirmed = self._forwarded(), True
         except Exception as exc:
             if not is_unreachable(exc):
                 raise
@@ -227,27 +229,57 @@ SEND_THREADS = 8  # sends to a tracking server in flight at once (each a REST ro
 # Sends per second the driver asks of a store at most: a send costs a team server about the same whatever it holds
 # (~20 ms of CPU for a member's log_batch through the basic-auth app, bench/tracking_scale.py: 0.4 cores for 100
 # trainings' 20 sends/s), so past SENDS_PER_S * FORWARD_EVERY trainings each one's batches go out less often and
-# hold more: 1,000 trainings send every 17 s, not 5, and ask 1.2 cores of the server instead of 4. (A pace timed
-# from the sends themselves, tried: the first round's burst of a thousand sends looked like a slow store and
-# stretched the interval to a minute.)
-SENDS_PER_S = 60.0
+# hold more, and one driver asks at most ~2 cores of a team's server. A server slower than this (one sharing its
+# cores) sets the pace itself: the sends go out as fast as it answers them, the longest-waiting training first.
+SENDS_PER_S = 100.0
 
 
-def poll_all(forwarders: Sequence[MetricsForwarder], min_interval: float) -> int:
+def _oldest(fw: MetricsForwarder) -> float:
+    """When the oldest record a forwarder holds for sending was written (records let go from memory: the oldest)."""
+    return float("-inf") if fw.reread or not fw.pending else fw.pending[0].time
+
+
+def poll_all(forwarders: Sequence[MetricsForwarder], min_interval: float, budget_s: float = 2.0) -> int:
     """:meth:`MetricsForwarder.poll` for every training a driver follows (one tracker): each reads its new records,
-    and the sends that are due go out together, each training's every ``min_interval`` seconds or, with more
-    trainings than SENDS_PER_S * min_interval, every ``len(forwarders) / SENDS_PER_S``. To a tracking server they go
-    SEND_THREADS at a time under one hold of the store's lock: one send is a round trip the driver would otherwise
-    wait out, and a thousand trainings' round trips one after another take longer than the seconds between their
-    sends (bench/tracking_scale.py). A local store takes them one at a time (SQLite has one writer). Returns how
-    many metric values were sent."""
+    and the trainings whose send is due (every ``min_interval`` seconds, or with more trainings than SENDS_PER_S *
+    min_interval, every ``len(forwarders) / SENDS_PER_S``) send, the one whose oldest unsent record is oldest first,
+    each reading its file again just before its send, for at most ``budget_s`` seconds (the driver's poll interval:
+    its loop stays responsive, and the trainings not reached go first at the next call). So the sends go out as
+    fast as the store answers them, and a training waits about ``len(forwarders)`` sends whatever the store's pace.
+    To a tracking server they go SEND_THREADS at a time under one hold of the store's lock: one send is a round
+    trip the driver would otherwise wait out (bench/tracking_scale.py). A local store takes them one at a time
+    (SQLite has one writer). ``min_interval`` 0 sends everything pending now, with no time limit (the trainings have
+    ended). Returns how many metric values were sent."""
     for fw in forwarders:
         fw.read()
     interval = max(min_interval, len(forwarders) / SENDS_PER_S) if min_interval > 0 else 0.0
-    due = [fw for fw in forwarders if fw.due(interval)]
-    if len(due) <= 1 or is_local_store(due[0].tracker.uri):
-        return sum(fw.send() for fw in due)
+    due = sorted((fw for fw in forwarders if fw.due(interval)), key=_oldest)
+    if not due:
+        return 0
+    deadline = time.monotonic() + budget_s if min_interval > 0 else float("inf")
+
+    def read_send(fw: MetricsForwarder) -> int:
+        fw.read()  # what was written while it waited its turn goes too
+        return fw.send()
+
     tracker = due[0].tracker
     assert all(fw.tracker is tracker for fw in due)
-    with tracker.locked(), ThreadPoolExecutor(min(SEND_THREADS, len(due)), "gptlab-forward") as pool:
-        return sum(pool.map(lambda fw: tracker.on_behalf(fw.send), due))
+    if len(due) == 1 or is_local_store(tracker.uri):
+        sent = 0
+        for i, fw in enumerate(due):
+            if i and time.monotonic() >= deadline:  # at least one send a call, whatever the budget
+                break
+            sent += read_send(fw)
+        return sent
+    sent, queue, running, fw = 0, iter(due), set(), None
+    with tracker.locked(), ThreadPoolExecutor(SEND_THREADS, "gptlab-forward") as pool:
+        while True:
+            while len(running) < SEND_THREADS and (fw is None or time.monotonic() < deadline):
+                fw = next(queue, None)
+                if fw is None:
+                    break
+                running.add(pool.submit(tracker.on_behalf, functools.partial(read_send, fw)))
+            if not running:
+                return sent
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            sent += sum(f.result() for f in done)
