@@ -79,12 +79,17 @@ def simulate(n: int, seconds: float, every: float, tmp: Path, server: dict | Non
     uri, experiment = server.get("uri") or default_tracking_uri(root), f"scale-{n}-{int(time.time())}"
     tracker = Tracker(uri, experiment, root / "mlartifacts")
     lags: list[float] = []
+    written_at: list[float] = []  # each lag's line's time (for the lag over the run)
+    sends: list[float] = []  # each send's round trip, seconds
     send = tracker.log_batch_once  # the one call the forwarder sends a batch with
 
     def timed(run_id, metrics, tags):  # the moment a batch is committed is when its lines are visible
+        t0 = time.time()
         send(run_id, metrics, tags)
         now = time.time()
+        sends.append(now - t0)
         lags.extend(now - m.timestamp / 1000 for m in metrics if m.key == "train/loss")
+        written_at.extend(m.timestamp / 1000 for m in metrics if m.key == "train/loss")
 
     tracker.log_batch_once = timed
     files = [root / f"t{i:05d}" / "metrics.jsonl" for i in range(n)]
@@ -101,7 +106,7 @@ def simulate(n: int, seconds: float, every: float, tmp: Path, server: dict | Non
     cpu0, wall0, server_cpu0 = time.process_time(), time.time(), server["cpu_s"]() if "cpu_s" in server else 0.0
     while time.time() < until:
         t0 = time.time()
-        poll_all(forwarders, FORWARD_EVERY)  # what the driver's loop calls
+        poll_all(forwarders, FORWARD_EVERY, poll)  # what the driver's loop calls
         time.sleep(max(0.0, poll - (time.time() - t0)))
     for w in writers:
         w.wait()
@@ -111,12 +116,17 @@ def simulate(n: int, seconds: float, every: float, tmp: Path, server: dict | Non
     written = sum(1 for f in files for line in f.read_bytes().splitlines() if b'"train"' in line)
     db = root / "mlflow.db"
     size = server["size_mb"]() if "size_mb" in server else db.stat().st_size / 2**20 if db.exists() else None
+    by_10s: dict[int, list[float]] = {}  # lines written in each 10 s of the run: their p99 lag
+    for at, lag in zip(written_at, lags):
+        by_10s.setdefault(int((at - wall0) // 10) * 10, []).append(lag)
     lags.sort()
     return {
         "n": n, "seconds": wall, "lines_written": written, "lines_sent": len(lags),
         "lag_p50_s": statistics.median(lags) if lags else None,
         "lag_p99_s": lags[int(0.99 * (len(lags) - 1))] if lags else None,
         "driver_cpu_cores": cpu / wall, "server_cpu_cores": server_cpu, "store_mb": size,
+        "lag_p99_by_10s": {k: sorted(v)[int(0.99 * (len(v) - 1))] for k, v in sorted(by_10s.items())},
+        "sends_per_s": len(sends) / wall, "send_ms_p50": 1000 * statistics.median(sends) if sends else None,
     }  # fmt: skip
 
 
@@ -249,7 +259,8 @@ def run_sizes(args, sizes: list[int], seconds: float, tmp: Path) -> list[dict]:
         server_cpu = f", server {r['server_cpu_cores']:.2f} cores" if r["server_cpu_cores"] is not None else ""
         lag = f"p50 {r['lag_p50_s']:.2f} s, p99 {r['lag_p99_s']:.2f} s" if r["lag_p50_s"] is not None else "no lag"
         print(f"  N={n}: {lag}, driver {r['driver_cpu_cores']:.2f} cores{server_cpu}, "
-              f"{r['lines_sent']}/{r['lines_written']} lines", flush=True)  # fmt: skip
+              f"{r['lines_sent']}/{r['lines_written']} lines, {r['sends_per_s']:.1f} sends/s "
+              f"(p50 {r['send_ms_p50'] or 0:.0f} ms)", flush=True)  # fmt: skip
     return rows
 
 

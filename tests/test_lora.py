@@ -268,23 +268,25 @@ def test_bad_lora_settings_exit_2_naming_the_field(llm_shards, base, tmp_path, t
 
 
 @pytest.mark.mpi
-def test_lora_with_fsdp_on_two_ranks_matches_one_rank(llm_shards, base, tmp_path):
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_lora_on_two_ranks_matches_one_rank(llm_shards, base, tmp_path, parallelism):
     require_mpiexec()
     lora = {"r": 4, "dropout": 0.0, "targets": ["attn.q", "attn.v", "mlp.c_proj"]}  # dropout masks differ by rank
     train(MODEL, cfg(grad_accum=2, max_steps=12, lora=lora), llm_shards, tmp_path / "one", seed=SEED, init=base)
-    two = cfg(max_steps=12, lora=lora, parallelism="fsdp", ranks_per_node=2)
-    config = tmp_path / "fsdp.json"
+    two = cfg(max_steps=12, lora=lora, parallelism=parallelism, ranks_per_node=2)
+    config = tmp_path / "two.json"
     config.write_text(json.dumps({"model": MODEL.model_dump(), "train": two.model_dump(), "seed": SEED}))
-    command = f"{mpiexec_prefix(2, 2)} {train_command(config, llm_shards, tmp_path / 'fsdp')} --init {base}"
+    command = f"{mpiexec_prefix(2, 2)} {train_command(config, llm_shards, tmp_path / 'two')} --init {base}"
     env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), GPTLAB_RANKS="2")
     proc = run_shell(command, env, timeout=240)
     assert proc.returncode == 0, proc.stderr
-    a, b = ({r["step"]: r["loss"] for r in records(tmp_path / d)} for d in ("one", "fsdp"))
-    print(f"LoRA fsdp x2 vs one rank x2 micro-batches: max |loss difference| {max(abs(a[s] - b[s]) for s in a):.2e}")
-    assert sorted(a) == sorted(b) == list(range(1, 13)) and max(abs(a[s] - b[s]) for s in a) < 1e-5
-    shards = [p.name for p in (tmp_path / "fsdp" / "checkpoints" / "step_00000010").iterdir()]
-    assert json.loads((tmp_path / "fsdp" / "checkpoints" / "step_00000010" / "meta.json").read_text())["lora"]
-    assert MODEL_FILE not in shards  # adapters only in the DCP files
-    one, fsdp = load_model(tmp_path / "one")[0], load_model(tmp_path / "fsdp")[0]  # the consolidated, merged weights
-    worst = max((one.state_dict()[k] - v).abs().max().item() for k, v in fsdp.state_dict().items())
+    a, b = ({r["step"]: r["loss"] for r in records(tmp_path / d)} for d in ("one", "two"))
+    worst_loss = max(abs(a[s] - b[s]) for s in a)
+    print(f"LoRA {parallelism} x2 vs one rank x2 micro-batches: max |loss difference| {worst_loss:.2e}")
+    assert sorted(a) == sorted(b) == list(range(1, 13)) and worst_loss < 1e-5
+    step = tmp_path / "two" / "checkpoints" / "step_00000010"
+    assert json.loads((step / "meta.json").read_text())["lora"]
+    assert MODEL_FILE not in [p.name for p in step.iterdir()]  # adapters only (DDP: lora.safetensors; FSDP: DCP)
+    one, two = load_model(tmp_path / "one")[0], load_model(tmp_path / "two")[0]  # the final, merged weights
+    worst = max((one.state_dict()[k] - v).abs().max().item() for k, v in two.state_dict().items())
     assert worst < 1e-5
