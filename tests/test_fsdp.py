@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -433,7 +432,7 @@ opt = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
 x = torch.randint(0, 70, (2, 16))
 model(x, x)[1].backward()
 opt.step()
-print("STATE", json.dumps(state_bytes(model, opt)), flush=True)
+open(os.path.join(os.environ["OUT"], f"state-{dist.get_rank()}.json"), "w").write(json.dumps(state_bytes(model, opt)))
 dist.destroy_process_group()
 """
 
@@ -446,11 +445,12 @@ def test_fsdp_state_bytes_per_rank_match_the_estimate(tmp_path):
     model = ModelConfig(n_layer=2, n_head=2, n_embd=48, block_size=16)
     script = tmp_path / "state.py"
     script.write_text(FSDP_STATE_SCRIPT)
-    env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), MODEL=model.model_dump_json())
+    env = child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), MODEL=model.model_dump_json(),
+                    OUT=str(tmp_path))  # fmt: skip
     proc = run_shell(f"{mpiexec_prefix(2, 2)} {sys.executable} {script}", env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    # (Hydra forwards each rank's output as it comes: one rank's record can land on the other's line)
-    ranks = [json.loads(found) for found in re.findall(r"STATE (\{[^{}]*\})", proc.stdout)]
+    # a file per rank: Hydra forwards the ranks' output as it comes, and one rank's can land inside the other's
+    ranks = [json.loads((tmp_path / f"state-{r}.json").read_text()) for r in range(2)]
     est = estimate_memory(model, 70, TrainConfig(device="cpu", precision="fp32", **FSDP))
     assert len(ranks) == 2
     for measured in ranks:

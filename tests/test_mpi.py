@@ -9,7 +9,6 @@ would hide a launch path that no longer works).
 from __future__ import annotations
 
 import json
-import re
 import shlex
 import shutil
 import sys
@@ -82,22 +81,21 @@ def test_launch_env_of_hydra_and_pals():
     ],
     ids=["one-node", "two-nodes"],
 )
-def test_mpiexec_ranks_see_their_launch_env(ppn, extra, local_ranks):
+def test_mpiexec_ranks_see_their_launch_env(ppn, extra, local_ranks, tmp_path):
     """What `mpiexec -n 2 --ppn P` gives each rank is read as ranks 0 and 1 of 2 with the right local ranks."""
     require_mpiexec()
-    probe = (
-        "import json; from llmcore.distributed import read_launch_env as r; e = r(); "
-        "print(json.dumps([e.rank, e.local_rank, e.world_size, e.master_addr, e.master_port]))"
+    probe = (  # a file per rank: Hydra forwards the ranks' output as it comes, one rank's inside the other's
+        "import json, os; from llmcore.distributed import read_launch_env as r; e = r(); "
+        "open(os.path.join(os.environ['OUT'], f'rank-{e.rank}.json'), 'w').write("
+        "json.dumps([e.rank, e.local_rank, e.world_size, e.master_addr, e.master_port]))"
     )
     proc = run_shell(
         f"{mpiexec_prefix(2, ppn, extra)} {shlex.join([sys.executable, '-c', probe])}",
-        child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT="4321"),
+        child_env(MASTER_ADDR="127.0.0.1", MASTER_PORT="4321", OUT=str(tmp_path)),
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    # Hydra forwards each rank's output as it comes: one rank's line can land inside the other's, so the records
-    # are found wherever they are, not line by line.
-    seen = sorted(json.loads(found) for found in re.findall(r"\[[^\[\]]*\]", proc.stdout))
+    seen = sorted(json.loads(p.read_text()) for p in tmp_path.glob("rank-*.json"))
     assert seen == [[r, local_ranks[r], 2, "127.0.0.1", 4321] for r in range(2)], proc.stdout + proc.stderr
 
 
