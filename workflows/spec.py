@@ -127,7 +127,10 @@ class SweepSpec(StrictModel):
         1, ge=1, description="Training seeds per grid point (train.seed = the point's seed + 0, 1, ...); the data "
         "stages are shared. compare shows each point's mean, standard deviation and n.",
     )  # fmt: skip
-    prune: PruneSpec | None = Field(None, description="Stop clearly losing points early (ASHA); null: run all.")
+    prune: PruneSpec | None = Field(
+        None, description="Stop clearly losing points early (sha: each rung waits for every point; asha: it does not); "
+        "null: run all.",
+    )  # fmt: skip
 
     @field_validator("prune")
     @classmethod
@@ -225,11 +228,13 @@ class SearchSpec(StrictModel):
     space: dict[str, Distribution] = Field(
         ..., min_length=1, description="Dotted field -> its distribution, e.g. `train.lr: {log_uniform: [1e-4, 1e-2]}`."
     )
-    prune: PruneSpec | None = Field(None, description="Stop clearly losing trials early (ASHA); null: run all.")
+    prune: PruneSpec | None = Field(
+        None, description="Stop clearly losing trials early (asha, or hyperband: brackets of sha); null: run all."
+    )
 
     @field_validator("prune")
     @classmethod
-    def _asha_only(cls, value: PruneSpec | None) -> PruneSpec | None:
+    def _not_sha(cls, value: PruneSpec | None) -> PruneSpec | None:
         if value is not None and value.method == "sha":
             raise ValueError("method sha waits for every point at each rung, so it needs the whole grid up front: "
                              "use it under sweep, or hyperband (brackets of sha) or asha for a search")  # fmt: skip
